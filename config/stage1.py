@@ -1,0 +1,37 @@
+# Stage 1 at real scale: image pretraining, the seed's numbers (shared/seed: "Stage 1: Pre-training").
+#   torchrun --nproc_per_node=4 train.py config/stage1.py           (data readers: a later issue)
+#   python train.py config/stage1.py --dry_run=True                  (build the model, print, stop)
+out_dir = "out/stage1"
+dataset = "molmo2"
+# seed: "60% Dense Captioning / 30% Pointing / 10% NLP", fixed ratios
+mixture = {"captions": (0.6, {"pixmo_cap": 1.0}),
+           "pointing": (0.3, {"pixmo_points": 1.0}),
+           "text": (0.1, {"tulu": 1.0})}
+dataset_sizes = {"pixmo_cap": 710_000, "pixmo_points": 1_000_000, "tulu": 980_000}  # seed: ~710k, ~1M, ~980k
+seq_len = 4096             # seed: "Sequence length: 4,096 tokens"
+batch_size = 32            # seed: "Batch size: 32 (per GPU)"
+grad_accum = 4             # seed: "Gradient accumulation: 4 steps" (x 4 GPUs = 512 per step)
+max_steps = 100_000        # seed: "Steps: ~100,000"
+lr = 1e-4                  # seed: "Learning rate: 1e-4", taken as the LLM's; connector 10x, ViT 0.3x (Molmo2)
+warmup_steps = 2000        # seed: "with warmup (2K steps)"
+eval_interval = 2000
+# ViT: SigLIP-B/16-style width at the seed's 224 px, Molmo2's patch 14 -> 16x16 patches -> 8x8 pooled tokens
+image_size = 224
+patch_size = 14
+vit_width = 768
+vit_depth = 12
+vit_heads = 12
+vit_mlp = 3072
+vit_layers = (-3, -9)      # Molmo2's choice; blocks past -3 are not built
+col_tokens = True
+# LLM: Qwen3-0.6B (d 1024, 28 layers, 16 q / 8 kv heads of 128, FFN 3072, tied embeddings, RoPE 1e6)
+base_vocab = 151_936       # Qwen3's embedding rows
+n_extra = 128              # Molmo2's additional_vocab_size
+d_model = 1024
+n_layer = 28
+n_head = 16
+n_kv_head = 8
+head_dim = 128
+d_ff = 3072
+rope_theta = 1e6
+tie_embeddings = True

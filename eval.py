@@ -1,0 +1,130 @@
+"""
+Metrics, as Molmo2 computes them (olmo/eval/evaluators.py; molmo2_reference.md 5.2), and the held-out
+shapes evaluation that train.py runs.
+
+  pointing  predicted points are Hungarian-matched (L2) to ground-truth points; a matched prediction is a hit
+            if it lies inside that object's mask; precision = hits/#pred, recall = hits/#gt, F1 per example,
+            averaged. No ground truth and no prediction scores 1 (PointingEval).
+  counting  the predicted count is the number of points in the answer (PointCountEval); exact-match accuracy.
+  QA        exact match after lower-casing and stripping a trailing period.
+"""
+import math
+
+import numpy as np
+import torch
+
+
+def hungarian(cost):
+    """Minimum-cost assignment for a (n, m) cost matrix (Kuhn-Munkres with potentials, O(n^2 m)).
+    Returns [(row, col)] with min(n, m) pairs. Pure numpy so the project needs no scipy."""
+    cost = np.asarray(cost, dtype=np.float64)
+    transposed = cost.shape[0] > cost.shape[1]
+    if transposed:
+        cost = cost.T
+    n, m = cost.shape
+    if n == 0:
+        return []
+    INF = float("inf")
+    u, v = np.zeros(n + 1), np.zeros(m + 1)
+    p = np.zeros(m + 1, dtype=int)      # p[j] = row (1-based) assigned to column j; column 0 is a sentinel
+    way = np.zeros(m + 1, dtype=int)
+    for i in range(1, n + 1):
+        p[0], j0 = i, 0
+        minv = np.full(m + 1, INF)
+        used = np.zeros(m + 1, dtype=bool)
+        while True:
+            used[j0] = True
+            i0, delta, j1 = p[j0], INF, 0
+            for j in range(1, m + 1):
+                if not used[j]:
+                    cur = cost[i0 - 1, j - 1] - u[i0] - v[j]
+                    if cur < minv[j]:
+                        minv[j], way[j] = cur, j0
+                    if minv[j] < delta:
+                        delta, j1 = minv[j], j
+            for j in range(m + 1):
+                if used[j]:
+                    u[p[j]] += delta
+                    v[j] -= delta
+                else:
+                    minv[j] -= delta
+            j0 = j1
+            if p[j0] == 0:
+                break
+        while j0:
+            j1 = way[j0]
+            p[j0] = p[j1]
+            j0 = j1
+    pairs = [(p[j] - 1, j - 1) for j in range(1, m + 1) if p[j]]
+    return sorted((c, r) for r, c in pairs) if transposed else sorted(pairs)
+
+
+def pointing_prf(pred, gt, masks):
+    """pred [(x, y)] and gt [(x, y)] in pixels, masks [(H, W) bool] per gt point -> (precision, recall, f1)."""
+    if not gt:
+        return (1.0, 1.0, 1.0) if not pred else (0.0, 1.0, 0.0)
+    if not pred:
+        return 0.0, 0.0, 0.0
+    cost = np.array([[math.hypot(px - gx, py - gy) for gx, gy in gt] for px, py in pred])
+    hits = 0
+    for i, j in hungarian(cost):
+        H, W = masks[j].shape
+        x, y = int(pred[i][0]), int(pred[i][1])
+        hits += bool(0 <= x < W and 0 <= y < H and masks[j][y, x])
+    p, r = hits / len(pred), hits / len(gt)
+    return p, r, (2 * p * r / (p + r) if hits else 0.0)
+
+
+def normalize_answer(s):
+    return s.strip().lower().rstrip(".").strip()
+
+
+@torch.no_grad()
+def evaluate_shapes(model, tok, cfg, n_prompts=500, tasks=("point", "count", "qa"), batch_size=100,
+                    blind=False, autocast=None, first_seed=0, max_new_tokens=96):
+    """Held-out shapes evaluation (seeds [first_seed, first_seed + n) of the eval range, which training never
+    uses). blind=True replaces every image by a blank one: the image-blind baseline. Returns metrics and
+    the raw (example, answer) pairs."""
+    import shapes
+    from data import collate, encode_example, parse_points
+    model.eval()
+    dev = next(model.parameters()).device
+    metrics, records = {}, []
+    for task in tasks:
+        scores = []
+        for s0 in range(first_seed, first_seed + n_prompts, batch_size):
+            exs = [shapes.make_example(task, s, cfg.image_size)
+                   for s in range(s0, min(s0 + batch_size, first_seed + n_prompts))]
+            encs = []
+            for ex in exs:
+                q = dict(ex, turns=[(ex["turns"][0][0], "")])  # the prompt only
+                if blind and q["image"] is not None:
+                    q["image"] = blank_like(q["image"])
+                e = encode_example(q, tok, cfg, {task: 1.0})
+                e["input_ids"] = e["input_ids"][:-1]  # drop the empty answer's <|im_end|>: end at "assistant\n"
+                e["labels"], e["loss_weights"] = e["labels"][:-1], e["loss_weights"][:-1]
+                encs.append(e)
+            batch = collate(encs, tok.pad, 10 ** 9, left_pad=True)
+            batch = {k: v.to(dev) for k, v in batch.items()}
+            with autocast() if autocast else torch.autocast(dev.type, enabled=False):
+                outs = model.generate(batch, max_new_tokens, stop_id=tok.chat_end)
+            for ex, ids in zip(exs, outs):
+                ans = tok.decode(ids)
+                gt = ex["gt"]
+                if task == "point":
+                    pts = [(x / 1000 * cfg.image_size, y / 1000 * cfg.image_size) for _, _, x, y in parse_points(ans)]
+                    score = pointing_prf(pts, gt["points"], gt["masks"])[2]
+                elif task == "count":
+                    score = float(len(parse_points(ans)) == gt["count"])
+                else:
+                    score = float(normalize_answer(ans) == normalize_answer(gt["answer"]))
+                scores.append(score)
+                records.append((task, ex["turns"][0][0], ans, ex["turns"][0][1], score))
+        metrics[{"point": "pointing_f1", "count": "count_acc", "qa": "qa_acc"}.get(task, task)] = float(np.mean(scores))
+    model.train()
+    return metrics, records
+
+
+def blank_like(img):
+    from PIL import Image
+    return Image.new("RGB", img.size, (235, 235, 235))

@@ -1,0 +1,422 @@
+"""
+The Molmo2 architecture, whole, in one file (molmo2_reference.md section 1):
+
+  pixels (N, 3, H, W) --patchify--> (N, P, 3*p*p) --ViT--> features of two layers, concatenated (N, P, 2*W)
+     --attention pooling per window (2x2 images, 3x3 video)--> (N_tok, W) --SwiGLU projector--> (N_tok, d)
+     --added to the embeddings of the <im_patch> slots--> Qwen3-style decoder --> next-token logits
+
+Module names follow Molmo2's roles (vit / connector / llm) so a plain name map can load real checkpoints.
+"""
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:  # optional fast path: flash-attn on CUDA (detected, never required)
+    from flash_attn import flash_attn_func
+except ImportError:
+    flash_attn_func = None
+
+
+@dataclass
+class ModelConfig:
+    # vision encoder (SigLIP-style ViT). Molmo2: 378 px, patch 14, width 1152, 27 layers, 16 heads, MLP 4304
+    image_size: int = 64
+    patch_size: int = 8
+    vit_width: int = 128
+    vit_depth: int = 4             # nominal depth; blocks deeper than the deepest feature layer are not built
+    vit_heads: int = 4
+    vit_mlp: int = 512
+    vit_layers: tuple = (-1, -3)   # which block outputs feed the connector; Molmo2 uses (-3, -9)
+    # connector: attention pooling + SwiGLU projector
+    pool_h: int = 2                # 2x2 windows for images (video frames will use 3x3)
+    pool_w: int = 2
+    col_tokens: bool = True        # an <im_col> token after each row of pooled tokens
+    # LLM (Qwen3-style decoder)
+    base_vocab: int = 512          # BPE + chat tokens: rows of the embedding and of the output head
+    n_extra: int = 9               # Molmo2's extra vocabulary rows (the vision special tokens)
+    im_patch_id: int = 512         # id of <im_patch>, the first extra row
+    d_model: int = 256
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 2             # GQA: each kv head serves n_head / n_kv_head query heads
+    head_dim: int = 64
+    d_ff: int = 768
+    rope_theta: float = 1e6        # Qwen3-8B
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False   # Qwen3-4B ties, Qwen3-8B does not
+    bidir_vision: bool = True      # vision tokens of one example attend to each other both ways (Molmo2)
+
+    @property
+    def vit_built(self):  # blocks actually built: up to the deepest layer used (Molmo2 skip_unused_layers)
+        return max(self.vit_depth + l + 1 if l < 0 else l + 1 for l in self.vit_layers)
+
+
+def compute_dtype(t):
+    """The dtype matmuls run in for tensor t: the autocast dtype when autocast is on for its device."""
+    dev = t.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else t.dtype
+
+
+def attend(q, k, v, mask):
+    """q (B, H, Tq, hd); k, v (B, Hkv, Tk, hd); mask (B, 1, Tq, Tk) bool (True = may attend) or None = causal.
+    GQA: kv heads are shared by groups of query heads (enable_gqa avoids materialising the repeat)."""
+    if mask is None and flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True).transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                          enable_gqa=k.shape[1] != q.shape[1])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Vision: SigLIP-style ViT (pre-LN, LayerNorm with bias, GELU-tanh MLP, no CLS token)
+
+class ViTBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        W = c.vit_width
+        self.ln1, self.ln2 = nn.LayerNorm(W, eps=1e-6), nn.LayerNorm(W, eps=1e-6)
+        self.wq, self.wk, self.wv, self.wo = (nn.Linear(W, W) for _ in range(4))
+        self.fc1, self.fc2 = nn.Linear(W, c.vit_mlp), nn.Linear(c.vit_mlp, W)
+        self.h = c.vit_heads
+
+    def forward(self, x):  # (N, P, W)
+        N, P, W = x.shape
+        y = self.ln1(x)
+        q, k, v = (w(y).view(N, P, self.h, W // self.h).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
+        y = F.scaled_dot_product_attention(q, k, v)  # full attention over the patches of one crop
+        x = x + self.wo(y.transpose(1, 2).reshape(N, P, W))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x)), approximate="tanh"))
+
+
+def sincos_2d(gh, gw, dim):
+    """Fixed 2-D sin-cos table (gh*gw, dim): half the channels encode the row, half the column."""
+    def one(n, d):
+        omega = 1.0 / 10000 ** (torch.arange(d // 2) / (d // 2))
+        ang = torch.arange(n)[:, None] * omega[None]
+        return torch.cat([ang.sin(), ang.cos()], 1)  # (n, d)
+    row, col = one(gh, dim // 2), one(gw, dim // 2)
+    return torch.cat([row[:, None].expand(gh, gw, -1), col[None].expand(gh, gw, -1)], -1).reshape(gh * gw, dim)
+
+
+class ViT(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.c = c
+        g = c.image_size // c.patch_size
+        self.patch_embed = nn.Linear(3 * c.patch_size ** 2, c.vit_width)  # Molmo2: Linear(588 -> 1152)
+        # Learned positional embedding (SigLIP), *initialised* from a 2-D sin-cos table so that position is
+        # readable from step 0: training from scratch, a random table leaves "where" unlearnable for long
+        # (DESIGN.md section 6, cause 3). Pretrained SigLIP weights simply overwrite it.
+        self.pos_embed = nn.Parameter(0.5 * sincos_2d(g, g, c.vit_width))
+        self.blocks = nn.ModuleList(ViTBlock(c) for _ in range(c.vit_built))
+
+    def patchify(self, x):
+        """(N, 3, H, W) -> (N, (H/p)*(W/p), p*p*3): row-major patches, each flattened as (py, px, rgb) like
+        Molmo2's image_preprocessor, so a released patch_embed matrix applies unchanged."""
+        N, C, H, W = x.shape
+        p = self.c.patch_size
+        x = x.view(N, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)
+        return x.reshape(N, (H // p) * (W // p), p * p * C)
+
+    def forward(self, pixels):  # (N, 3, H, W) -> (N, P, len(vit_layers) * W)
+        x = self.patch_embed(self.patchify(pixels)) + self.pos_embed
+        hidden = []
+        for blk in self.blocks:
+            x = blk(x)
+            hidden.append(x)  # hidden[i] = output of block i
+        pick = [self.c.vit_depth + l if l < 0 else l for l in self.c.vit_layers]
+        return torch.cat([hidden[i] for i in pick], dim=-1)  # concatenated on channels, in the listed order
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Connector: attention pooling with a mean query, then a SwiGLU projector (Molmo2 attention_meanq + mlp)
+
+class Connector(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        cin, D = len(c.vit_layers) * c.vit_width, c.vit_width
+        self.heads = c.vit_heads
+        self.wq, self.wk, self.wv = nn.Linear(cin, D), nn.Linear(cin, D), nn.Linear(cin, D)
+        self.wo = nn.Linear(D, D)
+        hidden = c.d_ff  # Molmo2: the projector's intermediate size is the LLM's FFN size
+        self.w1, self.w3 = nn.Linear(D, hidden, bias=False), nn.Linear(D, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, c.d_model, bias=False)
+
+    def forward(self, feats, pool_idx):
+        """feats (N_patch, Cin): every patch of the batch's images, flattened; pool_idx (N_tok, k) long:
+        the k patches pooled into each output token, -1 = padded slot. Returns (N_tok, d_model)."""
+        valid = pool_idx >= 0                                   # (N_tok, k)
+        x = feats[pool_idx.clamp(min=0)] * valid[..., None]     # (N_tok, k, Cin), pads zeroed
+        q = x.sum(1) / valid.sum(1, keepdim=True).clamp(min=1)  # query = mean of the window's valid patches
+        n, k, _ = x.shape
+        h = self.heads
+        q = self.wq(q).view(n, 1, h, -1).transpose(1, 2)        # (N_tok, h, 1, hd)
+        kk = self.wk(x).view(n, k, h, -1).transpose(1, 2)       # (N_tok, h, k, hd)
+        vv = self.wv(x).view(n, k, h, -1).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, kk, vv, attn_mask=valid[:, None, None, :])  # pads masked out
+        y = self.wo(y.transpose(1, 2).reshape(n, -1))           # (N_tok, D)
+        return self.w2(F.silu(self.w1(y)) * self.w3(y))         # SwiGLU -> (N_tok, d_model)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# LLM: Qwen3-style decoder (RMSNorm, RoPE, GQA, per-head QK-norm, SwiGLU)
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
+
+    def forward(self, x):
+        dt = x.dtype  # normalise in fp32 even under bf16 autocast, as Qwen3 does
+        x = x.float()
+        return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)).to(dt) * self.weight.to(dt)
+
+
+def rope(x, cos, sin):
+    """Rotary embedding, Qwen/Llama "rotate half" layout. x (B, H, T, hd); cos, sin (B, 1, T, hd)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.h, self.kv, self.hd = c.n_head, c.n_kv_head, c.head_dim
+        self.q_proj = nn.Linear(c.d_model, c.n_head * c.head_dim, bias=False)
+        self.k_proj = nn.Linear(c.d_model, c.n_kv_head * c.head_dim, bias=False)
+        self.v_proj = nn.Linear(c.d_model, c.n_kv_head * c.head_dim, bias=False)
+        self.o_proj = nn.Linear(c.n_head * c.head_dim, c.d_model, bias=False)
+        self.q_norm, self.k_norm = RMSNorm(c.head_dim, c.norm_eps), RMSNorm(c.head_dim, c.norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, T, self.h, self.hd)).transpose(1, 2)   # per-head QK-norm
+        k = self.k_norm(self.k_proj(x).view(B, T, self.kv, self.hd)).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.kv, self.hd).transpose(1, 2)
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
+        if cache is not None:  # KV cache: append this step's keys/values, attend over everything so far
+            k, v = cache.update(k, v)
+        y = attend(q, k, v, mask)                                # (B, H, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.d_model, c.norm_eps)
+        self.attn = Attention(c)
+        self.post_attention_layernorm = RMSNorm(c.d_model, c.norm_eps)
+        self.gate_proj = nn.Linear(c.d_model, c.d_ff, bias=False)
+        self.up_proj = nn.Linear(c.d_model, c.d_ff, bias=False)
+        self.down_proj = nn.Linear(c.d_ff, c.d_model, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        x = x + self.attn(self.input_layernorm(x), cos, sin, mask, cache)
+        h = self.post_attention_layernorm(x)
+        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+class LayerCache:
+    """Pre-allocated keys/values for one layer: (B, Hkv, T_max, hd); `pos` tokens filled so far."""
+
+    def __init__(self, B, c, T_max, device, dtype):
+        self.k = torch.zeros(B, c.n_kv_head, T_max, c.head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.pos = 0
+
+    def update(self, k, v):
+        T = k.shape[2]
+        self.k[:, :, self.pos:self.pos + T] = k
+        self.v[:, :, self.pos:self.pos + T] = v
+        self.pos += T
+        return self.k[:, :, :self.pos], self.v[:, :, :self.pos]
+
+
+class LLM(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.c = c
+        self.embed = nn.Embedding(c.base_vocab, c.d_model)
+        self.embed_extra = nn.Embedding(c.n_extra, c.d_model)  # Molmo2's additional_vocab rows
+        self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layer))
+        self.norm = RMSNorm(c.d_model, c.norm_eps)
+        self.lm_head = None if c.tie_embeddings else nn.Linear(c.d_model, c.base_vocab, bias=False)
+        inv_freq = 1.0 / c.rope_theta ** (torch.arange(0, c.head_dim, 2).float() / c.head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def embed_tokens(self, ids):  # ids < base_vocab use the main table, the rest the extra rows
+        extra = ids >= self.c.base_vocab
+        x = self.embed(ids.clamp(max=self.c.base_vocab - 1))
+        return torch.where(extra[..., None], self.embed_extra((ids - self.c.base_vocab).clamp(min=0)), x)
+
+    def rope_tables(self, positions, dtype):  # positions (B, T) -> cos, sin (B, 1, T, hd)
+        ang = positions[..., None].float() * self.inv_freq  # fp32 angles: bf16 would blur far positions
+        ang = torch.cat([ang, ang], -1)[:, None]
+        return ang.cos().to(dtype), ang.sin().to(dtype)
+
+    def head(self, h):
+        return F.linear(h, self.embed.weight) if self.lm_head is None else self.lm_head(h)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The VLM
+
+def attention_mask_4d(attention_mask, is_vision, bidir):
+    """(B, T) valid-token and vision-token flags -> (B, 1, T, T) bool, True = query may attend to key.
+    Causal; plus, when bidir, every vision token sees every other vision token of its example both ways
+    (Molmo2 bi_directional_attn="image_tokens"); pad keys hidden. The diagonal stays open so a pad query
+    row is never empty (an all-False row would make softmax NaN)."""
+    B, T = attention_mask.shape
+    dev = attention_mask.device
+    causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
+    m = causal[None] & attention_mask[:, None, :]
+    if bidir:
+        m = m | (is_vision[:, :, None] & is_vision[:, None, :] & attention_mask[:, None, :])
+    return (m | torch.eye(T, dtype=torch.bool, device=dev)[None])[:, None]
+
+
+class Molmo2(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.c = c
+        self.vit = ViT(c)
+        self.connector = Connector(c)
+        self.llm = LLM(c)
+        self.apply(self._init)
+        # GPT-2 style: scale residual-branch outputs by depth so the stream does not grow with layers
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * c.n_layer))
+            if name.startswith("vit.") and name.endswith(("wo.weight", "fc2.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * c.vit_built))
+        # The projector's output is *added* to the <im_patch> embedding. With plain 0.02 init the SwiGLU
+        # product of two small terms starts ~1e-3 of the embedding's size: the LLM is blind for thousands of
+        # steps (DESIGN.md section 6, cause 1). Start the features at the embedding's scale instead.
+        for lin in (self.connector.wq, self.connector.wk, self.connector.wv, self.connector.wo,
+                    self.connector.w1, self.connector.w3):
+            nn.init.normal_(lin.weight, std=lin.in_features ** -0.5)  # variance-preserving (fan-in) init
+        nn.init.normal_(self.connector.w2.weight, std=0.25 * c.d_ff ** -0.5)  # measured: features ~ embeddings
+
+    @staticmethod
+    def _init(m):
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+
+    # -- parameters by component (optimizer groups, printed counts) --------------------------------------
+    def param_groups(self):
+        """Molmo2 trains connector, ViT and LLM at different LRs; the new embedding rows (embed_extra) go with
+        the connector (get_connector_parameters)."""
+        groups = {"connector": [], "vit": [], "llm": []}
+        for n, p in self.named_parameters():
+            key = "connector" if n.startswith("connector.") or "embed_extra" in n else n.split(".")[0]
+            groups[key].append(p)
+        return groups
+
+    def param_counts(self):
+        return {k: sum(p.numel() for p in v) for k, v in self.param_groups().items()}
+
+    # -- forward -------------------------------------------------------------------------------------------
+    def embed_inputs(self, input_ids, pixel_values=None, image_mask=None, pool_idx=None):
+        """Token embeddings (B, T, d) with pooled vision features added at the <im_patch> slots."""
+        x = self.llm.embed_tokens(input_ids)
+        if pixel_values is not None and image_mask is not None and image_mask.any():
+            imgs = pixel_values[image_mask]                     # (N_img, 3, H, W): only real images run
+            feats = self.vit(imgs if torch.is_autocast_enabled(x.device.type) else imgs.to(x.dtype))
+            tok = self.connector(feats.flatten(0, 1), pool_idx)  # (N_tok, d)
+            slots = input_ids == self.c.im_patch_id
+            if int(slots.sum()) != tok.shape[0]:
+                raise ValueError(f"{int(slots.sum())} <im_patch> slots but {tok.shape[0]} pooled features")
+            x = x.clone()
+            x[slots] = x[slots] + tok.to(x.dtype)               # Molmo2: x[is_patch] += feats
+        return x
+
+    def hidden(self, batch, positions=None, caches=None):
+        ids = batch["input_ids"]
+        x = self.embed_inputs(ids, batch.get("pixel_values"), batch.get("image_mask"), batch.get("pool_idx"))
+        am = batch["attention_mask"]
+        if positions is None:  # right padding: 0..T-1; left padding: count only real tokens
+            positions = (am.long().cumsum(1) - 1).clamp(min=0)
+        mask = attention_mask_4d(am, ids >= self.c.base_vocab, self.c.bidir_vision)
+        cos, sin = self.llm.rope_tables(positions, compute_dtype(x))
+        for i, blk in enumerate(self.llm.blocks):
+            x = blk(x, cos, sin, mask, None if caches is None else caches[i])
+        return self.llm.norm(x)
+
+    def forward(self, batch):
+        """Returns (loss_sum, weight_sum): sum(w * CE) and sum(w) over this micro-batch. The caller divides
+        by the weight sum of the *global* batch (all micro-batches, all ranks), so the gradient is the same
+        however the batch is split (Molmo2 BatchDivisor.global_batch)."""
+        h = self.hidden(batch)
+        w = batch["loss_weights"]
+        sel = w > 0                                  # logits only where there is loss (response_logits_only)
+        logits = self.llm.head(h[sel]).float()       # (N_loss, V), CE in fp32
+        ce = F.cross_entropy(logits, batch["labels"][sel], reduction="none")
+        return (ce * w[sel]).sum(), w[sel].sum()
+
+    def logits(self, batch):
+        return self.llm.head(self.hidden(batch)).float()  # (B, T, V)
+
+    # -- generation ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, batch, max_new_tokens, stop_id, temperature=0.0, generator=None):
+        """Batched decoding with a KV cache. The batch must be LEFT padded (every prompt ends at column T-1)
+        so that each step appends one column for everybody. Greedy when temperature == 0.
+        Returns a list of generated id lists (stop token excluded)."""
+        ids, am = batch["input_ids"], batch["attention_mask"]
+        B, T = ids.shape
+        dtype = compute_dtype(self.llm.embed.weight)
+        caches = [LayerCache(B, self.c, T + max_new_tokens, ids.device, dtype) for _ in self.llm.blocks]
+        positions = (am.long().cumsum(1) - 1).clamp(min=0)
+        h = self.hidden(batch, positions, caches)             # prefill: the whole prompt at once
+        out = [[] for _ in range(B)]
+        done = torch.zeros(B, dtype=torch.bool, device=ids.device)
+        pos = positions[:, -1:]
+        for _ in range(max_new_tokens):
+            logits = self.llm.head(h[:, -1]).float()
+            if temperature > 0:
+                nxt = torch.multinomial(F.softmax(logits / temperature, -1), 1, generator=generator)[:, 0]
+            else:
+                nxt = logits.argmax(-1)
+            for b in range(B):
+                if not done[b] and int(nxt[b]) != stop_id:
+                    out[b].append(int(nxt[b]))
+            done |= nxt == stop_id
+            if done.all():
+                break
+            am = torch.cat([am, torch.ones(B, 1, dtype=torch.bool, device=ids.device)], 1)
+            pos = pos + 1
+            x = self.llm.embed_tokens(nxt[:, None])
+            cos, sin = self.llm.rope_tables(pos, dtype)
+            mask = am[:, None, None, :]                        # the new token sees every real key so far
+            for i, blk in enumerate(self.llm.blocks):
+                x = blk(x, cos, sin, mask, caches[i])
+            h = self.llm.norm(x)
+        return out
+
+    # -- FLOPs (for MFU) -----------------------------------------------------------------------------------
+    def flops(self, batch):
+        """Training FLOPs (forward + backward = 3x forward) for one micro-batch, counting the ViT, the connector
+        and the LLM; matmuls as 2*m*n*k, attention as computed (dense T x T per row with an explicit mask)."""
+        c = self.c
+        n_img = int(batch["image_mask"].sum()) if batch.get("image_mask") is not None else 0
+        P = (c.image_size // c.patch_size) ** 2
+        W, Lv = c.vit_width, c.vit_built
+        vit_mm = (3 * c.patch_size ** 2) * W + Lv * (4 * W * W + 2 * W * c.vit_mlp)
+        vit = n_img * (2 * P * vit_mm + Lv * 4 * P * P * W)
+        n_tok = batch["pool_idx"].shape[0] if n_img else 0
+        k = c.pool_h * c.pool_w
+        cin = len(c.vit_layers) * W
+        conn = n_tok * 2 * (cin * W * (1 + 2 * k) + W * W + 3 * W * c.d_ff + c.d_ff * c.d_model) \
+            + n_tok * 4 * k * W
+        B, T = batch["input_ids"].shape
+        hd = c.head_dim
+        llm_mm = c.n_layer * (c.d_model * hd * (2 * c.n_head + 2 * c.n_kv_head) + 3 * c.d_model * c.d_ff)
+        llm = B * T * 2 * llm_mm + c.n_layer * B * 4 * T * T * c.n_head * hd
+        head = int((batch["loss_weights"] > 0).sum()) * 2 * c.d_model * c.base_vocab
+        return 3 * (vit + conn + llm + head)

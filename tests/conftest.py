@@ -1,0 +1,45 @@
+"""Shared fixtures: the repo root on sys.path, one tokenizer per session, tiny model configs."""
+import os
+import sys
+
+import pytest
+import torch
+
+# The models here are tiny: one thread is as fast as two, and on a small shared machine (another job training
+# beside the tests) two OpenMP threads per process oversubscribe the cores and run 10-30x slower.
+torch.set_num_threads(1)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+# Tiny dims used everywhere (model tests and the in-process training runs)
+TINY = dict(image_size=32, patch_size=8, vit_width=32, vit_depth=2, vit_heads=2, vit_mlp=64, vit_layers=(-1, -2),
+            d_model=64, n_layer=2, n_head=4, n_kv_head=2, head_dim=16, d_ff=128)
+
+
+def tiny_overrides():
+    """TINY as train.py --key=value overrides."""
+    return [f"--{k}={v!r}" if isinstance(v, tuple) else f"--{k}={v}" for k, v in TINY.items()]
+
+
+@pytest.fixture(scope="session")
+def tok():
+    import data
+    return data.build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def make_cfg(tok):
+    from model import ModelConfig
+
+    def make(**kw):
+        c = dict(TINY, base_vocab=tok.base_vocab, n_extra=tok.n_extra, im_patch_id=tok.im_patch)
+        c.update(kw)
+        return ModelConfig(**c)
+    return make
+
+
+@pytest.fixture(scope="session")
+def cfg(make_cfg):
+    return make_cfg()

@@ -1,0 +1,362 @@
+"""Tokenizer, points, images, pooling, example encoding and collation (data.py)."""
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import shapes
+
+
+# ---------------------------------------------------------------------------------------------------------
+# tokenizer
+
+def test_vocab_layout(tok):
+    n = max(tok.ranks.values()) + 1
+    assert tok.base_vocab == n + len(data.CHAT_TOKENS)
+    assert tok.n_extra == len(data.VISION_TOKENS) == 9
+    # chat tokens are in the base vocabulary (the head can predict <|im_end|>), vision tokens are extra rows
+    for t in data.CHAT_TOKENS:
+        (i,) = tok.encode(t, allow_special=True)
+        assert n <= i < tok.base_vocab
+    for t in data.VISION_TOKENS:
+        (i,) = tok.encode(t, allow_special=True)
+        assert tok.base_vocab <= i < tok.base_vocab + tok.n_extra
+    assert tok.im_patch == tok.base_vocab  # first extra row
+    assert tok.encode("<|im_start|>", allow_special=True) == [tok.chat_start]
+    assert tok.encode("<|im_end|>", allow_special=True) == [tok.chat_end]
+    assert tok.encode("<im_start>", allow_special=True) == [tok.im_start]
+    assert tok.encode("<im_end>", allow_special=True) == [tok.im_end]
+    assert tok.encode("<im_col>", allow_special=True) == [tok.im_col]
+    assert len({tok.chat_end, tok.im_end, tok.chat_start, tok.im_start, tok.endoftext}) == 5
+    assert tok.bos == tok.chat_end and tok.pad == tok.endoftext
+
+
+def test_special_tokens_not_special_in_plain_text(tok):
+    specials = set(range(max(tok.ranks.values()) + 1, tok.base_vocab + tok.n_extra))
+    for t in data.CHAT_TOKENS + data.VISION_TOKENS:
+        ids = tok.encode("say " + t + " now")
+        assert not specials & set(ids), t  # user text can never inject a control token
+        assert tok.decode(ids) == "say " + t + " now"
+
+
+def test_roundtrip_and_digits(tok):
+    rng = random.Random(0)
+    texts = [shapes.make_example(t, s)["turns"][0][1] for t in ["caption", "point", "count", "text"] for s in range(3)]
+    texts += ["héllo wörld ☃ 日本 \n\t  x", "", "   ", "<points coords=\"1 1 453 612\">x</points>"]
+    texts += ["".join(chr(rng.randrange(32, 0x2FF)) for _ in range(40)) for _ in range(5)]
+    for t in texts:
+        assert tok.decode(tok.encode(t)) == t
+    # every digit is its own token: coordinates are predicted digit by digit
+    ids = tok.encode("453 612 1000")
+    digit_ids = [i for i in ids if tok.decode([i]).strip().isdigit()]
+    assert [tok.decode([i]).strip() for i in digit_ids] == list("4536121000")
+    # the BPE learned something: the shapes vocabulary is compressed
+    assert len(tok.encode("Describe this image.")) < len("Describe this image.") / 2
+
+
+def _write_tiktoken(path, ranks):
+    import base64
+    with open(path, "wb") as f:
+        for t, r in sorted(ranks.items(), key=lambda kv: kv[1]):
+            f.write(base64.b64encode(t) + b" " + str(r).encode() + b"\n")
+
+
+def test_tokenizer_state_roundtrip_and_tiktoken_file(tok, tmp_path, monkeypatch):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "cache"))  # keep any caching inside tmp_path
+    text = shapes.make_example("caption", 3)["turns"][0][1]
+    tok2 = data.Tokenizer(**tok.state())  # what checkpoints store
+    assert tok2.encode(text) == tok.encode(text)
+    assert (tok2.base_vocab, tok2.im_patch, tok2.chat_end) == (tok.base_vocab, tok.im_patch, tok.chat_end)
+    path = str(tmp_path / "mine.tiktoken")
+    _write_tiktoken(path, tok.ranks)
+    tok3 = data.build_tokenizer(path)
+    assert tok3.ranks == tok.ranks and tok3.base_vocab == tok.base_vocab
+    assert tok3.encode(text) == tok.encode(text)
+    # the file is read as it is now, never from a stale cached copy of the same path
+    small = {k: v for k, v in tok.ranks.items() if v < 260}
+    _write_tiktoken(path, small)
+    tok4 = data.build_tokenizer(path)
+    assert tok4.ranks == small and tok4.base_vocab == 260 + len(data.CHAT_TOKENS)
+    with pytest.raises(FileNotFoundError, match="nope.tiktoken"):
+        data.build_tokenizer(str(tmp_path / "nope.tiktoken"))
+
+
+def test_unknown_tokenizer_name():
+    with pytest.raises(ValueError) as e:
+        data.build_tokenizer("nonexistent_name")
+    msg = str(e.value)
+    assert "nonexistent_name" in msg and "shapes-bpe" in msg
+
+
+def test_named_tiktoken_never_downloads(tmp_path, monkeypatch):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))  # an empty cache
+
+    def no_network(*a, **k):
+        raise AssertionError("build_tokenizer tried to use the network")
+    try:
+        import requests
+        monkeypatch.setattr(requests, "get", no_network)
+    except ImportError:
+        pass
+    import socket
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    try:
+        data.build_tokenizer("cl100k_base")
+    except FileNotFoundError as e:
+        assert "cl100k_base" in str(e) and "not in the local cache" in str(e)
+    else:
+        pytest.skip("cl100k_base is already loaded/cached in this process")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# points
+
+def test_format_points():
+    s = data.format_points([(32, 38.4), (29, 39.2)], 64, 64, "dog")
+    assert s == '<points coords="1 1 453 612 2 500 600">dog</points>'
+    # sorted by x then y; clamped to 0-1000; zero padded
+    s = data.format_points([(10, 5), (0, 70), (10, 1)], 100, 64, "a b")
+    assert s == '<points coords="1 1 000 1000 2 100 016 3 100 078">a b</points>'
+    assert data.parse_points(data.format_points([], 64, 64, "x")) == []
+
+
+def test_parse_points_roundtrip():
+    pts = [(5.0, 60.0), (31.3, 2.2), (63.0, 63.0)]
+    s = data.format_points(pts, 64, 64, "red circles")
+    got = data.parse_points("Counting the " + s + " shows a total of 3.")
+    assert [(f, i) for f, i, _, _ in got] == [(1.0, 1), (1.0, 2), (1.0, 3)]
+    assert [(x, y) for _, _, x, y in got] == sorted((round(1000 * x / 64), round(1000 * y / 64)) for x, y in pts)
+    assert data.parse_points('<points coords="1 1 453 612 2 501 600">dog</points>') == \
+        [(1.0, 1, 453, 612), (1.0, 2, 501, 600)]
+    # two tags, and the tracks form with several frames
+    two = data.parse_points('<points coords="1 1 100 200">a</points> and <points coords="1 1 300 400">b</points>')
+    assert two == [(1.0, 1, 100, 200), (1.0, 1, 300, 400)]
+    tr = data.parse_points('<tracks coords="0.5 1 100 200\t1.5 1 110 210">x</tracks>')
+    assert tr == [(0.5, 1, 100, 200), (1.5, 1, 110, 210)]
+
+
+def test_parse_points_never_raises():
+    assert data.parse_points(None) == []
+    assert data.parse_points("") == []
+    assert data.parse_points(123) == []
+    assert data.parse_points("There are none.") == []
+    assert data.parse_points('<points coords="1 1 45') == []            # truncated mid-tag
+    assert data.parse_points('<points coords="1 1 453 612 2 50') == []  # no closing quote: not a tag
+    assert data.parse_points('<points coords="1 1 453 612 2 50">x') == [(1.0, 1, 453, 612)]  # partial triple
+    assert data.parse_points('<points coords="1 1 1453 612 2 999 1000">x</points>') == [(1.0, 2, 999, 1000)]
+    assert data.parse_points('<points coords="1.2.3 1 100 100">x</points>') == []  # bad frame is skipped
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        junk = bytes(rng.integers(0, 256, rng.integers(0, 80))).decode("utf-8", errors="replace")
+        out = data.parse_points('<points coords="' + junk + '">' + junk)
+        assert isinstance(out, list)
+        assert all(0 <= x <= 1000 and 0 <= y <= 1000 for _, _, x, y in out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# images
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "I;16", "1", "CMYK", "LA", "RGB"])
+def test_load_image_modes(mode, tmp_path):
+    a = np.zeros((6, 8, 3), np.uint8)
+    a[:, :4] = (200, 30, 30)    # left half red
+    a[:, 4:] = (250, 250, 250)  # right half near white
+    rgb = Image.fromarray(a)
+    if mode == "I;16":
+        g = np.zeros((6, 8), np.uint16)
+        g[:, 4:] = 60000
+        g[:, :4] = 12000
+        im = Image.fromarray(g)
+        assert im.mode == "I;16"
+    else:
+        im = rgb.convert(mode)
+    for src in (im, None):
+        if src is None:
+            ext = "tif" if mode == "CMYK" else "png"
+            src = str(tmp_path / f"x.{ext}")
+            im.save(src)
+        out = data.load_image(src)
+        assert out.mode == "RGB" and out.size == (8, 6)
+        o = np.asarray(out).astype(int)
+        # content survives the conversion: the left half is darker than the right half
+        assert o[:, :4].mean() < o[:, 4:].mean() - 40, (mode, o[0])
+        if mode == "I;16":  # 16-bit: 12000/65535 ~ 47/255, 60000/65535 ~ 233/255 (not clipped to white)
+            assert abs(o[0, 0, 0] - 47) <= 2 and abs(o[0, 7, 0] - 233) <= 2, o[0]
+
+
+def test_load_image_errors(tmp_path):
+    missing = tmp_path / "missing.png"
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        data.load_image(str(missing))
+    bad = tmp_path / "x.png"
+    bad.write_bytes(bytes(np.random.default_rng(0).integers(0, 256, 500, dtype=np.uint8)))
+    with pytest.raises(ValueError, match="x.png"):
+        data.load_image(str(bad))
+    # a real PNG, truncated: the header opens, decoding fails
+    good = tmp_path / "good.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(good)
+    trunc = tmp_path / "trunc.png"
+    trunc.write_bytes(good.read_bytes()[:300])
+    with pytest.raises(ValueError, match="trunc.png"):
+        data.load_image(str(trunc))
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match="empty.jpg"):
+        data.load_image(str(empty))
+
+
+def test_preprocess_image():
+    a = np.zeros((10, 20, 3), np.uint8)
+    a[:, 10:] = 255
+    x = data.preprocess_image(Image.fromarray(a), 16)
+    assert x.shape == (3, 16, 16) and x.dtype == torch.float32
+    assert float(x.min()) == -1.0 and float(x.max()) == 1.0
+    assert torch.all(x[:, :, :7] == -1) and torch.all(x[:, :, 9:] == 1)  # stretched, left black, right white
+    g = data.preprocess_image(Image.new("L", (16, 16), 128), 16)  # gray: exact (128/255*2-1), all channels
+    assert torch.allclose(g, torch.full((3, 16, 16), 128 / 255 * 2 - 1), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# pooling
+
+def test_pooling_index_exact_grid():
+    idx, rows, cols = data.pooling_index(4, 4, 2, 2)
+    assert (rows, cols) == (2, 2) and idx.shape == (4, 4)
+    assert idx.tolist() == [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]
+
+
+def test_pooling_index_padding_split():
+    idx, rows, cols = data.pooling_index(3, 3, 2, 2)  # pad 1: none at top/left, one at bottom/right
+    assert (rows, cols) == (2, 2)
+    assert idx.tolist() == [[0, 1, 3, 4], [2, -1, 5, -1], [6, 7, -1, -1], [8, -1, -1, -1]]
+    idx, rows, cols = data.pooling_index(4, 4, 3, 3)  # pad 2: one on each side
+    assert (rows, cols) == (2, 2)
+    assert idx[0].tolist() == [-1, -1, -1, -1, 0, 1, -1, 4, 5]
+    assert idx[3].tolist() == [10, 11, -1, 14, 15, -1, -1, -1, -1]
+    idx, rows, cols = data.pooling_index(2, 5, 3, 3)  # pad rows 1 (bottom), cols 1 (right); non-square grid
+    assert (rows, cols) == (1, 2)
+    assert idx[0].tolist() == [0, 1, 2, 5, 6, 7, -1, -1, -1]
+    assert idx[1].tolist() == [3, 4, -1, 8, 9, -1, -1, -1, -1]
+    for gh, gw, ph, pw in [(3, 3, 2, 2), (7, 5, 3, 3), (6, 6, 2, 2), (1, 1, 2, 2)]:
+        idx, rows, cols = data.pooling_index(gh, gw, ph, pw)
+        assert sorted(idx[idx >= 0].tolist()) == list(range(gh * gw))  # every patch pooled exactly once
+        assert idx.shape == (rows * cols, ph * pw)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# encode_example / collate
+
+TW = {"caption": 1.0, "qa": 1.0, "count": 1.5, "point": 2.0, "text": 1.0}
+
+
+def _weighted_text(tok, e):
+    return tok.decode([l for l, w in zip(e["labels"], e["loss_weights"]) if w > 0])
+
+
+def test_encode_example_layout(tok, cfg):
+    img = Image.new("RGB", (32, 32), (10, 200, 30))
+    ex = dict(task="point", image=img, turns=[("Where?", "Here 1.")])
+    e = data.encode_example(ex, tok, cfg, TW)
+    g = cfg.image_size // cfg.patch_size  # 4x4 patches, pooled 2x2 -> 2 rows of 2 tokens + <im_col>
+    vis = "<im_start>" + ("<im_patch>" * 2 + "<im_col>") * 2 + "<im_end>"
+    want = ("<|im_end|>" + vis + "<|im_start|>user\nWhere?<|im_end|>\n<|im_start|>assistant\nHere 1.<|im_end|>")
+    assert tok.decode(e["input_ids"]) == want
+    assert e["labels"] == e["input_ids"][1:] + [-1]
+    assert len(e["loss_weights"]) == len(e["labels"])
+    assert len(e["images"]) == 1 and e["images"][0].shape == (3, 32, 32)
+    assert e["n_patches"] == [g * g]
+    assert e["pool_idx"][0].shape == (e["input_ids"].count(tok.im_patch), cfg.pool_h * cfg.pool_w)
+    assert e["task"] == "point"
+    assert _weighted_text(tok, e) == "Here 1.<|im_end|>"
+    assert set(w for w in e["loss_weights"] if w) == {2.0}
+
+
+def test_encode_example_multi_turn_weights(tok, cfg):
+    ex = dict(task="count", image=None, turns=[("q one", "answer one"), ("q two?", "2")])
+    e = data.encode_example(ex, tok, cfg, TW)
+    assert e["images"] == [] and e["pool_idx"] == []
+    assert tok.decode(e["input_ids"]) == ("<|im_end|><|im_start|>user\nq one<|im_end|>\n<|im_start|>assistant\n"
+                                          "answer one<|im_end|>\n<|im_start|>user\nq two?<|im_end|>\n"
+                                          "<|im_start|>assistant\n2<|im_end|>")
+    w = np.array(e["loss_weights"])
+    assert set(w[w > 0].tolist()) == {1.5}
+    # nonzero exactly on the answer tokens and each answer's closing <|im_end|>
+    a1, a2 = tok.encode("answer one"), tok.encode("2")
+    assert (w > 0).sum() == len(a1) + 1 + len(a2) + 1
+    assert _weighted_text(tok, e) == "answer one<|im_end|>2<|im_end|>"
+    assert w[-1] == 0 and e["labels"][-1] == -1
+    # the weighted positions are two contiguous runs ending on <|im_end|> labels
+    pos = np.flatnonzero(w > 0)
+    runs = np.split(pos, np.flatnonzero(np.diff(pos) > 1) + 1)
+    assert [len(r) for r in runs] == [len(a1) + 1, len(a2) + 1]
+    assert all(e["labels"][r[-1]] == tok.chat_end for r in runs)
+    # every input position before the first answer gets no loss (user turns, template, BOS)
+    first = runs[0][0]
+    assert tok.decode(e["input_ids"][:first + 1]).endswith("assistant\n")
+
+
+def test_encode_example_unknown_task(tok, cfg):
+    with pytest.raises(KeyError, match="track2"):
+        data.encode_example(dict(task="track2", image=None, turns=[("a", "b")]), tok, cfg, TW)
+
+
+def _enc(tok, cfg, task, seed):
+    return data.encode_example(shapes.make_example(task, seed, cfg.image_size), tok, cfg, TW)
+
+
+def test_collate_right_and_left(tok, cfg):
+    encs = [_enc(tok, cfg, "point", 1), _enc(tok, cfg, "text", 2), _enc(tok, cfg, "caption", 3)]
+    n = [len(e["input_ids"]) for e in encs]
+    T = max(n)
+    P = (cfg.image_size // cfg.patch_size) ** 2
+    for left in (False, True):
+        b = data.collate(encs, tok.pad, 512, left_pad=left)
+        assert b["input_ids"].shape == (3, T) and b["attention_mask"].dtype == torch.bool
+        assert b["pixel_values"].shape == (3, 1, 3, cfg.image_size, cfg.image_size)
+        assert b["image_mask"].tolist() == [[True], [False], [True]]
+        assert torch.all(b["pixel_values"][1] == 0)
+        assert torch.equal(b["pixel_values"][2, 0], encs[2]["images"][0])
+        for i, e in enumerate(encs):
+            am = b["attention_mask"][i]
+            assert int(am.sum()) == n[i]
+            cols = slice(T - n[i], T) if left else slice(0, n[i])
+            assert bool(am[cols].all())
+            assert b["input_ids"][i, cols].tolist() == e["input_ids"]
+            assert b["labels"][i, cols].tolist() == e["labels"]
+            assert b["loss_weights"][i, cols].tolist() == e["loss_weights"]
+            assert torch.all(b["input_ids"][i][~am] == tok.pad)
+            assert torch.all(b["labels"][i][~am] == -1) and torch.all(b["loss_weights"][i][~am] == 0)
+        if left:
+            assert bool(b["attention_mask"][:, -1].all())
+        # global pooling index: one row per <im_patch> slot, the second image's patches offset by P
+        assert b["pool_idx"].shape[0] == int((b["input_ids"] == tok.im_patch).sum())
+        k = len(encs[0]["pool_idx"][0])
+        p0, p2 = encs[0]["pool_idx"][0], encs[2]["pool_idx"][0]
+        assert b["pool_idx"][:k].tolist() == p0.tolist()
+        assert b["pool_idx"][k:].tolist() == np.where(p2 >= 0, p2 + P, -1).tolist()
+
+
+def test_collate_keeps_pads_in_global_pool_idx(tok, make_cfg):
+    c = make_cfg(image_size=24)  # a 3x3 patch grid: 2x2 windows need -1 pads
+    encs = [_enc(tok, c, "point", 1), _enc(tok, c, "text", 2), _enc(tok, c, "qa", 3)]
+    b = data.collate(encs, tok.pad, 512)
+    p = b["pool_idx"]
+    assert p.shape == (8, 4) and int((b["input_ids"] == tok.im_patch).sum()) == 8
+    local, _, _ = data.pooling_index(3, 3, 2, 2)
+    assert p[:4].tolist() == local.tolist()
+    assert p[4:].tolist() == np.where(local >= 0, local + 9, -1).tolist()  # pads stay -1 after the offset
+    assert sorted(p[p >= 0].tolist()) == list(range(18))
+
+
+def test_collate_text_only_and_too_long(tok, cfg):
+    encs = [_enc(tok, cfg, "text", 0), _enc(tok, cfg, "text", 1)]
+    b = data.collate(encs, tok.pad, 512)
+    assert b["image_mask"].shape == (2, 0) and b["pool_idx"].shape[0] == 0
+    longest = max(len(e["input_ids"]) for e in encs)
+    data.collate(encs, tok.pad, longest)  # exactly seq_len is fine
+    with pytest.raises(ValueError, match="seq_len"):
+        data.collate(encs, tok.pad, longest - 1)

@@ -1,0 +1,367 @@
+"""The Molmo2 model (model.py): losses, gradients, masks, padding, KV-cache decoding, init scale, FLOPs."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+import shapes
+from model import Molmo2, ModelConfig, attend, attention_mask_4d
+
+TW = {"caption": 1.0, "qa": 1.0, "count": 1.5, "point": 2.0, "text": 1.0}
+
+
+def make_model(cfg, seed=0):
+    torch.manual_seed(seed)
+    return Molmo2(cfg).float()
+
+
+def train_batch(tok, cfg, specs=(("point", 1), ("text", 2), ("caption", 3)), left_pad=False):
+    encs = [data.encode_example(shapes.make_example(t, s, cfg.image_size), tok, cfg, TW) for t, s in specs]
+    return data.collate(encs, tok.pad, 10 ** 6, left_pad=left_pad)
+
+
+def prompt_batch(tok, cfg, specs):
+    """Prompts ending at 'assistant\\n', left padded (as eval.py and sample.py build them)."""
+    encs = []
+    for t, s in specs:
+        ex = shapes.make_example(t, s, cfg.image_size)
+        e = data.encode_example(dict(ex, turns=[(ex["turns"][0][0], "")]), tok, cfg, {t: 1.0})
+        for k in ("input_ids", "labels", "loss_weights"):
+            e[k] = e[k][:-1]
+        encs.append(e)
+    return data.collate(encs, tok.pad, 10 ** 6, left_pad=True)
+
+
+@pytest.fixture(scope="module")
+def model(cfg):
+    return make_model(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def batch(tok, cfg):
+    return train_batch(tok, cfg)
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("image_size", [32, 24])  # 24: a 3x3 patch grid, pooling windows with pads
+def test_forward_backward_all_grads(tok, make_cfg, image_size):
+    cfg = make_cfg(image_size=image_size)
+    batch = train_batch(tok, cfg)
+    m = make_model(cfg)
+    loss_sum, wsum = m(batch)
+    assert loss_sum.ndim == 0 and torch.isfinite(loss_sum)
+    assert float(wsum) == pytest.approx(float(batch["loss_weights"].sum()))
+    loss = loss_sum / wsum
+    assert abs(loss.item() - math.log(cfg.base_vocab)) < 1.0  # ~uniform prediction at init
+    loss.backward()
+    for n, p in m.named_parameters():
+        assert p.grad is not None, n
+        assert torch.isfinite(p.grad).all(), n
+        assert p.grad.abs().sum() > 0, n
+    # the vision tokens' extra rows get gradient, the unused extra rows (video tokens) do not
+    g = m.llm.embed_extra.weight.grad
+    assert g[tok.im_patch - tok.base_vocab].abs().sum() > 0 and g[tok.im_start - tok.base_vocab].abs().sum() > 0
+    assert g[tok.frame_start - tok.base_vocab].abs().sum() == 0
+
+
+def test_text_only_batch_skips_vision(tok, cfg):
+    m = make_model(cfg)
+    b = train_batch(tok, cfg, (("text", 0), ("text", 1)))
+    loss_sum, wsum = m(b)
+    (loss_sum / wsum).backward()
+    assert all(p.grad is None for p in m.vit.parameters())
+    assert all(p.grad is None for n, p in m.connector.named_parameters())
+    assert all(p.grad is not None for p in m.llm.blocks.parameters())
+
+
+def test_loss_matches_hand_computed_weighted_ce(model, batch):
+    with torch.no_grad():
+        loss_sum, wsum = model(batch)
+        logits = model.logits(batch)
+    assert logits.shape == (*batch["input_ids"].shape, model.c.base_vocab) and logits.dtype == torch.float32
+    w = batch["loss_weights"]
+    total = 0.0
+    B, T = w.shape
+    for b in range(B):
+        for t in range(T):
+            if w[b, t] > 0:
+                lp = torch.log_softmax(logits[b, t].double(), -1)
+                total += float(w[b, t]) * -float(lp[batch["labels"][b, t]])
+    assert float(wsum) == pytest.approx(float(w.sum()))
+    assert float(loss_sum) == pytest.approx(total, rel=1e-5)
+    assert set(w[w > 0].tolist()) == {1.0, 2.0}  # the point example's answer weighs 2x
+
+
+def test_attention_mask_4d_explicit():
+    am = torch.tensor([[True, True, True, True, True], [False, True, True, True, True]])
+    vis = torch.tensor([[False, True, True, True, False], [False, False, True, True, False]])
+    m = attention_mask_4d(am, vis, bidir=True)
+    assert m.shape == (2, 1, 5, 5) and m.dtype == torch.bool
+    want0 = torch.tensor([[1, 0, 0, 0, 0],
+                          [1, 1, 1, 1, 0],   # vision tokens see each other both ways
+                          [1, 1, 1, 1, 0],
+                          [1, 1, 1, 1, 0],
+                          [1, 1, 1, 1, 1]], dtype=torch.bool)
+    want1 = torch.tensor([[1, 0, 0, 0, 0],   # pad query: only the diagonal (never an empty row)
+                          [0, 1, 0, 0, 0],   # pad key hidden from everyone else
+                          [0, 1, 1, 1, 0],
+                          [0, 1, 1, 1, 0],
+                          [0, 1, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(m[0, 0], want0) and torch.equal(m[1, 0], want1)
+    causal = attention_mask_4d(am, vis, bidir=False)
+    assert torch.equal(causal[0, 0], torch.ones(5, 5, dtype=torch.bool).tril())
+
+
+def test_attend_matches_reference():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 6, 8, generator=g)
+    k, v = torch.randn(2, 2, 6, 8, generator=g), torch.randn(2, 2, 6, 8, generator=g)
+    mask = torch.rand(2, 1, 6, 6, generator=g) > 0.4
+    mask |= torch.eye(6, dtype=torch.bool)
+    kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)  # query heads 0,1 share kv head 0
+    for msk in (mask, None):
+        s = q @ kk.transpose(-1, -2) / math.sqrt(8)
+        allowed = torch.ones(6, 6, dtype=torch.bool).tril() if msk is None else msk
+        ref = torch.softmax(s.masked_fill(~allowed, float("-inf")), -1) @ vv
+        assert torch.allclose(attend(q, k, v, msk), ref, atol=1e-5)
+
+
+def _patched_hidden(m, batch, pos=None, delta=None):
+    """m.hidden(batch) with `delta` added to the input embedding at (row 0, column pos)."""
+    orig = m.embed_inputs
+
+    def embed(*a, **k):
+        x = orig(*a, **k)
+        if pos is not None:
+            x = x.clone()
+            x[0, pos] += delta
+        return x
+    m.embed_inputs = embed
+    try:
+        with torch.no_grad():
+            return m.hidden(batch)
+    finally:
+        del m.embed_inputs
+
+
+@pytest.mark.parametrize("bidir", [True, False])
+def test_vision_bidirectional_text_causal(tok, make_cfg, bidir):
+    c = make_cfg(bidir_vision=bidir)
+    m = make_model(c).eval()
+    b = train_batch(tok, c, (("point", 4),))
+    ids = b["input_ids"][0]
+    patches = (ids == tok.im_patch).nonzero()[:, 0].tolist()
+    first, last = patches[0], patches[-1]
+    base = _patched_hidden(m, b)
+    delta = torch.randn(c.d_model, generator=torch.Generator().manual_seed(0))
+    # a later <im_patch> slot's embedding (its pooled features) changes
+    h = _patched_hidden(m, b, last, delta)
+    diff = (h - base).abs().amax(-1)[0]  # (T,)
+    assert diff[last] > 1e-3
+    assert diff[last + 1:].min() > 1e-6   # everything after sees it
+    assert diff[0] < 1e-6                  # BOS is text: causal, never sees the image
+    if bidir:
+        assert diff[first] > 1e-4          # an EARLIER vision token sees the later one
+        assert diff[first:last].min() > 1e-6
+    else:
+        assert diff[:last].max() < 1e-6    # purely causal: nothing earlier changes
+    # a later TEXT token changes: no earlier position changes, at all
+    text_pos = len(ids) - 3
+    assert ids[text_pos] < tok.base_vocab
+    b2 = {k: v.clone() for k, v in b.items()}
+    b2["input_ids"][0, text_pos] = (int(ids[text_pos]) + 1) % 256  # another text token
+    with torch.no_grad():
+        h2 = m.hidden(b2)
+    d2 = (h2 - base).abs().amax(-1)[0]
+    assert d2[:text_pos].max() < 1e-6
+    assert d2[text_pos:].min() > 1e-4
+
+
+def test_pixels_matter_and_examples_independent(tok, cfg, model):
+    b = train_batch(tok, cfg, (("point", 1), ("caption", 2)))
+    b2 = {k: v.clone() for k, v in b.items()}
+    b2["pixel_values"][1] = -b2["pixel_values"][1]  # a different image for example 1 only
+    with torch.no_grad():
+        l1, l2 = model.logits(b), model.logits(b2)
+    assert torch.equal(l1[0], l2[0]) or torch.allclose(l1[0], l2[0], atol=1e-6, rtol=0)
+    ids = b["input_ids"][1]
+    first_vis = int((ids >= tok.base_vocab).nonzero()[0])  # <im_start>: sees the image (bidirectional)
+    assert first_vis == 1 and ids[1] == tok.im_start
+    assert torch.allclose(l1[1, :first_vis], l2[1, :first_vis], atol=1e-6, rtol=0)  # BOS is causal text
+    assert (l1[1, first_vis:] - l2[1, first_vis:]).abs().amax(-1).min() > 1e-4
+
+
+def test_left_padding_equals_right_padding(tok, cfg, model):
+    specs = (("point", 5), ("text", 6), ("qa", 7))
+    r, l = train_batch(tok, cfg, specs), train_batch(tok, cfg, specs, left_pad=True)
+    assert not torch.equal(r["input_ids"], l["input_ids"])
+    with torch.no_grad():
+        lr, ll = model.logits(r), model.logits(l)
+    for i in range(3):
+        assert torch.allclose(lr[i][r["attention_mask"][i]], ll[i][l["attention_mask"][i]], atol=2e-5)
+        with torch.no_grad():
+            one = model.logits(train_batch(tok, cfg, specs[i:i + 1]))
+        assert torch.allclose(one[0], lr[i][r["attention_mask"][i]], atol=2e-5)  # batching changes nothing
+
+
+def test_slot_feature_mismatch_raises(tok, cfg, model, batch):
+    b = dict(batch, pool_idx=batch["pool_idx"][:-1])
+    with pytest.raises(ValueError, match="im_patch"):
+        model.logits(b)
+
+
+def test_kv_cache_generation_equals_full_forward(tok, cfg):
+    m = make_model(cfg, seed=1).eval()
+    with torch.no_grad():  # larger weights than at init: confident, context-dependent, varied predictions
+        for p in m.llm.parameters():
+            if p.ndim == 2:
+                p.mul_(6.0)
+    specs = (("point", 11), ("text", 12), ("qa", 13))
+    b = prompt_batch(tok, cfg, specs)
+    assert len(set(b["attention_mask"].sum(1).tolist())) == 3  # three prompt lengths: padding is exercised
+    N = 10
+    out = m.generate(b, N, stop_id=-1)
+    assert [len(o) for o in out] == [N] * 3
+    ref, bb = [[] for _ in range(3)], dict(b)
+    with torch.no_grad():
+        for _ in range(N):
+            nxt = m.logits(bb)[:, -1].argmax(-1)
+            for i in range(3):
+                ref[i].append(int(nxt[i]))
+            bb["input_ids"] = torch.cat([bb["input_ids"], nxt[:, None]], 1)
+            bb["attention_mask"] = torch.cat([bb["attention_mask"], torch.ones(3, 1, dtype=torch.bool)], 1)
+    assert out == ref
+    assert len({t for o in out for t in o}) > 3 and out[0] != out[1]  # not a degenerate constant stream
+    # stopping: the stop token is excluded, each row stops on its own
+    stop = ref[0][3]
+    out2 = m.generate(b, N, stop_id=stop)
+    for i in range(3):
+        want = ref[i][:ref[i].index(stop)] if stop in ref[i] else ref[i]
+        assert out2[i] == want
+
+
+def test_sampling_temperature(tok, cfg, model):
+    b = prompt_batch(tok, cfg, (("qa", 1), ("text", 2)))
+    g = lambda s: torch.Generator().manual_seed(s)
+    a1 = model.generate(b, 6, stop_id=-1, temperature=1.0, generator=g(0))
+    a2 = model.generate(b, 6, stop_id=-1, temperature=1.0, generator=g(0))
+    a3 = model.generate(b, 6, stop_id=-1, temperature=1.0, generator=g(1))
+    assert a1 == a2 and a1 != a3  # near-uniform logits at init: different seeds differ
+
+
+@pytest.mark.parametrize("default_dims", [False, True])
+def test_image_feature_scale_at_init(tok, make_cfg, default_dims):
+    c = ModelConfig(base_vocab=tok.base_vocab, n_extra=tok.n_extra, im_patch_id=tok.im_patch) if default_dims \
+        else make_cfg()
+    m = make_model(c)
+    b = train_batch(tok, c, (("caption", 1), ("point", 2)))
+    with torch.no_grad():
+        feats = m.connector(m.vit(b["pixel_values"][b["image_mask"]]).flatten(0, 1), b["pool_idx"])
+        emb = m.llm.embed_tokens(torch.tensor([tok.im_patch]))[0]
+    assert feats.shape == (int((b["input_ids"] == tok.im_patch).sum()), c.d_model)
+    ratio = float(feats.norm(dim=-1).mean() / emb.norm())
+    assert 0.3 <= ratio <= 3, ratio
+    ratio2 = float(feats.norm(dim=-1).mean() / m.llm.embed.weight.detach().norm(dim=-1).mean())
+    assert 0.3 <= ratio2 <= 3, ratio2
+    assert float(feats.std(0).mean()) > 0.05 * float(feats.norm(dim=-1).mean() / math.sqrt(c.d_model))  # varies
+
+
+def test_vit_layers_and_patchify(make_cfg):
+    c = make_cfg(vit_depth=4, vit_layers=(-1, -3))
+    m = make_model(c)
+    assert len(m.vit.blocks) == 4
+    assert len(make_model(make_cfg(vit_depth=4, vit_layers=(-2, -3))).vit.blocks) == 3  # unused top block skipped
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    p = m.vit.patchify(x)
+    assert p.shape == (2, 16, 3 * 64)
+    # patch (row 1, col 2) flattened as (py, px, rgb)
+    assert torch.equal(p[1, 1 * 4 + 2].view(8, 8, 3), x[1, :, 8:16, 16:24].permute(1, 2, 0))
+    with torch.no_grad():
+        f = m.vit(x)
+        h = m.vit.patch_embed(p) + m.vit.pos_embed
+        outs = []
+        for blk in m.vit.blocks:
+            h = blk(h)
+            outs.append(h)
+    assert f.shape == (2, 16, 2 * c.vit_width)
+    assert torch.allclose(f, torch.cat([outs[3], outs[1]], -1))  # block -1 then block -3, as listed
+
+
+def test_connector_ignores_padded_slots(cfg, model):
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(9, 2 * cfg.vit_width, generator=g)
+    idx, _, _ = data.pooling_index(3, 3, 2, 2)
+    with torch.no_grad():
+        out = model.connector(feats, torch.from_numpy(idx))
+        only = model.connector(feats, torch.tensor([[2, 5]]))       # window [2, -1, 5, -1] without its pads
+        single = model.connector(feats, torch.tensor([[8]]))
+        feats2 = feats.clone()
+        feats2[0] += 10  # patch 0 is what padded slots index (clamped) -- it must not leak into other windows
+        out2 = model.connector(feats2, torch.from_numpy(idx))
+    assert torch.allclose(out[1], only[0], atol=1e-5) and torch.allclose(out[3], single[0], atol=1e-5)
+    assert torch.allclose(out[1:], out2[1:], atol=1e-6) and not torch.allclose(out[0], out2[0])
+
+
+def test_param_counts_and_tied_embeddings(make_cfg, model):
+    counts = model.param_counts()
+    assert set(counts) == {"connector", "vit", "llm"}
+    assert sum(counts.values()) == sum(p.numel() for p in model.parameters())
+    assert counts["vit"] == sum(p.numel() for p in model.vit.parameters())
+    assert counts["connector"] == sum(p.numel() for p in model.connector.parameters()) + \
+        model.llm.embed_extra.weight.numel()
+    c = model.c
+    tied = Molmo2(make_cfg(tie_embeddings=True))
+    assert sum(tied.param_counts().values()) == sum(counts.values()) - c.base_vocab * c.d_model
+    h = torch.randn(3, c.d_model)
+    assert torch.allclose(tied.llm.head(h), h @ tied.llm.embed.weight.T, atol=1e-6)
+
+
+def test_flops_scale_with_batch(tok, cfg, model):
+    one = train_batch(tok, cfg, (("point", 1),))
+    two = train_batch(tok, cfg, (("point", 1), ("point", 1)))
+    f1, f2 = model.flops(one), model.flops(two)
+    assert f1 > 0 and f2 == 2 * f1
+    # at least 6 * (LLM matmul params) per token, the textbook estimate
+    llm_mm = sum(p.numel() for n, p in model.llm.blocks.named_parameters() if p.ndim == 2)
+    assert f1 >= 6 * llm_mm * one["input_ids"].numel()
+    text = train_batch(tok, cfg, (("text", 1),))
+    assert model.flops(text) < f1
+
+
+def test_bf16_autocast_close_to_fp32(model, batch):
+    with torch.no_grad():
+        ls, ws = model(batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ls16, ws16 = model(batch)
+    assert torch.isfinite(ls16) and float(ws16) == float(ws)
+    assert float(ls16 / ws16) == pytest.approx(float(ls / ws), rel=0.03)
+
+
+def test_rope_rotates_pairs_and_is_relative(tok, cfg, model):
+    from model import rope
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 1, 3, 8, generator=g)
+    ang = torch.randn(1, 1, 3, 4, generator=g)
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    z = torch.complex(x[..., :4], x[..., 4:]) * torch.exp(1j * ang)  # pair (i, i + hd/2) rotated by angle i
+    assert torch.allclose(rope(x, cos, sin), torch.cat([z.real, z.imag], -1), atol=1e-6)
+    b = train_batch(tok, cfg, (("qa", 3), ("text", 4)))
+    pos = (b["attention_mask"].long().cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        h = model.hidden(b)
+        shifted = model.hidden(b, positions=pos + 17)   # RoPE: only relative positions matter
+        flat = model.hidden(b, positions=torch.zeros_like(pos))
+    am = b["attention_mask"]
+    assert torch.allclose(h[am], shifted[am], atol=1e-4)
+    assert (h[am] - flat[am]).abs().amax() > 1e-2      # ... and they do matter
+
+
+def test_generate_under_bf16_autocast(tok, cfg, model):
+    b = prompt_batch(tok, cfg, (("qa", 1), ("text", 2)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.generate(b, 5, stop_id=-1)  # the path evaluate_shapes takes when training in bf16
+    assert [len(o) for o in out] == [5, 5]  # runs (cache dtypes agree with the autocast compute)
+    assert all(0 <= t < cfg.base_vocab for o in out for t in o)

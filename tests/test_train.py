@@ -1,0 +1,179 @@
+"""train.py (configuration, short runs, exact resume, dry run) and sample.py, all in-process on the CPU."""
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+import mixing
+import sample
+import train
+from conftest import TINY, tiny_overrides
+
+DEFAULTS = {k: getattr(train, k) for k in train.CONFIG_KEYS}
+
+
+def run_args(out_dir, **kw):
+    args = dict(batch_size=8, final_eval_prompts=0, eval_interval=100000, dtype="float32", log_interval=1000,
+                warmup_steps=5, lr=3e-3, device="cpu")
+    args.update(kw)
+    return tiny_overrides() + [f"--out_dir={out_dir}"] + [f"--{k}={v}" for k, v in args.items()]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# configuration
+
+def test_configure_overrides_and_types(tmp_path):
+    c = train.configure(["--batch_size=3", "--lr=1", "--out_dir=out/x y", "--vit_layers=[-1, -2]",
+                         "--dry_run=True", "--mixture={'a': 1.0}"], DEFAULTS)
+    assert c["batch_size"] == 3 and c["lr"] == 1.0 and type(c["lr"]) is float  # an int may stand for a float
+    assert c["out_dir"] == "out/x y" and c["vit_layers"] == (-1, -2) and c["dry_run"] is True
+    assert c["mixture"] == {"a": 1.0}
+    assert c["max_steps"] == DEFAULTS["max_steps"]  # untouched keys keep their defaults
+    assert DEFAULTS["batch_size"] != 3  # the defaults dict is not modified
+    f = tmp_path / "cfg.py"
+    f.write_text("batch_size = 5\nlr = 2e-4\n_private = 1\n")
+    c = train.configure([str(f), "--lr=0.5"], DEFAULTS)
+    assert (c["batch_size"], c["lr"]) == (5, 0.5)  # file first, then the command line
+
+
+@pytest.mark.parametrize("bad", ["--batch_size=abc", "--lr='x'", "--batch_size=2.5", "--dry_run=1",
+                                 "--batch_size=True", "--vit_layers=3"])
+def test_configure_type_errors(bad):
+    with pytest.raises(SystemExit) as e:
+        train.configure([bad], DEFAULTS)
+    assert bad.split("=")[0][2:] in str(e.value) and "must be" in str(e.value)
+
+
+def test_configure_unknown_keys(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        train.configure(["--batch_sise=4"], DEFAULTS)
+    msg = str(e.value)
+    assert "batch_sise" in msg and "Valid keys" in msg and "batch_size" in msg and "max_steps" in msg
+    f = tmp_path / "bad.py"
+    f.write_text("lr = 1e-3\nlearning_rate = 1e-3\n")
+    with pytest.raises(SystemExit) as e:
+        train.configure([str(f)], DEFAULTS)
+    msg = str(e.value)
+    assert "learning_rate" in msg and "bad.py" in msg and "Valid keys" in msg and "warmup_steps" in msg
+    with pytest.raises(SystemExit, match="key=value"):
+        train.configure(["--lr"], DEFAULTS)
+    with pytest.raises(SystemExit, match="not found"):
+        train.configure([str(tmp_path / "missing.py")], DEFAULTS)
+
+
+def test_config_files_parse():
+    import glob
+    files = glob.glob(os.path.join(os.path.dirname(train.__file__), "config", "*.py"))
+    assert files  # train.py's docstring runs config/shapes_stage1.py
+    for f in files:  # every shipped config uses known keys with the right types
+        c = train.configure([f], DEFAULTS)
+        assert c["out_dir"].startswith("out/")
+        assert sum(mixing.mixture_weights(c["mixture"]).values()) == pytest.approx(1)
+
+
+def test_config_keys():
+    keys = set(train.CONFIG_KEYS)
+    assert {"lr", "batch_size", "max_steps", "stop_at", "mixture", "vit_layers", "dtype"} <= keys
+    assert not keys & {"os", "np", "torch", "ast", "math", "nullcontext", "main", "configure"}
+    assert set(train.MODEL_KEYS) <= keys
+
+
+def test_lr_schedule():
+    lrs = [train.lr_at(s, 1.0, 10, 100, 0.1) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)  # linear warmup to the peak
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:10]))
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))               # then cosine down
+    assert lrs[10] == pytest.approx(1.0) and lrs[55] == pytest.approx(0.55)
+    assert train.lr_at(100, 1.0, 10, 100, 0.1) == pytest.approx(0.1)
+    assert train.lr_at(500, 1.0, 10, 100, 0.1) == pytest.approx(0.1)     # never below min_lr_frac
+
+
+def test_dry_run_param_counts():
+    out = train.main(["--dry_run=True", "--base_vocab=300", "--n_extra=9", "--device=cpu"] + tiny_overrides())
+    counts, m = out["counts"], out["model"]
+    assert set(counts) == {"vit", "connector", "llm"} and all(v > 0 for v in counts.values())
+    assert sum(counts.values()) == sum(p.numel() for p in m.parameters())
+    assert counts["vit"] == sum(p.numel() for p in m.vit.parameters())
+    assert m.c.d_model == TINY["d_model"] and m.c.base_vocab == 300 and m.c.im_patch_id == 300
+    assert m.llm.embed.weight.shape == (300, TINY["d_model"])
+    # LLM: embeddings + head + blocks, by hand
+    d, L, f, hd = TINY["d_model"], TINY["n_layer"], TINY["d_ff"], TINY["head_dim"]
+    attn = d * hd * (2 * TINY["n_head"] + 2 * TINY["n_kv_head"]) + 2 * hd
+    assert counts["llm"] == 2 * 300 * d + L * (attn + 3 * d * f + 2 * d) + d
+
+
+# ---------------------------------------------------------------------------------------------------------
+# short runs
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    res = train.main(run_args(out, max_steps=40))
+    return res, str(out)
+
+
+def test_short_training_lowers_loss(trained):
+    res, out = trained
+    losses = res["losses"]
+    assert len(losses) == 40 and res["steps"] == list(range(1, 41))
+    assert all(l == l and l < 1e4 for l in losses)
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.6 * first, (first, last)
+    ck = torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=False)
+    assert ck["step"] == 40 and ck["history"]["loss"] == losses
+    assert ck["model_config"]["d_model"] == TINY["d_model"] and ck["config"]["max_steps"] == 40
+    assert "final" not in res  # final_eval_prompts=0: no final eval
+
+
+def test_optimizer_groups_and_schedule(trained):
+    _, out = trained
+    ck = torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=False)
+    from model import Molmo2, ModelConfig
+    m = Molmo2(ModelConfig(**ck["model_config"]))
+    groups = {g["name"]: g for g in ck["optimizer"]["param_groups"]}
+    lr, mults = ck["config"]["lr"], {"llm": 1.0, "connector": train.lr_connector_mult, "vit": train.lr_vit_mult}
+    assert set(groups) == set(mults) == set(m.param_groups())
+    for name, g in groups.items():
+        assert g["peak"] == pytest.approx(lr * mults[name])  # Molmo2: connector 10x, ViT 0.3x the LLM's LR
+        assert g["lr"] == pytest.approx(train.lr_at(39, g["peak"], 5, 40, 0.1))  # the last step's LR
+        assert len(g["params"]) == len(m.param_groups()[name])
+    assert (g["betas"], g["eps"], g["weight_decay"]) == ((0.9, 0.95), 1e-6, 0.0)
+
+
+def test_sample_from_checkpoint(trained, tmp_path, capsys):
+    _, out = trained
+    png = tmp_path / "s.png"
+    text, points = sample.main(["--ckpt", os.path.join(out, "ckpt.pt"), "--out", str(png), "--max_new_tokens", "12"])
+    assert isinstance(text, str) and isinstance(points, list)
+    im = Image.open(png)
+    im.load()
+    assert im.mode == "RGB" and im.size[0] >= 32 * 10 and im.size[1] > im.size[0]  # scaled up, text below
+    assert "answer:" in capsys.readouterr().out
+    # an image file and a custom prompt work too
+    Image.new("RGB", (50, 40), (200, 30, 30)).save(tmp_path / "red.png")
+    sample.main(["--ckpt", os.path.join(out, "ckpt.pt"), "--out", str(tmp_path / "t.png"), "--image",
+                 str(tmp_path / "red.png"), "--prompt", "What colour?", "--max_new_tokens", "4"])
+    assert Image.open(tmp_path / "t.png").size[0] > 0
+    with pytest.raises(SystemExit, match="not found"):
+        sample.main(["--ckpt", str(tmp_path / "none.pt"), "--out", str(tmp_path / "u.png")])
+
+
+def test_resume_is_exact(tmp_path):
+    a = train.main(run_args(tmp_path / "A", max_steps=12))["losses"]
+    assert len(a) == 12
+    b1 = train.main(run_args(tmp_path / "B", max_steps=12, stop_at=6))
+    assert b1["losses"] == a[:6]  # stop_at keeps the 12-step schedule
+    ck = torch.load(tmp_path / "B" / "ckpt.pt", map_location="cpu", weights_only=False)
+    assert ck["step"] == 6
+    b = train.main(run_args(tmp_path / "B", max_steps=12, init_from="resume"))["losses"]
+    assert b == a  # bit-exact in fp32: weights, optimizer, schedule, data order
+    ca = torch.load(tmp_path / "A" / "ckpt.pt", map_location="cpu", weights_only=False)
+    cb = torch.load(tmp_path / "B" / "ckpt.pt", map_location="cpu", weights_only=False)
+    assert ca["step"] == cb["step"] == 12
+    assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
+
+
+def test_resume_missing_checkpoint(tmp_path):
+    with pytest.raises(SystemExit, match="not found"):
+        train.main(run_args(tmp_path / "empty", max_steps=2, init_from="resume"))

@@ -1,0 +1,359 @@
+"""
+The one training loop, for every stage. nanoGPT-shaped: the defaults below are plain globals; a config file
+(config/*.py) overrides some of them, then --key=value overrides with a type check. Unknown keys are errors.
+
+    python train.py config/shapes_stage1.py                  # the CPU demo: stage 1 on the shapes world
+    python train.py config/shapes_stage1.py --max_steps=100  # any global can be overridden
+    python train.py config/stage1.py --dry_run=True          # build the real-scale model, print, stop
+"""
+import ast
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+# ---------------------------------------------------------------------------------------------------------
+# defaults (the shapes stage-1 demo on a CPU); every one can be overridden by a config file or --key=value
+# I/O
+out_dir = "out/shapes_stage1"   # checkpoints, logs, curves
+init_from = "scratch"           # 'scratch' | 'resume' (from out_dir) | path to a checkpoint (weights only)
+eval_interval = 500             # steps between held-out evaluations (and checkpoints)
+eval_prompts = 100              # prompts per task in periodic evals (the final eval uses final_eval_prompts)
+final_eval_prompts = 500        # the acceptance figure needs at least 500 per task
+log_interval = 10               # steps between log lines
+dry_run = False                 # build model + mixture, print them, stop before the first step
+stop_at = 0                     # stop (checkpointed) after this step, schedule unchanged; 0 = run to max_steps
+blind_baseline = True           # after the final eval, evaluate again with blank images (what the image adds)
+# data
+dataset = "shapes"              # the built-in shapes world (real datasets arrive with their readers)
+mixture = {"captions": (0.6, {"caption": 1.0, "qa": 1.0}),   # seed stage 1: captions 60% (QA on the same
+           "pointing": (0.3, {"point": 1.0, "count": 1.0}),  # scenes, PixMo-CapQA style), pointing 30%
+           "text": (0.1, {"text": 1.0})}                     # (points and point-then-count), text 10%
+dataset_sizes = {}              # for the mixture table only; shapes tasks are procedural (infinite)
+task_weights = {"caption": 1.0, "qa": 1.0, "count": 1.5, "point": 2.0, "track": 2.0, "text": 1.0}  # seed
+tokenizer = "shapes-bpe"        # 'shapes-bpe' (trained offline, here), a .tiktoken path, or a cached name
+turns_per_image = 1             # questions per image in one sequence (>1: the image is encoded once for all)
+seq_len = 256                   # max tokens per example (4,096 in the seed's stage 1)
+batch_size = 32                 # examples per micro-batch
+grad_accum = 1                  # micro-batches per optimizer step
+# model (see model.ModelConfig for what each means)
+image_size = 64
+patch_size = 8
+vit_width = 128
+vit_depth = 4
+vit_heads = 4
+vit_mlp = 512
+vit_layers = (-1, -3)           # Molmo2: (-3, -9) of 27
+pool_h = 2
+pool_w = 2
+col_tokens = True
+base_vocab = 0                  # 0 = from the tokenizer; set it to build a model without one (dry runs)
+n_extra = 0                     # 0 = from the tokenizer (Molmo2 pads the extra rows to 128)
+d_model = 256
+n_layer = 4
+n_head = 4
+n_kv_head = 2
+head_dim = 64
+d_ff = 768
+rope_theta = 1e6
+tie_embeddings = False
+bidir_vision = True
+# optimizer: AdamW as Molmo2 (betas 0.9/0.95, eps 1e-6, no weight decay, clip 1.0)
+lr = 1e-3                       # the LLM's peak LR; the other two groups are multiples of it
+lr_connector_mult = 10.0        # Molmo2 pretraining: connector 2e-4 / LLM 2e-5 = 10x
+lr_vit_mult = 0.3               # Molmo2 pretraining: ViT 6e-6 / LLM 2e-5 = 0.3x
+warmup_steps = 100
+max_steps = 2000
+min_lr_frac = 0.1               # cosine decays to 10% of peak (Molmo2 alpha_f = 0.1)
+beta1 = 0.9
+beta2 = 0.95
+adam_eps = 1e-6
+weight_decay = 0.0
+grad_clip = 1.0
+# system
+device = "auto"                 # 'auto' = cuda if present, else cpu
+dtype = "bfloat16"              # autocast dtype; 'float32' turns autocast off (the reference path)
+compile = False                 # torch.compile the model (measured: no gain for the tiny CPU model)
+threads = 0                     # CPU threads for torch; 0 = torch's default
+seed = 1337
+# ---------------------------------------------------------------------------------------------------------
+CONFIG_KEYS = [k for k, v in list(globals().items())
+               if not k.startswith("_") and k.islower() and isinstance(v, (int, float, bool, str, dict, tuple, list))
+               and k not in ("ast", "math", "os", "random", "sys", "time")]
+MODEL_KEYS = ["image_size", "patch_size", "vit_width", "vit_depth", "vit_heads", "vit_mlp", "vit_layers",
+              "pool_h", "pool_w", "col_tokens", "base_vocab", "n_extra", "d_model", "n_layer", "n_head",
+              "n_kv_head", "head_dim", "d_ff", "rope_theta", "tie_embeddings", "bidir_vision"]
+
+
+def configure(argv, defaults):
+    """nanoGPT's poor man's configurator, with checks: argv items are config files (executed, and every
+    name they set must be a known key) or --key=value (parsed as a Python literal, else a string; the type
+    must match the default's, an int may stand for a float). Returns the updated dict."""
+    cfg = dict(defaults)
+
+    def check(key, val, where):
+        if key not in defaults:
+            raise SystemExit(f"unknown config key {key!r} ({where}). Valid keys:\n  " + ", ".join(sorted(defaults)))
+        want = type(defaults[key])
+        if want is float and type(val) is int:
+            val = float(val)
+        if want is tuple and type(val) is list:
+            val = tuple(val)
+        if type(val) is not want:
+            raise SystemExit(f"config key {key!r} ({where}) must be {want.__name__}, got {type(val).__name__}: {val!r}")
+        cfg[key] = val
+
+    for arg in argv:
+        if arg.startswith("--"):
+            if "=" not in arg:
+                raise SystemExit(f"override {arg!r} must look like --key=value")
+            key, val = arg[2:].split("=", 1)
+            try:
+                val = ast.literal_eval(val)
+            except (ValueError, SyntaxError):
+                pass  # a bare string, e.g. --out_dir=out/x
+            check(key, val, "command line")
+        else:
+            if not os.path.exists(arg):
+                raise SystemExit(f"config file {arg!r} not found")
+            scope = {}
+            exec(open(arg).read(), scope)  # one namespace: a config may compute from its own earlier values
+            for key, val in scope.items():
+                if not key.startswith("_") and not callable(val) and type(val).__name__ != "module":
+                    check(key, val, arg)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+def lr_at(step, peak, warmup, total, min_frac):
+    """Linear warmup from 0, then cosine to min_frac * peak (Molmo2 CosWithWarmup)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def peak_flops(dev, dt):
+    """Peak FLOP/s for MFU. GPUs: datasheet dense bf16 (as nanochat's table); an unknown GPU gives inf (MFU 0,
+    not a guess). CPU: measured once here, a large matmul in the training dtype, so MFU says how close the
+    model runs to what this CPU can do."""
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev)
+        for key, f in {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
+                       "4090": 165e12, "B200": 2250e12}.items():
+            if key in name:
+                return f if dt != torch.float32 else f / 16  # fp32 without TF32 is ~1/16 of bf16 dense
+        return float("inf")
+    a = torch.randn(1024, 1024, dtype=dt)
+    a @ a
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ a
+    return 10 * 2 * 1024 ** 3 / (time.perf_counter() - t)
+
+
+def save_checkpoint(path, obj):
+    """Write to a temp file, then rename: a crash mid-write never destroys the last good checkpoint."""
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def fmt_time(s):
+    return f"{int(s // 3600)}:{int(s % 3600 // 60):02d}:{int(s % 60):02d}"
+
+
+def main(argv=()):
+    cfg = configure(argv, {k: globals()[k] for k in CONFIG_KEYS})
+    C = type("Config", (), cfg)  # attribute access: C.lr
+    import data
+    import mixing
+    from model import Molmo2, ModelConfig
+
+    dev = torch.device("cuda" if C.device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if C.device == "auto" else C.device))
+    if C.threads:
+        torch.set_num_threads(C.threads)
+    torch.manual_seed(C.seed)
+    random.seed(C.seed)
+    np.random.seed(C.seed)
+    pt_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[C.dtype]
+    autocast = (lambda: torch.autocast(dev.type, dtype=pt_dtype)) if pt_dtype != torch.float32 else nullcontext
+
+    # tokenizer and model config ------------------------------------------------------------------------
+    ckpt = None
+    if C.init_from != "scratch":
+        path = os.path.join(C.out_dir, "ckpt.pt") if C.init_from == "resume" else C.init_from
+        if not os.path.exists(path):
+            raise SystemExit(f"init_from={C.init_from!r}: checkpoint {path} not found")
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    tok = None
+    if not (C.dry_run and C.base_vocab):
+        tok = data.Tokenizer(**ckpt["tokenizer"]) if ckpt else data.build_tokenizer(C.tokenizer)
+    mc = {k: cfg[k] for k in MODEL_KEYS}
+    if ckpt:
+        mc.update(ckpt["model_config"])  # the architecture comes from the checkpoint
+    if tok:
+        if not mc["base_vocab"]:
+            mc["base_vocab"], mc["n_extra"] = tok.base_vocab, tok.n_extra
+        mc["im_patch_id"] = mc["base_vocab"] + (tok.im_patch - tok.base_vocab)
+    else:
+        mc["im_patch_id"] = mc["base_vocab"]
+    mconf = ModelConfig(**mc)
+
+    weights = mixing.mixture_weights(C.mixture)
+    print("mixture (examples drawn i.i.d. per example):")
+    print(mixing.mixture_table(weights, C.dataset_sizes, C.max_steps * C.batch_size * C.grad_accum))
+
+    model = Molmo2(mconf)
+    counts = model.param_counts()
+    print("parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()) +
+          f", total {sum(counts.values()) / 1e6:.2f}M")
+    if C.dry_run:
+        print("dry_run: stopping before the first step")
+        return dict(model=model, counts=counts)
+    model.to(dev)
+
+    groups = model.param_groups()
+    mults = {"llm": 1.0, "connector": C.lr_connector_mult, "vit": C.lr_vit_mult}
+    opt = torch.optim.AdamW([dict(params=groups[k], name=k, peak=C.lr * mults[k]) for k in groups],
+                            lr=C.lr, betas=(C.beta1, C.beta2), eps=C.adam_eps, weight_decay=C.weight_decay)
+    sampler = mixing.MixtureSampler(weights, seed=C.seed)
+    step, history = 0, dict(step=[], loss=[], evals=[])
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+        if C.init_from == "resume":  # full state: optimizer, step, RNG, sampler, curve so far
+            opt.load_state_dict(ckpt["optimizer"])
+            step = ckpt["step"]
+            sampler.load_state(ckpt["sampler"])
+            history = ckpt["history"]
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            random.setstate(ckpt["rng"]["python"])
+            np.random.set_state(ckpt["rng"]["numpy"])
+            print(f"resumed from {C.out_dir} at step {step}")
+        else:
+            print(f"initialised weights from {C.init_from}")
+    fwd = torch.compile(model) if C.compile else model
+    os.makedirs(C.out_dir, exist_ok=True)
+
+    import shapes
+
+    def get_batch(step, micro):
+        encs = []
+        for task, idx in sampler.batch(C.batch_size, step, micro):
+            ex = shapes.make_example(task, shapes.TRAIN_SEED_OFFSET + idx, mconf.image_size, C.turns_per_image)
+            encs.append(data.encode_example(ex, tok, mconf, C.task_weights))
+        b = data.collate(encs, tok.pad, C.seq_len)
+        return {k: v.to(dev) for k, v in b.items()}
+
+    def checkpoint():
+        save_checkpoint(os.path.join(C.out_dir, "ckpt.pt"), dict(
+            model=model.state_dict(), optimizer=opt.state_dict(), step=step, config=cfg,
+            model_config=mc, tokenizer=tok.state(), sampler=sampler.state(), history=history,
+            rng=dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state())))
+
+    def run_eval(n, blind=False):
+        from eval import evaluate_shapes
+        return evaluate_shapes(model, tok, mconf, n_prompts=n, blind=blind,
+                               autocast=autocast if pt_dtype != torch.float32 else None)[0]
+
+    peak = peak_flops(dev, pt_dtype)
+    t0 = t_log = time.time()
+    tokens = flops = 0
+    start_step = step
+    while step < C.max_steps and not (C.stop_at and step >= C.stop_at):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, g["peak"], C.warmup_steps, C.max_steps, C.min_lr_frac)
+        batches = [get_batch(step, m) for m in range(C.grad_accum)]
+        # the loss is sum(w * CE) / sum(w) over the whole optimizer batch: divide every micro-batch by the
+        # global weight sum (known before any forward), not by its own, so the split does not matter
+        wsum = sum(float(b["loss_weights"].sum()) for b in batches)
+        loss_total = 0.0
+        for b in batches:
+            with autocast():
+                loss_sum, _ = fwd(b)
+            loss = loss_sum / wsum
+            if not torch.isfinite(loss):
+                raise SystemExit(f"non-finite loss {loss.item()} at step {step}; last checkpoint is in {C.out_dir}")
+            loss.backward()
+            loss_total += loss.item()
+            tokens += int(b["attention_mask"].sum())
+            flops += model.flops(b)
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), C.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        sampler.step = step
+        history["step"].append(step)
+        history["loss"].append(loss_total)
+        if step % C.log_interval == 0 or step == C.max_steps:
+            dt = time.time() - t_log
+            el = time.time() - t0
+            eta = el / (step - start_step) * (C.max_steps - step)
+            print(f"step {step:5d}/{C.max_steps} | loss {loss_total:.4f} | gnorm {float(gnorm):.2f} | "
+                  f"lr {opt.param_groups[-1]['lr']:.2e} | {tokens / dt:,.0f} tok/s | "
+                  f"MFU {100 * flops / dt / peak:.1f}% | elapsed {fmt_time(el)} | ETA {fmt_time(eta)}", flush=True)
+            t_log, tokens, flops = time.time(), 0, 0
+        if step % C.eval_interval == 0 and step < C.max_steps:
+            checkpoint()  # saved before the eval, so an eval crash never loses the work (nanochat #446)
+            m = run_eval(C.eval_prompts)
+            history["evals"].append(dict(step=step, **m))
+            print(f"eval @ {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in m.items()), flush=True)
+            t_log = time.time()
+    result = dict(losses=history["loss"], steps=history["step"])
+    if step > start_step or C.init_from == "resume":
+        checkpoint()
+    if C.final_eval_prompts and step >= C.max_steps:
+        m = run_eval(C.final_eval_prompts)
+        history["evals"].append(dict(step=step, final=True, **m))
+        print(f"final eval @ {step} ({C.final_eval_prompts} prompts/task): " +
+              ", ".join(f"{k} {v:.3f}" for k, v in m.items()), flush=True)
+        result["final"] = m
+        if C.blind_baseline:
+            mb = run_eval(C.final_eval_prompts, blind=True)
+            history["evals"][-1]["blind"] = mb
+            print("image-blind baseline (same checkpoint, blank images): " +
+                  ", ".join(f"{k} {v:.3f}" for k, v in mb.items()), flush=True)
+            result["blind"] = mb
+        checkpoint()
+        plot_curve(history, os.path.join(C.out_dir, "curve.png"))
+    print(f"done in {fmt_time(time.time() - t0)}; checkpoint {os.path.join(C.out_dir, 'ckpt.pt')}")
+    return result
+
+
+def plot_curve(history, path):
+    """Learning curve as a PNG with Pillow (no matplotlib): training loss (smoothed) and eval metrics."""
+    from PIL import Image, ImageDraw
+    W, H, pad = 640, 360, 40
+    im = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(im)
+    steps, loss = np.array(history["step"]), np.array(history["loss"])
+    if len(loss) < 2:
+        return
+    k = max(1, len(loss) // 100)
+    sm = np.convolve(loss, np.ones(k) / k, mode="valid")
+    xs = lambda s: pad + (W - 2 * pad) * (s - steps[0]) / max(1, steps[-1] - steps[0])
+    lo, hi = float(sm.min()), float(sm.max())
+    ys = lambda v: H - pad - (H - 2 * pad) * (v - lo) / max(1e-9, hi - lo)
+    d.line([(xs(s), ys(v)) for s, v in zip(steps[k - 1:], sm)], fill=(40, 80, 220), width=2)
+    d.rectangle([pad, pad, W - pad, H - pad], outline="black")
+    d.text((pad, 10), f"train loss {hi:.2f} -> {sm[-1]:.2f} (blue); eval metrics 0..1 (dots)", fill="black")
+    colors = {"pointing_f1": (220, 40, 40), "count_acc": (40, 170, 60), "qa_acc": (150, 60, 190)}
+    for e in history["evals"]:
+        for key, col in colors.items():
+            if key in e:
+                x, y = xs(e["step"]), H - pad - (H - 2 * pad) * e[key]
+                d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=col)
+    d.text((pad, H - pad + 8), "step " + str(steps[0]) + " ... " + str(steps[-1]) +
+           "   red: pointing F1, green: count acc, purple: QA acc", fill="black")
+    im.save(path)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
