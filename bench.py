@@ -34,7 +34,8 @@ def batch_for(cfg, tok, mconf, step=0):
     import mixing
     import shapes
     sampler = mixing.MixtureSampler(mixing.mixture_weights(cfg["mixture"]), seed=cfg["seed"])
-    encs = [data.encode_example(shapes.make_example(t, shapes.TRAIN_SEED_OFFSET + i, mconf.image_size), tok, mconf,
+    encs = [data.encode_example(shapes.make_example(t, shapes.TRAIN_SEED_OFFSET + i, mconf.image_size,
+                                                    cfg["turns_per_image"]), tok, mconf,
                                 cfg["task_weights"]) for t, i in sampler.batch(cfg["batch_size"], step)]
     return data.collate(encs, tok.pad, cfg["seq_len"])
 

@@ -6,7 +6,7 @@ out_dir = "out/shapes_stage1"
 turns_per_image = 3        # 3 questions per scene in one sequence: the image is encoded once for all three
 seq_len = 640              # room for 3 turns (the longest seen ~320 tokens)
 batch_size = 32
-max_steps = 600            # sized so that training + evals fit in 20 minutes on 2 cores (README)
+max_steps = 800            # sized so that training + evals fit in 20 minutes on 2 cores (README)
 warmup_steps = 50
 lr = 1e-3
 # From scratch the ViT and connector must learn as fast as the LLM: Molmo2's 10x / 0.3x ratios assume a
