@@ -128,3 +128,42 @@ def evaluate_shapes(model, tok, cfg, n_prompts=500, tasks=("point", "count", "qa
 def blank_like(img):
     from PIL import Image
     return Image.new("RGB", img.size, (235, 235, 235))
+
+
+def question_kind(task, question, reference):
+    """A finer key than the task, for breakdowns: QA by question template, pointing/counting by how many
+    objects the reference answer holds (0 = "There are none.")."""
+    if task == "qa":
+        return "qa: " + (" ".join(question.split()[:3]) if not question.startswith("Is there") else "Is there ...")
+    if task in ("point", "count"):
+        from data import parse_points
+        n = len(parse_points(reference))
+        return f"{task}: {n if n < 4 else '4+'} objects"
+    return task
+
+
+def breakdown(records):
+    """[(task, question, answer, reference, score)] -> {kind: (n, mean score)}, sorted by kind."""
+    by = {}
+    for task, q, _a, ref, s in records:
+        by.setdefault(question_kind(task, q, ref), []).append(s)
+    return {k: (len(v), float(np.mean(v))) for k, v in sorted(by.items())}
+
+
+if __name__ == "__main__":
+    # python eval.py --ckpt out/shapes_stage1/ckpt.pt [--prompts 500] [--blind]: held-out metrics of a checkpoint,
+    # then the same scores broken down by question kind (what the model can and cannot do yet)
+    import argparse
+    import sample
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ckpt", default="out/shapes_stage1/ckpt.pt")
+    ap.add_argument("--prompts", type=int, default=500)
+    ap.add_argument("--blind", action="store_true", help="blank images: the image-blind baseline")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    a = ap.parse_args()
+    model, tok, mc = sample.load_model(a.ckpt)
+    ac = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if a.dtype == "bfloat16" else None
+    metrics, records = evaluate_shapes(model, tok, mc, n_prompts=a.prompts, blind=a.blind, autocast=ac)
+    print(", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    for kind, (n, s) in breakdown(records).items():
+        print(f"  {kind:<28} n={n:4d}  score {s:.3f}")

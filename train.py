@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 # ---------------------------------------------------------------------------------------------------------
-# defaults (the shapes stage-1 demo on a CPU); every one can be overridden by a config file or --key=value
+# defaults: a small model on the shapes world (config/*.py set up each stage); every one can be overridden
+# by a config file or --key=value
 # I/O
 out_dir = "out/shapes_stage1"   # checkpoints, logs, curves
 init_from = "scratch"           # 'scratch' | 'resume' (from out_dir) | path to a checkpoint (weights only)

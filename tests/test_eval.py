@@ -139,3 +139,14 @@ def test_evaluate_shapes_real_model(tok, cfg):
     assert set(metrics) == {"pointing_f1", "count_acc", "qa_acc"}
     assert all(0.0 <= v <= 1.0 for v in metrics.values())
     assert len(records) == 6 and m.training
+
+
+def test_breakdown_by_question_kind():
+    from eval import breakdown
+    recs = [("qa", "What colour is the star?", "red", "red", 1.0),
+            ("qa", "What colour is the circle?", "blue", "red", 0.0),
+            ("qa", "Is there a red star?", "no", "no", 1.0),
+            ("point", "Point to the stars", "x", "There are none.", 0.0),
+            ("point", "Point to the stars", "x", '<points coords="1 1 100 100 2 200 200">stars</points>', 0.5)]
+    assert breakdown(recs) == {"point: 0 objects": (1, 0.0), "point: 2 objects": (1, 0.5),
+                               "qa: Is there ...": (1, 1.0), "qa: What colour is": (2, 0.5)}

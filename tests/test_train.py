@@ -177,3 +177,21 @@ def test_resume_is_exact(tmp_path):
 def test_resume_missing_checkpoint(tmp_path):
     with pytest.raises(SystemExit, match="not found"):
         train.main(run_args(tmp_path / "empty", max_steps=2, init_from="resume"))
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    """A non-finite loss stops the run naming the step, and the last checkpoint written before it survives."""
+    from model import Molmo2
+    real = Molmo2.forward
+    calls = {"n": 0}
+
+    def poisoned(self, batch):
+        calls["n"] += 1
+        loss_sum, wsum = real(self, batch)
+        return (loss_sum * float("nan"), wsum) if calls["n"] > 4 else (loss_sum, wsum)
+
+    monkeypatch.setattr(Molmo2, "forward", poisoned)
+    with pytest.raises(SystemExit, match=r"non-finite loss nan at step 4"):
+        train.main(run_args(tmp_path, max_steps=10, eval_interval=2, eval_prompts=2))
+    ck = torch.load(os.path.join(tmp_path, "ckpt.pt"), map_location="cpu", weights_only=False)
+    assert ck["step"] == 4 and all(l == l for l in ck["history"]["loss"])  # steps 1-4, all finite
