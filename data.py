@@ -15,6 +15,7 @@ import math
 import os
 import re
 from collections import Counter
+from functools import lru_cache
 
 import numpy as np
 import tiktoken
@@ -213,6 +214,7 @@ def preprocess_image(img, size):
     return x * 2 - 1
 
 
+@lru_cache(maxsize=None)  # the same few grids every example: computed once, never mutated by callers
 def pooling_index(gh, gw, ph, pw):
     """Molmo2's token_pooling for one crop (arange_for_pooling): the (gh, gw) patch grid is padded with -1 to a
     multiple of the window, split evenly (extra row/column at the bottom/right), and cut into (ph, pw)
@@ -222,6 +224,7 @@ def pooling_index(gh, gw, ph, pw):
     top, left = (H - gh) // 2, (W - gw) // 2
     idx = np.pad(idx, ((top, H - gh - top), (left, W - gw - left)), constant_values=-1)
     idx = idx.reshape(H // ph, ph, W // pw, pw).transpose(0, 2, 1, 3).reshape(-1, ph * pw)
+    idx.setflags(write=False)  # cached and shared: read-only
     return idx, H // ph, W // pw
 
 

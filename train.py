@@ -84,8 +84,7 @@ threads = 0                     # CPU threads for torch; 0 = torch's default
 seed = 1337
 # ---------------------------------------------------------------------------------------------------------
 CONFIG_KEYS = [k for k, v in list(globals().items())
-               if not k.startswith("_") and k.islower() and isinstance(v, (int, float, bool, str, dict, tuple, list))
-               and k not in ("ast", "math", "os", "random", "sys", "time")]
+               if not k.startswith("_") and isinstance(v, (int, float, bool, str, dict, tuple, list))]
 MODEL_KEYS = ["image_size", "patch_size", "vit_width", "vit_depth", "vit_heads", "vit_mlp", "vit_layers",
               "pool_h", "pool_w", "col_tokens", "base_vocab", "n_extra", "d_model", "n_layer", "n_head",
               "n_kv_head", "head_dim", "d_ff", "rope_theta", "tie_embeddings", "bidir_vision"]
