@@ -295,12 +295,12 @@ def test_connector_ignores_padded_slots(cfg, model):
     feats = torch.randn(9, 2 * cfg.vit_width, generator=g)
     idx, _, _ = data.pooling_index(3, 3, 2, 2)
     with torch.no_grad():
-        out = model.connector(feats, torch.from_numpy(idx))
+        out = model.connector(feats, torch.tensor(idx))
         only = model.connector(feats, torch.tensor([[2, 5]]))       # window [2, -1, 5, -1] without its pads
         single = model.connector(feats, torch.tensor([[8]]))
         feats2 = feats.clone()
         feats2[0] += 10  # patch 0 is what padded slots index (clamped) -- it must not leak into other windows
-        out2 = model.connector(feats2, torch.from_numpy(idx))
+        out2 = model.connector(feats2, torch.tensor(idx))
     assert torch.allclose(out[1], only[0], atol=1e-5) and torch.allclose(out[3], single[0], atol=1e-5)
     assert torch.allclose(out[1:], out2[1:], atol=1e-6) and not torch.allclose(out[0], out2[0])
 
