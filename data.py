@@ -7,10 +7,16 @@ Data: text -> token ids, images -> pixels, examples -> the seed's batch fields.
     chat format   Qwen3 turns (molmo2_reference.md 1.3); BOS is <|im_end|>; the image goes right after BOS.
     images        Pillow, any mode -> RGB, stretched to image_size, scaled to [-1, 1] (mean = std = 0.5).
     image tokens  <im_start> + rows of (pooled <im_patch> tokens [+ <im_col>]) + <im_end>   (reference 1.6)
+    video         PyAV, Molmo2's frame times (2 fps + last frame, or max_frames uniformly), true timestamps;
+                  per frame "{t:.1f} " <frame_start> pooled <im_patch> tokens <frame_end>; subtitles (2)
     points        Molmo2 html-v2: <points coords="1 1 453 612 2 501 600">dog</points>, ints 0-1000 (3.2)
+    packing       several examples per row, best-fit over a small buffer (reference 4.5); each row keeps
+                  its examples apart with doc_ids and restarted position_ids
     batch         input_ids [B,T], attention_mask [B,T], labels [B,T], loss_weights [B,T],
-                  pixel_values [B,F,3,H,W], image_mask [B,F], pool_idx [N_tok, k]   (the seed's fields + pooling)
+                  pixel_values [B,F,3,H,W], image_mask [B,F], timestamps [B,F]  (the seed's fields)
+                  + doc_ids [B,T], position_ids [B,T], pool_idx [N_tok, k] (packing, pooling)
 """
+import bisect
 import math
 import os
 import re
@@ -145,12 +151,28 @@ def build_tokenizer(name="shapes-bpe", n_merges=300):
 
 def format_points(points, width, height, label, frame="1"):
     """points: [(x_px, y_px)] -> '<points coords="1 1 453 612 2 501 600">label</points>'.
-    Coordinates become integers 0-1000 (x/W, y/H), zero-padded to 3 digits, sorted by (x, y); ids from 1.
     A single image's frame prefix is always 1 (molmo2_reference.md 3.2)."""
-    scaled = sorted((min(1000, max(0, round(1000 * x / width))), min(1000, max(0, round(1000 * y / height))))
-                    for x, y in points)
-    coords = " ".join(f"{i} {x:03d} {y:03d}" for i, (x, y) in enumerate(scaled, 1))
-    return f'<points coords="{frame} {coords}">{label}</points>'
+    return format_groups([(frame, points)], width, height, label)
+
+
+def format_groups(groups, width, height, label, tag="points"):
+    """Molmo2 html-v2 with frame groups: [(prefix, points)] -> '<tag coords="p1 1 x y 2 x y;p2 3 x y">label</tag>'.
+    A prefix is "1" for one image, the 1-based image index for multi-image, the time "2.5" for video.
+    points are [(x_px, y_px)], numbered 1, 2, ... on across the groups (pointing), or [(id, x_px, y_px)] with
+    the given ids (tracking: an object keeps its id in every frame). Coordinates become integers 0-1000
+    (x/W, y/H), zero-padded to 3 digits, sorted by (x, y) inside a group."""
+    n, parts = 0, []
+    for prefix, pts in groups:
+        scaled = []
+        for p in pts:
+            pid, x, y = p if len(p) == 3 else (None, *p)
+            scaled.append((min(1000, max(0, round(1000 * x / width))), min(1000, max(0, round(1000 * y / height))), pid))
+        items = []
+        for x, y, pid in sorted(scaled):
+            n += 1
+            items.append(f"{n if pid is None else pid} {x:03d} {y:03d}")
+        parts.append(f"{prefix} " + " ".join(items))
+    return f'<{tag} coords="{";".join(parts)}">{label}</{tag}>'
 
 
 # Molmo2's parsing regexes (reference 3.2): the tag, then frame groups, then (id, x, y) triples.
@@ -237,79 +259,366 @@ def image_tokens(tok, rows, cols, col_tokens):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Video: PyAV decoding at Molmo2's frame times (reference section 2)
+
+def frame_times(duration, max_frames, fps=2.0):
+    """Molmo2's "uniform_last_frame" sampling (video_loader.py TimeSampler): while the video lasts at most
+    (max_frames - 1) / fps seconds, frames at fps (t = 0, 0.5, 1.0, ...) plus the last frame (t = duration);
+    a longer video gets max_frames times spread uniformly over [0, duration], both ends included."""
+    if duration <= (max_frames - 1) / fps:
+        t = [i / fps for i in range(int(math.floor(duration * fps + 1e-9)) + 1)]
+        if duration - t[-1] > 1e-6:
+            t.append(duration)
+        return t
+    return np.linspace(0.0, duration, max_frames).tolist()
+
+
+def _open_video(path):
+    import av
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"video file not found: {path}")
+    try:
+        container = av.open(path)
+    except av.error.FFmpegError as e:
+        raise ValueError(f"cannot read video {path}: {e}") from None
+    if not container.streams.video:
+        container.close()
+        raise ValueError(f"no video stream in {path}")
+    return container, container.streams.video[0]
+
+
+def video_index(path):
+    """Demux (no decoding) -> (frame presentation times in s, sorted; key frame times; duration in s; start).
+    Times are the stream's own timestamps counted from its first frame (start, in s), so a variable-frame-rate
+    file gets its true times."""
+    import av
+    container, stream = _open_video(path)
+    tb = float(stream.time_base)
+    times, keys, end = [], [], 0.0
+    try:
+        for p in container.demux(stream):
+            if p.pts is None:  # the flush packet at the end
+                continue
+            t = p.pts * tb
+            times.append(t)
+            if p.is_keyframe:
+                keys.append(t)
+            end = max(end, t + (p.duration or 0) * tb)
+    except av.error.FFmpegError as e:
+        raise ValueError(f"cannot read video {path}: {e}") from None
+    finally:
+        container.close()
+    if not times:
+        raise ValueError(f"no frames in video {path}")
+    start = min(times)
+    times = sorted(t - start for t in times)
+    return times, sorted(k - start for k in keys), max(end - start, times[-1]), start
+
+
+def load_video(path, max_frames, fps=2.0, mode="seek"):
+    """Decode the frames Molmo2 samples: returns (list of PIL RGB frames, their timestamps in s).
+
+    The frame shown at time t is the last one whose presentation time is <= t. Two ways to get them:
+      "sequential"  decode from the start, keep the wanted frames;
+      "seek"        before each wanted frame, jump to the key frame at or before it whenever that skips
+                    frames (a key frame lies beyond the decoder's position), else keep decoding.
+    bench.py measures both on a 3-minute file; "seek" is the default because it decodes a subset of what
+    "sequential" does (sparse sampling from long files)."""
+    import av
+    times, keys, duration, start = video_index(path)
+    shown = lambda t: times[max(0, bisect.bisect_right(times, t + 1e-6) - 1)]  # the frame on screen at t
+    wanted = sorted({shown(t) for t in frame_times(duration, max_frames, fps)})  # a frame shown twice: once
+    container, stream = _open_video(path)
+    tb = float(stream.time_base)
+    out = {}
+    try:
+        frames, pos = None, -1.0
+        for w in wanted:
+            jump = frames is None or (mode == "seek" and any(pos < k <= w for k in keys))
+            if jump:
+                container.seek(int(round((w + start) / tb)), stream=stream, backward=True)
+                frames = container.decode(stream)
+            for f in frames:
+                if f.pts is None:
+                    continue
+                t = f.pts * tb - start
+                pos = t
+                if abs(t - w) < 1e-6:
+                    out[w] = f.to_image()
+                    break
+                if t > w + 1e-6:  # the seek landed past the frame (should not happen): say so
+                    raise ValueError(f"cannot find the frame at {w:.3f} s in {path}")
+    except av.error.FFmpegError as e:
+        raise ValueError(f"cannot decode video {path}: {e}") from None
+    finally:
+        container.close()
+    if len(out) < len(wanted):
+        raise ValueError(f"video {path} is truncated or corrupt: decoded {len(out)} of {len(wanted)} sampled frames")
+    return [out[w] for w in wanted], wanted
+
+
+def write_video(path, frames, fps=30, times=None, codec="libx264", gop=None):
+    """Frames (PIL images or uint8 HxWx3 arrays, even sizes) -> an mp4 through PyAV. times (s per frame)
+    writes a variable-frame-rate file (millisecond timestamps); otherwise frame i is at i / fps. gop: frames
+    between key frames (libx264's default is 250)."""
+    import av
+    from fractions import Fraction
+    with av.open(path, "w") as c:
+        s = c.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))  # PyAV wants an int or a Fraction
+        if gop:
+            s.codec_context.gop_size = gop
+        first = np.asarray(frames[0])
+        s.height, s.width = first.shape[:2]
+        s.pix_fmt = "yuv420p"
+        if times is not None:  # millisecond clock for the encoder and the container, else pts snap to 1/fps
+            s.codec_context.time_base = s.time_base = Fraction(1, 1000)
+        for i, im in enumerate(frames):
+            f = av.VideoFrame.from_ndarray(np.ascontiguousarray(np.asarray(im, dtype=np.uint8)), format="rgb24")
+            if times is not None:
+                f.pts, f.time_base = int(round(times[i] * 1000)), Fraction(1, 1000)
+            for p in s.encode(f):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Examples -> token sequences
 
-def encode_example(ex, tok, cfg, task_weights):
-    """ex: dict(task, image (PIL, path or None), turns [(user, assistant), ...]).
-    Returns dict(input_ids, labels, loss_weights (aligned with labels), images [(3,H,W)], pool_idx).
+def parse_subtitles(src):
+    """Subtitles from an .srt / .vtt file, or a list of (start_s, end_s, text) -> [(start_s, end_s, text)].
+    A malformed cue is an error naming the file and the line."""
+    if not isinstance(src, (str, os.PathLike)):
+        return [(float(a), float(b), str(t)) for a, b, t in src]
+    if not os.path.exists(src):
+        raise FileNotFoundError(f"subtitle file not found: {src}")
+    clock = re.compile(r"(?:(\d+):)?(\d+):(\d+)[.,](\d+)")
+    sec = lambda m: int(m[1] or 0) * 3600 + int(m[2]) * 60 + int(m[3]) + int(m[4]) / 10 ** len(m[4])
+    cues, lines = [], open(src, encoding="utf-8-sig").read().splitlines()
+    i = 0
+    while i < len(lines):
+        if "-->" in lines[i]:
+            parts = [clock.search(p) for p in lines[i].split("-->")]
+            if len(parts) != 2 or not all(parts):
+                raise ValueError(f"{src}:{i + 1}: cannot read the cue times {lines[i]!r}")
+            text = []
+            i += 1
+            while i < len(lines) and lines[i].strip():
+                text.append(re.sub(r"<[^>]+>", "", lines[i].strip()))  # drop <i>, <b>, vtt voice tags
+                i += 1
+            cues.append((sec(parts[0]), sec(parts[1]), " ".join(text)))
+        i += 1
+    return cues
 
-    Layout (Qwen3 chat turns, image right after BOS as Molmo2 does with no <|image|> placeholder):
-      <|im_end|> [image tokens] <|im_start|>user\\n{q}<|im_end|>\\n<|im_start|>assistant\\n{a}<|im_end|> ...
-    Loss only on assistant tokens (the answer and its closing <|im_end|>), each weighted by the task's
-    multiplier (seed: caption 1.0, QA 1.0, counting 1.5, pointing 2.0, tracking 2.0)."""
+
+def subtitle_text(cues, times, window=1.0):
+    """Molmo2's subtitle block (subtitle_mode="frame_1"): keep a cue when its [start, end] overlaps
+    [t - 1 s, t + 1 s] of some sampled frame time t; lay the kept cues out after the frames as
+    "subtitle\\n" + "{s:.1f} - {e:.1f} {text}\\n" per cue. Empty when no cue is kept."""
+    kept = [(a, b, t) for a, b, t in cues if any(a <= ft + window and b >= ft - window for ft in times)]
+    return "subtitle\n" + "".join(f"{a:.1f} - {b:.1f} {t}\n" for a, b, t in kept) if kept else ""
+
+
+def visual_tokens(ex, tok, cfg, max_frames=128, fps=2.0, budget=None):
+    """The example's pixels and their token layout (reference 1.6 and 2). Returns (ids, images, pool_idx,
+    timestamps) for, in order of precedence:
+      video   a path (decoded with PyAV at Molmo2's frame times) or dict(frames=[PIL], times=[s]):
+              per frame "{t:.1f} " + <frame_start> + pooled <im_patch> tokens + <frame_end>, frames after the
+              first preceded by a space, pooled video_pool_h x video_pool_w (Molmo2: 3x3), no column tokens;
+              then the subtitle block when ex has subtitles. If the tokens exceed budget, fewer frames are
+              taken (uniformly over the sampled ones), never part of a frame.
+      images  up to 5 images, each after the text "Image {i}" (Molmo2 multi-image)
+      image   one image: <im_start> + rows of pooled tokens (+ <im_col>) + <im_end>"""
+    g = cfg.image_size // cfg.patch_size
+    if ex.get("video") is not None:
+        v = ex["video"]
+        frames, times = (v["frames"], v["times"]) if isinstance(v, dict) else load_video(v, max_frames, fps)
+        idx, rows, cols = pooling_index(g, g, cfg.video_pool_h, cfg.video_pool_w)
+        cues = parse_subtitles(ex["subtitles"]) if ex.get("subtitles") is not None else []
+
+        def layout(keep):
+            ids = []
+            for j, i in enumerate(keep):
+                ids += tok.encode((" " if j else "") + f"{times[i]:.1f} ")
+                ids += [tok.frame_start] + [tok.im_patch] * (rows * cols) + [tok.frame_end]
+            return ids + (tok.encode(subtitle_text(cues, [times[i] for i in keep])) if cues else [])
+
+        keep = list(range(len(frames)))
+        ids = layout(keep)
+        while budget is not None and len(ids) > budget and len(keep) > 1:
+            n = len(keep) - max(1, (len(ids) - budget) * len(keep) // len(ids))  # shrink about to fit, then check
+            keep = sorted({int(round(x)) for x in np.linspace(0, len(frames) - 1, n)})
+            ids = layout(keep)
+        imgs = [preprocess_image(frames[i], cfg.image_size) for i in keep]
+        return ids, imgs, [idx] * len(keep), [float(times[i]) for i in keep]
+    if ex.get("images"):
+        if len(ex["images"]) > 5:
+            raise ValueError(f"{len(ex['images'])} images in one example; Molmo2 multi-image takes at most 5")
+        idx, rows, cols = pooling_index(g, g, cfg.pool_h, cfg.pool_w)
+        ids = []
+        for i, im in enumerate(ex["images"]):
+            ids += tok.encode(f"Image {i + 1}") + image_tokens(tok, rows, cols, cfg.col_tokens)
+        return ids, [preprocess_image(im, cfg.image_size) for im in ex["images"]], [idx] * len(ex["images"]), \
+            [0.0] * len(ex["images"])
+    if ex.get("image") is not None:
+        idx, rows, cols = pooling_index(g, g, cfg.pool_h, cfg.pool_w)
+        return image_tokens(tok, rows, cols, cfg.col_tokens), [preprocess_image(ex["image"], cfg.image_size)], \
+            [idx], [0.0]
+    return [], [], [], []
+
+
+def encode_example(ex, tok, cfg, task_weights, weighting="task", flat_weights=None, max_frames=128, fps=2.0,
+                   seq_len=None):
+    """ex: dict(task, turns [(user, assistant), ...], and one of image (PIL or path), images [up to 5],
+    video (path or dict(frames, times)) with optional subtitles (.srt/.vtt path or [(s, e, text)])).
+    Returns dict(input_ids, labels, loss_weights (aligned with labels), images [(3,H,W)], pool_idx,
+    timestamps (one per image/frame)).
+
+    Layout (Qwen3 chat turns, visual input right after BOS as Molmo2 does with no <|image|> placeholder):
+      <|im_end|> [visual tokens] <|im_start|>user\\n{q}<|im_end|>\\n<|im_start|>assistant\\n{a}<|im_end|> ...
+    Loss only on assistant tokens (the answer and its closing <|im_end|>). Their weight:
+      weighting="task"  the task's multiplier (seed: caption 1.0, QA 1.0, counting 1.5, pointing 2.0,
+                        tracking 2.0), on every answer token;
+      weighting="root"  Molmo2 SFT's root_subsegments_root_tokens (reference 4.4): 2 / sqrt(answer tokens of
+                        the conversation) per token, so a long answer counts ~sqrt(n), not n, times a short
+                        one; tasks in flat_weights get that flat weight per token instead (Molmo2: pointing
+                        and tracking 0.2).
+    seq_len: a video that would not fit is given fewer frames (visual_tokens)."""
     if ex["task"] not in task_weights:
         raise KeyError(f"task {ex['task']!r} has no loss weight; task_weights has {sorted(task_weights)}")
-    w = float(task_weights[ex["task"]])
-    ids, wts = [tok.bos], [0.0]
-    images, pool = [], []
-    if ex.get("image") is not None:
-        g = cfg.image_size // cfg.patch_size
-        idx, rows, cols = pooling_index(g, g, cfg.pool_h, cfg.pool_w)
-        images.append(preprocess_image(ex["image"], cfg.image_size))
-        pool.append(idx)
-        vis = image_tokens(tok, rows, cols, cfg.col_tokens)
-        ids += vis
-        wts += [0.0] * len(vis)
+    if weighting not in ("task", "root"):
+        raise ValueError(f"loss weighting must be 'task' or 'root', got {weighting!r}")
+    text, is_answer = [], []
     for i, (q, a) in enumerate(ex["turns"]):
         prompt = ([tok.encode("\n")] if i else []) + [[tok.chat_start], tok.encode("user\n" + q),
                                                        [tok.chat_end], tok.encode("\n"), [tok.chat_start],
                                                        tok.encode("assistant\n")]
         for p in prompt:
-            ids += p
-            wts += [0.0] * len(p)
+            text += p
+            is_answer += [False] * len(p)
         ans = tok.encode(a) + [tok.chat_end]
-        ids += ans
-        wts += [w] * len(ans)
+        text += ans
+        is_answer += [True] * len(ans)
+    budget = None if seq_len is None else seq_len - 1 - len(text)
+    vis, images, pool, stamps = visual_tokens(ex, tok, cfg, max_frames, fps, budget)
+    ids = [tok.bos] + vis + text
+    is_answer = [False] * (1 + len(vis)) + is_answer
+    n_ans = sum(is_answer)
+    if weighting == "task":
+        w = float(task_weights[ex["task"]])
+    elif flat_weights and ex["task"] in flat_weights:
+        w = float(flat_weights[ex["task"]])
+    else:
+        w = 2.0 / math.sqrt(max(1, n_ans))
     # next-token targets: position t predicts ids[t+1]; weights move with their target token
     labels = ids[1:] + [-1]
-    loss_w = wts[1:] + [0.0]
-    return dict(input_ids=ids, labels=labels, loss_weights=loss_w, images=images, pool_idx=pool,
+    loss_w = [w if a else 0.0 for a in is_answer[1:]] + [0.0]
+    return dict(input_ids=ids, labels=labels, loss_weights=loss_w, images=images, pool_idx=pool, timestamps=stamps,
                 n_patches=[(cfg.image_size // cfg.patch_size) ** 2] * len(images), task=ex["task"])
 
 
-def collate(encoded, pad_id, seq_len, left_pad=False):
-    """List of encode_example outputs -> batch dict of tensors, padded to the longest row: on the right for
-    training, on the left for generation (every prompt then ends in the last column).
+# ----------------------------------------------------------------------------------------------------------
+# Packing: several examples in one row (reference 4.5)
 
+class Packer:
+    """Fills rows of at most seq_len tokens and max_images images with whole examples, best-fit over a small
+    buffer (Molmo2 runs a 2-D knapsack over 48 buffered examples; best-fit is its greedy cousin):
+    a row starts with the oldest buffered example (so none waits forever), then repeatedly takes the longest
+    buffered example that still fits both budgets, until none does.
+
+    source() returns the next key (e.g. a sampler's (dataset, index)); encode(key) makes the example. The
+    state is the buffered keys, re-encoded on resume, so a resumed run packs exactly the same rows."""
+
+    def __init__(self, source, encode, seq_len, max_images, buffer_size=32):
+        self.source, self.encode = source, encode
+        self.seq_len, self.max_images, self.buffer_size = seq_len, max_images, buffer_size
+        self.buf = []  # [(key, encoded)]
+
+    def _fill(self):
+        while len(self.buf) < self.buffer_size:
+            key = self.source()
+            e = self.encode(key)
+            if len(e["input_ids"]) > self.seq_len or len(e["images"]) > self.max_images:
+                raise ValueError(f"example {key} ({e['task']}) has {len(e['input_ids'])} tokens and "
+                                 f"{len(e['images'])} images: it can never fit a row of seq_len={self.seq_len}, "
+                                 f"max_images={self.max_images}")
+            self.buf.append((key, e))
+
+    def row(self):
+        self._fill()
+        row = [self.buf.pop(0)[1]]
+        room, imgs = self.seq_len - len(row[0]["input_ids"]), self.max_images - len(row[0]["images"])
+        while True:
+            fits = [i for i, (_, e) in enumerate(self.buf)
+                    if len(e["input_ids"]) <= room and len(e["images"]) <= imgs]
+            if not fits:
+                return row
+            i = max(fits, key=lambda i: len(self.buf[i][1]["input_ids"]))
+            e = self.buf.pop(i)[1]
+            row.append(e)
+            room, imgs = room - len(e["input_ids"]), imgs - len(e["images"])
+
+    def rows(self, n):
+        return [self.row() for _ in range(n)]
+
+    def state(self):
+        return [k for k, _ in self.buf]
+
+    def load_state(self, keys):
+        self.buf = [(k, self.encode(k)) for k in keys]
+
+
+def collate(rows, pad_id, seq_len, left_pad=False):
+    """Rows -> batch dict of tensors, padded to the longest row: on the right for training, on the left for
+    generation (every prompt then ends in the last column). A row is one encode_example output or a list of
+    them (a packed row: Packer.row()).
+
+    timestamps [B,F] are the frames' times in s (0 for images). Windows of different sizes (2x2 image,
+    3x3 frame) share pool_idx, the narrower ones padded with -1.
+    Packed rows carry what keeps their examples apart (reference 4.5):
+      doc_ids [B,T]       1, 2, ... for the examples of a row, 0 on padding: attention never crosses them
+      position_ids [B,T]  restart at 0 for every example, so each sees the positions it would see alone
     pool_idx is global: row j lists the flat patch indices (into all valid images of the batch, P patches
-    each, in example order) pooled into the j-th <im_patch> slot of the batch in row-major order."""
-    B = len(encoded)
-    T = max(len(e["input_ids"]) for e in encoded)
+    each, in row-major example order) pooled into the j-th <im_patch> slot of the batch in row-major order."""
+    rows = [r if isinstance(r, list) else [r] for r in rows]
+    B = len(rows)
+    lens = [sum(len(e["input_ids"]) for e in r) for r in rows]
+    T = max(lens)
     if T > seq_len:
-        bad = max(range(B), key=lambda b: len(encoded[b]["input_ids"]))
-        raise ValueError(f"example {bad} ({encoded[bad]['task']}) has {T} tokens > seq_len={seq_len}")
-    F = max(len(e["images"]) for e in encoded)
+        bad = max(range(B), key=lambda b: lens[b])
+        raise ValueError(f"row {bad} ({', '.join(e['task'] for e in rows[bad])}) has {T} tokens > seq_len={seq_len}")
+    F = max(sum(len(e["images"]) for e in r) for r in rows)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
     labels = torch.full((B, T), -1, dtype=torch.long)
     loss_w = torch.zeros(B, T)
-    attn = torch.zeros(B, T, dtype=torch.bool)
-    shape = next(e["images"][0].shape for e in encoded if e["images"]) if F else (3, 1, 1)
+    doc_ids = torch.zeros(B, T, dtype=torch.long)
+    position_ids = torch.zeros(B, T, dtype=torch.long)
+    shape = next((e["images"][0].shape for r in rows for e in r if e["images"]), (3, 1, 1))
     pixel_values = torch.zeros(B, F, *shape)
     image_mask = torch.zeros(B, F, dtype=torch.bool)
+    timestamps = torch.zeros(B, F)
     pool, offset = [], 0
-    for b, e in enumerate(encoded):
-        n = len(e["input_ids"])
-        cols = slice(T - n, T) if left_pad else slice(0, n)
-        input_ids[b, cols] = torch.tensor(e["input_ids"])
-        labels[b, cols] = torch.tensor(e["labels"])
-        loss_w[b, cols] = torch.tensor(e["loss_weights"])
-        attn[b, cols] = True
-        for f, (img, idx, n_patches) in enumerate(zip(e["images"], e["pool_idx"], e["n_patches"])):
-            pixel_values[b, f] = img
-            image_mask[b, f] = True
-            pool.append(np.where(idx >= 0, idx + offset, -1))  # local patch index -> index in the batch
-            offset += n_patches
-    k = pool[0].shape[1] if pool else 1
+    for b, r in enumerate(rows):
+        t = T - lens[b] if left_pad else 0
+        f = 0
+        for d, e in enumerate(r):
+            n = len(e["input_ids"])
+            input_ids[b, t:t + n] = torch.tensor(e["input_ids"])
+            labels[b, t:t + n] = torch.tensor(e["labels"])  # an example's last label is -1: no cross-example target
+            loss_w[b, t:t + n] = torch.tensor(e["loss_weights"])
+            doc_ids[b, t:t + n] = d + 1
+            position_ids[b, t:t + n] = torch.arange(n)
+            t += n
+            for img, idx, n_patches, ts in zip(e["images"], e["pool_idx"], e["n_patches"], e["timestamps"]):
+                pixel_values[b, f] = img
+                image_mask[b, f] = True
+                timestamps[b, f] = ts
+                pool.append(np.where(idx >= 0, idx + offset, -1))  # local patch index -> index in the batch
+                offset += n_patches
+                f += 1
+    k = max((p.shape[1] for p in pool), default=1)  # 2x2 image windows and 3x3 frame windows: pad with -1
+    pool = [np.pad(p, ((0, 0), (0, k - p.shape[1])), constant_values=-1) for p in pool]
     pool_idx = torch.from_numpy(np.concatenate(pool)) if pool else torch.zeros(0, k, dtype=torch.long)
-    return dict(input_ids=input_ids, attention_mask=attn, labels=labels, loss_weights=loss_w,
-                pixel_values=pixel_values, image_mask=image_mask, pool_idx=pool_idx)
+    return dict(input_ids=input_ids, attention_mask=doc_ids > 0, labels=labels, loss_weights=loss_w,
+                doc_ids=doc_ids, position_ids=position_ids, pixel_values=pixel_values, image_mask=image_mask,
+                timestamps=timestamps, pool_idx=pool_idx)

@@ -7,6 +7,11 @@ shapes evaluation that train.py runs.
             averaged. No ground truth and no prediction scores 1 (PointingEval).
   counting  the predicted count is the number of points in the answer (PointCountEval); exact-match accuracy.
   QA        exact match after lower-casing and stripping a trailing period.
+  video pointing  Hungarian over normalised (t, x, y) (VixMoPointEval); a matched prediction is a hit if it lies
+            inside that object's mask in the sampled frame nearest its time.
+  tracking  per-frame point-in-mask F1 with the id held across frames: each predicted id is tied to one object
+            (Hungarian on the number of frames where its points hit that object), then every (frame, object)
+            hit counts once; precision over predicted points, recall over visible (frame, object) pairs.
 """
 import math
 
@@ -75,6 +80,59 @@ def pointing_prf(pred, gt, masks):
     return p, r, (2 * p * r / (p + r) if hits else 0.0)
 
 
+def _nearest(times, t):
+    return int(np.argmin([abs(t - s) for s in times]))
+
+
+def _inside(mask, x, y):
+    H, W = mask.shape
+    return bool(0 <= int(x) < W and 0 <= int(y) < H and mask[int(y), int(x)])
+
+
+def video_pointing_prf(pred, gt, size):
+    """pred [(t, x_px, y_px)]; gt: points [(t, x, y)] of objects [k], times, masks [frame][k] -> (p, r, f1)."""
+    pts, objs, times = gt["points"], gt["objects"], gt["times"]
+    if not pts:
+        return (1.0, 1.0, 1.0) if not pred else (0.0, 1.0, 0.0)
+    if not pred:
+        return 0.0, 0.0, 0.0
+    span = max(times[-1], 1e-6)
+    cost = np.array([[math.sqrt(((t - gt_) / span) ** 2 + ((x - gx) / size) ** 2 + ((y - gy) / size) ** 2)
+                      for gt_, gx, gy in pts] for t, x, y in pred])
+    hits = 0
+    for i, j in hungarian(cost):
+        t, x, y = pred[i]
+        m = gt["masks"][_nearest(times, t)].get(objs[j])
+        hits += m is not None and _inside(m, x, y)
+    p, r = hits / len(pred), hits / len(pts)
+    return p, r, (2 * p * r / (p + r) if hits else 0.0)
+
+
+def tracking_prf(pred, gt):
+    """pred [(t, id, x_px, y_px)]; gt: objects [k], times, masks [frame][k] -> (p, r, f1)."""
+    objs, times = gt["objects"], gt["times"]
+    n_gt = sum(len(m) for m in gt["masks"])
+    seen, points = set(), []
+    for t, pid, x, y in pred:  # one point per (frame, id): a repeated one is ignored
+        f = _nearest(times, t)
+        if (f, pid) not in seen:
+            seen.add((f, pid))
+            points.append((f, pid, x, y))
+    if not n_gt:
+        return (1.0, 1.0, 1.0) if not points else (0.0, 1.0, 0.0)
+    if not points:
+        return 0.0, 0.0, 0.0
+    ids = sorted({pid for _, pid, _, _ in points})
+    hit = np.zeros((len(ids), len(objs)))
+    for f, pid, x, y in points:
+        for j, k in enumerate(objs):
+            m = gt["masks"][f].get(k)
+            hit[ids.index(pid), j] += m is not None and _inside(m, x, y)
+    tp = sum(hit[i, j] for i, j in hungarian(-hit))
+    p, r = tp / len(points), tp / n_gt
+    return p, r, (2 * p * r / (p + r) if tp else 0.0)
+
+
 def normalize_answer(s):
     return s.strip().lower().rstrip(".").strip()
 
@@ -98,8 +156,8 @@ def evaluate_shapes(model, tok, cfg, n_prompts=500, tasks=("point", "count", "qa
             encs = []
             for ex in exs:
                 q = dict(ex, turns=[(ex["turns"][0][0], "")])  # the prompt only
-                if blind and q["image"] is not None:
-                    q["image"] = blank_like(q["image"])
+                if blind:
+                    q = blind_example(q)
                 e = encode_example(q, tok, cfg, {task: 1.0})
                 e["input_ids"] = e["input_ids"][:-1]  # drop the empty answer's <|im_end|>: end at "assistant\n"
                 e["labels"], e["loss_weights"] = e["labels"][:-1], e["loss_weights"][:-1]
@@ -107,27 +165,49 @@ def evaluate_shapes(model, tok, cfg, n_prompts=500, tasks=("point", "count", "qa
             batch = collate(encs, tok.pad, 10 ** 9, left_pad=True)
             batch = {k: v.to(dev) for k, v in batch.items()}
             with autocast() if autocast else torch.autocast(dev.type, enabled=False):
-                outs = model.generate(batch, max_new_tokens, stop_id=tok.chat_end)
+                outs = model.generate(batch, max_new_tokens * (4 if task == "track" else 1), stop_id=tok.chat_end)
             for ex, ids in zip(exs, outs):
                 ans = tok.decode(ids)
                 gt = ex["gt"]
+                px = lambda v: v / 1000 * cfg.image_size  # 0-1000 -> pixels
                 if task == "point":
-                    pts = [(x / 1000 * cfg.image_size, y / 1000 * cfg.image_size) for _, _, x, y in parse_points(ans)]
+                    pts = [(px(x), px(y)) for _, _, x, y in parse_points(ans)]
                     score = pointing_prf(pts, gt["points"], gt["masks"])[2]
-                elif task == "count":
+                elif task in ("count", "video_count"):
                     score = float(len(parse_points(ans)) == gt["count"])
+                elif task == "video_point":
+                    score = video_pointing_prf([(t, px(x), px(y)) for t, _, x, y in parse_points(ans)], gt,
+                                               cfg.image_size)[2]
+                elif task == "track":
+                    score = tracking_prf([(t, i, px(x), px(y)) for t, i, x, y in parse_points(ans)], gt)[2]
                 else:
                     score = float(normalize_answer(ans) == normalize_answer(gt["answer"]))
                 scores.append(score)
                 records.append((task, ex["turns"][0][0], ans, ex["turns"][0][1], score))
-        metrics[{"point": "pointing_f1", "count": "count_acc", "qa": "qa_acc"}.get(task, task)] = float(np.mean(scores))
+        metrics[METRIC_NAMES.get(task, task + "_acc")] = float(np.mean(scores))
     model.train()
     return metrics, records
+
+
+METRIC_NAMES = {"point": "pointing_f1", "count": "count_acc", "qa": "qa_acc", "video_point": "video_pointing_f1",
+                "track": "tracking_f1", "video_count": "video_count_acc"}
 
 
 def blank_like(img):
     from PIL import Image
     return Image.new("RGB", img.size, (235, 235, 235))
+
+
+def blind_example(ex):
+    """The same example with every image / frame blank (same sizes, same times): the image-blind baseline."""
+    ex = dict(ex)
+    if ex.get("image") is not None:
+        ex["image"] = blank_like(ex["image"])
+    if ex.get("images"):
+        ex["images"] = [blank_like(im) for im in ex["images"]]
+    if isinstance(ex.get("video"), dict):
+        ex["video"] = dict(ex["video"], frames=[blank_like(f) for f in ex["video"]["frames"]])
+    return ex
 
 
 def question_kind(task, question, reference):

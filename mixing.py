@@ -1,67 +1,144 @@
 """
 Mixing: which dataset each training example comes from.
 
-Stage 1 uses fixed ratios (seed: dense captions 60% / pointing 30% / text 10%). A mixture is written as
-groups, Molmo2's shape (olmo/data/data_loader.py _build_mixture): {group: (group_rate, {dataset: ratio})};
-a dataset's probability is group_rate * ratio / sum(ratios in its group). A flat {dataset: ratio} is one
-group per dataset.
+Two rules, both Molmo2's (olmo/data/data_loader.py _build_mixture, molmo2_reference.md 4.3):
+  fixed   stage 1: fixed ratios (seed: dense captions 60% / pointing 30% / text 10%).
+  sqrt    stages 2 and 3: sqrt-proportional, w_i = sqrt(n_i) / sum_j sqrt(n_j) (seed, "SQRT-PROPORTIONAL
+          SAMPLING"), so a 1M-example set gets 10x, not 100x, the draws of a 10k one.
+A mixture is written as groups, Molmo2's shape: {group: (group_rate, {dataset: rate})}. Inside a group a
+dataset's share is rate (fixed rule) or rate * sqrt(size) (sqrt rule), normalised within the group and then
+multiplied by the group rate, so the groups keep their rates whatever their sizes. Flat {dataset: rate}
+entries form one group. Size caps: an int cap replaces the size (Molmo2 ("dv_qa", 10000) means sqrt(10000)),
+a fraction f < 1 scales it (n * f).
 
-The sampler is a pure function of (seed, rank, step): nothing to replay on resume, and each data-parallel rank
-draws a different stream. Examples are drawn i.i.d. per example, as Molmo2's IterableDatasetMixture does.
+The sampler draws examples i.i.d. from the weights (Molmo2 IterableDatasetMixture), and walks each finite
+dataset in a shuffled order, one epoch after another, strided over data-parallel ranks (rank r takes places
+r, r + W, r + 2W, ... of the order), so ranks never draw the same example in an epoch. Its state is two
+counters: resume restores them and the stream continues exactly.
 """
+import zlib
+
 import numpy as np
 
 
-def mixture_weights(mixture):
-    """{group: (rate, {dataset: ratio})} or {dataset: ratio} -> {dataset: probability}, summing to 1."""
+def capped_size(n, cap=None):
+    """The size the sqrt rule uses: the cap itself when it is an int (Molmo2), n * cap when it is a
+    fraction below 1, else n."""
+    if cap is None:
+        return n
+    return n * cap if cap < 1 else cap
+
+
+def mixture_weights(mixture, sizes=None, caps=None):
+    """{group: (rate, {dataset: rate})} or {dataset: rate} -> {dataset: probability}, summing to 1.
+    sizes=None: fixed ratios. sizes={dataset: n}: the sqrt-proportional rule (every dataset needs a size,
+    except in a group whose datasets have none: Molmo2's root_size_factor=0, flat rates)."""
+    caps = caps or {}
+    groups = {name: spec for name, spec in mixture.items() if isinstance(spec, (tuple, list))}
+    loose = {name: float(spec) for name, spec in mixture.items() if not isinstance(spec, (tuple, list))}
+    if loose:  # flat entries form one group whose rate is their sum (a flat mixture is a single group)
+        groups[""] = (sum(loose.values()), loose)
     flat = {}
-    for name, spec in mixture.items():
-        if isinstance(spec, (tuple, list)):
-            rate, members = spec
-            tot = sum(members.values())
-            for ds, r in members.items():
-                flat[ds] = flat.get(ds, 0.0) + rate * r / tot
-        else:
-            flat[name] = flat.get(name, 0.0) + float(spec)
+    for gname, (grate, members) in groups.items():
+        if any(r < 0 for r in members.values()) or grate < 0:
+            raise ValueError(f"mixture rates must be >= 0, got group {gname!r}: {grate}, {members}")
+        share = dict(members)
+        if sizes is not None:
+            sized = [ds for ds in members if ds in sizes]
+            if sized and len(sized) < len(members):
+                missing = sorted(set(members) - set(sized))
+                raise ValueError(f"sqrt mixing: group {gname!r} has sizes for {sized} but not for {missing}; "
+                                 f"give every dataset of a group a size, or none (flat rates)")
+            if sized:
+                share = {ds: r * capped_size(sizes[ds], caps.get(ds)) ** 0.5 for ds, r in members.items()}
+        tot = sum(share.values())
+        if tot <= 0:
+            raise ValueError(f"mixture group {gname!r} has no positive weight: {members}")
+        for ds, s in share.items():
+            flat[ds] = flat.get(ds, 0.0) + grate * s / tot
     total = sum(flat.values())
-    if total <= 0 or any(v < 0 for v in flat.values()):
-        raise ValueError(f"mixture weights must be >= 0 with a positive sum, got {flat}")
+    if total <= 0:
+        raise ValueError(f"mixture weights must have a positive sum, got {flat}")
     return {k: v / total for k, v in flat.items()}
 
 
 class MixtureSampler:
-    """Draws (dataset, example_index) pairs. Example indices count up per (rank, step, slot) so two ranks
-    never draw the same example; state() / load_state() make resumption exact."""
+    """A rank's stream of (dataset, example_index) draws.
 
-    def __init__(self, weights, seed=0, rank=0, world_size=1):
+    Which dataset: draw k of rank r comes from a generator seeded by (seed, r, k // CHUNK), so the stream
+    is deterministic from (seed, rank) and position k, and differs between ranks.
+    Which example: a finite dataset of size n is read in a shuffled order, a new permutation (seeded by
+    seed, dataset, epoch) each epoch; this rank's c-th draw from it takes place g = c * W + r of the endless
+    sequence of epochs. A procedural dataset (no size, e.g. the shapes tasks) gets the draw's global number
+    k * W + r: a new scene every draw, never the same on two ranks.
+    State = (draws so far, per-dataset counts): state() / load_state() make resume exact."""
+    CHUNK = 4096
+
+    def __init__(self, weights, sizes=None, seed=0, rank=0, world_size=1):
         self.names = list(weights)
         self.p = np.array([weights[n] for n in self.names])
+        self.sizes = {n: int(sizes[n]) for n in self.names if sizes and sizes.get(n)}
         self.seed, self.rank, self.world = seed, rank, world_size
-        self.step = 0
+        self.drawn, self.counts = 0, {n: 0 for n in self.names}
+        self._chunk = (None, None)
+        self._perm = {}
 
-    def batch(self, n, step=None, micro=0):
-        """n draws for this rank at `step` (micro-batch `micro`). Returns [(dataset, index)]."""
-        step = self.step if step is None else step
-        rng = np.random.default_rng([self.seed, self.rank, step, micro])
-        picks = rng.choice(len(self.names), size=n, p=self.p)
-        base = ((step * 1024 + micro) * self.world + self.rank) * n  # unique per (step, micro, rank, slot)
-        return [(self.names[k], base + i) for i, k in enumerate(picks)]
+    def _choice(self, k):
+        c = k // self.CHUNK
+        if self._chunk[0] != c:
+            rng = np.random.default_rng([self.seed, self.rank, c])
+            self._chunk = (c, rng.choice(len(self.names), size=self.CHUNK, p=self.p))
+        return self.names[self._chunk[1][k % self.CHUNK]]
+
+    def _order(self, name, epoch):
+        key = (name, epoch)
+        if key not in self._perm:
+            if len(self._perm) > 8:
+                self._perm.clear()
+            rng = np.random.default_rng([self.seed, zlib.crc32(name.encode()), epoch])
+            self._perm[key] = rng.permutation(self.sizes[name])
+        return self._perm[key]
+
+    def draw(self):
+        """The next (dataset, index) of this rank."""
+        name = self._choice(self.drawn)
+        if name in self.sizes:
+            g = self.counts[name] * self.world + self.rank
+            epoch, j = divmod(g, self.sizes[name])
+            idx = int(self._order(name, epoch)[j])
+        else:
+            idx = self.drawn * self.world + self.rank
+        self.drawn += 1
+        self.counts[name] += 1
+        return name, idx
+
+    def take(self, n):
+        return [self.draw() for _ in range(n)]
 
     def state(self):
-        return dict(seed=self.seed, step=self.step)
+        return dict(seed=self.seed, rank=self.rank, world=self.world, drawn=self.drawn, counts=dict(self.counts))
 
     def load_state(self, s):
-        self.seed, self.step = s["seed"], s["step"]
+        if (s["rank"], s["world"]) != (self.rank, self.world):
+            raise ValueError(f"sampler state is for rank {s['rank']} of {s['world']}, "
+                             f"this sampler is rank {self.rank} of {self.world}")
+        self.seed, self.drawn = s["seed"], s["drawn"]
+        self.counts = {n: s["counts"].get(n, 0) for n in self.names}
 
 
-def mixture_table(weights, sizes=None, total_examples=None, width=30):
-    """The printed table: dataset, size, sqrt(size), weight, a bar, and expected examples over the run."""
-    sizes = sizes or {}
-    lines = [f"{'dataset':<22}{'size':>10}{'sqrt':>8}{'weight':>8}  {'':<{width}}{'expected':>12}"]
+def mixture_table(weights, sizes=None, total_examples=None, caps=None, width=30):
+    """The printed table: dataset, size (capped size in brackets), sqrt(size), weight, a bar, and the
+    expected number of examples over the run."""
+    sizes, caps = sizes or {}, caps or {}
+    lines = [f"{'dataset':<26}{'size (capped)':>20}{'sqrt':>8}{'weight':>8}  {'':<{width}}{'expected':>12}"]
     for name, w in sorted(weights.items(), key=lambda kv: -kv[1]):
         n = sizes.get(name)
-        sz = f"{n:,}" if n else "procedural"
-        sq = f"{n ** 0.5:.0f}" if n else "-"
+        if n:
+            used = capped_size(n, caps.get(name))
+            sz = f"{n:,}" + (f" ({used:,.0f})" if used != n else "")
+            sq = f"{used ** 0.5:.0f}"
+        else:
+            sz, sq = "-", "-"  # procedural (shapes) or a flat-rate group
         exp = f"{w * total_examples:,.0f}" if total_examples else "-"
-        lines.append(f"{name:<22}{sz:>10}{sq:>8}{w:>8.3f}  {'█' * round(w * width):<{width}}{exp:>12}")
+        lines.append(f"{name:<26}{sz:>20}{sq:>8}{w:>8.3f}  {'█' * round(w * width):<{width}}{exp:>12}")
     return "\n".join(lines)

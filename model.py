@@ -8,11 +8,14 @@ The Molmo2 architecture, whole, in one file (molmo2_reference.md section 1):
 Module names follow Molmo2's roles (vit / connector / llm) so a plain name map can load real checkpoints.
 """
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 try:  # optional fast path: flash-attn on CUDA (detected, never required)
     from flash_attn import flash_attn_func
@@ -31,8 +34,10 @@ class ModelConfig:
     vit_mlp: int = 512
     vit_layers: tuple = (-1, -3)   # which block outputs feed the connector; Molmo2 uses (-3, -9)
     # connector: attention pooling + SwiGLU projector
-    pool_h: int = 2                # 2x2 windows for images (video frames will use 3x3)
+    pool_h: int = 2                # 2x2 windows for images
     pool_w: int = 2
+    video_pool_h: int = 3          # 3x3 windows for video frames (Molmo2: 27x27 patches -> 9x9 tokens a frame)
+    video_pool_w: int = 3
     col_tokens: bool = True        # an <im_col> token after each row of pooled tokens
     # LLM (Qwen3-style decoder)
     base_vocab: int = 512          # BPE + chat tokens: rows of the embedding and of the output head
@@ -61,12 +66,31 @@ def compute_dtype(t):
 
 
 def attend(q, k, v, mask):
-    """q (B, H, Tq, hd); k, v (B, Hkv, Tk, hd); mask (B, 1, Tq, Tk) bool (True = may attend) or None = causal.
+    """q (B, H, Tq, hd); k, v (B, Hkv, Tk, hd). mask: (B, 1, Tq, Tk) bool (True = may attend), a FlexAttention
+    BlockMask (the same mask, evaluated block by block), or None = plain causal.
     GQA: kv heads are shared by groups of query heads (enable_gqa avoids materialising the repeat)."""
+    gqa = k.shape[1] != q.shape[1]
+    if isinstance(mask, BlockMask):
+        return flex_attention_fn(q.is_cuda)(q, k, v, block_mask=mask, enable_gqa=gqa)
     if mask is None and flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True).transpose(1, 2)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                          enable_gqa=k.shape[1] != q.shape[1])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+
+
+_compiled_flex = None
+# Eager FlexAttention (CPU) warns that it is unfused; on the CPU it only serves to check the mask, so say it once here.
+warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+
+
+def flex_attention_fn(cuda):
+    """FlexAttention compiled on CUDA (a fused kernel that skips fully masked blocks); eager elsewhere, where it
+    computes the same masked softmax densely (that is how the tests check the BlockMask on a CPU)."""
+    global _compiled_flex
+    if not cuda:
+        return flex_attention
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -263,24 +287,40 @@ class LLM(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 # The VLM
 
-def attention_mask_4d(attention_mask, is_vision, bidir):
-    """(B, T) valid-token and vision-token flags -> (B, 1, T, T) bool, True = query may attend to key.
-    Causal; plus, when bidir, every vision token sees every other vision token of its example both ways
-    (Molmo2 bi_directional_attn="image_tokens"); pad keys hidden. The diagonal stays open so a pad query
-    row is never empty (an all-False row would make softmax NaN)."""
-    B, T = attention_mask.shape
-    dev = attention_mask.device
-    causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
-    m = causal[None] & attention_mask[:, None, :]
+def attention_mask_4d(doc_ids, is_vision, bidir):
+    """(B, T) document ids (1, 2, ... for the examples packed in a row, 0 = padding) and vision-token flags ->
+    (B, 1, T, T) bool, True = query may attend to key. A query sees only keys of its own example (Molmo2's
+    subsegment ids; without this, packed examples read each other: nanoVLM #201): causally, and when bidir,
+    every vision token of its example both ways (Molmo2 bi_directional_attn="image_tokens"). The diagonal
+    stays open so a pad query row is never empty (an all-False row would make softmax NaN)."""
+    B, T = doc_ids.shape
+    dev = doc_ids.device
+    same = (doc_ids[:, :, None] == doc_ids[:, None, :]) & (doc_ids[:, None, :] > 0)    # (B, T, T)
+    ok = torch.ones(T, T, dtype=torch.bool, device=dev).tril()[None]
     if bidir:
-        m = m | (is_vision[:, :, None] & is_vision[:, None, :] & attention_mask[:, None, :])
-    return (m | torch.eye(T, dtype=torch.bool, device=dev)[None])[:, None]
+        ok = ok | (is_vision[:, :, None] & is_vision[:, None, :])
+    return ((same & ok) | torch.eye(T, dtype=torch.bool, device=dev)[None])[:, None]
+
+
+def flex_block_mask(doc_ids, is_vision, bidir):
+    """The same mask as attention_mask_4d, as a FlexAttention BlockMask: mask_mod answers one (q, k) pair, and
+    create_block_mask records which 128x128 blocks are empty (never computed), full, or partial. With packed
+    rows most off-diagonal blocks are empty, which is where the dense mask wastes its work."""
+    def mask_mod(b, h, q, k):
+        ok = q >= k
+        if bidir:
+            ok = ok | (is_vision[b, q] & is_vision[b, k])
+        same = (doc_ids[b, q] == doc_ids[b, k]) & (doc_ids[b, k] > 0)
+        return (same & ok) | (q == k)
+    B, T = doc_ids.shape
+    return create_block_mask(mask_mod, B, None, T, T, device=doc_ids.device)
 
 
 class Molmo2(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
         self.c = c
+        self.attn_impl = "sdpa"  # 'sdpa': dense bool mask (the reference), 'flex': FlexAttention BlockMask
         self.vit = ViT(c)
         self.connector = Connector(c)
         self.llm = LLM(c)
@@ -340,9 +380,14 @@ class Molmo2(nn.Module):
         ids = batch["input_ids"]
         x = self.embed_inputs(ids, batch.get("pixel_values"), batch.get("image_mask"), batch.get("pool_idx"))
         am = batch["attention_mask"]
-        if positions is None:  # right padding: 0..T-1; left padding: count only real tokens
-            positions = (am.long().cumsum(1) - 1).clamp(min=0)
-        mask = attention_mask_4d(am, ids >= self.c.base_vocab, self.c.bidir_vision)
+        doc = batch.get("doc_ids", am.long())  # one example per row unless the row is packed
+        if positions is None:  # packed rows restart per example; otherwise count only real tokens
+            positions = batch.get("position_ids", (am.long().cumsum(1) - 1).clamp(min=0))
+        is_vision = ids >= self.c.base_vocab
+        if self.attn_impl == "flex":
+            mask = flex_block_mask(doc, is_vision, self.c.bidir_vision)
+        else:
+            mask = attention_mask_4d(doc, is_vision, self.c.bidir_vision)
         cos, sin = self.llm.rope_tables(positions, compute_dtype(x))
         for i, blk in enumerate(self.llm.blocks):
             x = blk(x, cos, sin, mask, None if caches is None else caches[i])
@@ -410,7 +455,7 @@ class Molmo2(nn.Module):
         vit_mm = (3 * c.patch_size ** 2) * W + Lv * (4 * W * W + 2 * W * c.vit_mlp)
         vit = n_img * (2 * P * vit_mm + Lv * 4 * P * P * W)
         n_tok = batch["pool_idx"].shape[0] if n_img else 0
-        k = c.pool_h * c.pool_w
+        k = batch["pool_idx"].shape[1]  # the widest window in the batch (2x2 images, 3x3 frames)
         cin = len(c.vit_layers) * W
         conn = n_tok * 2 * (cin * W * (1 + 2 * k) + W * W + 3 * W * c.d_ff + c.d_ff * c.d_model) \
             + n_tok * 4 * k * W

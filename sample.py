@@ -1,11 +1,14 @@
 """
-Ask a trained checkpoint about an image and draw the points it answers with.
+Ask a trained checkpoint about an image or a video and draw the points (or tracks) it answers with.
 
     python sample.py --ckpt out/shapes_stage1/ckpt.pt                      # a fresh held-out shapes scene
     python sample.py --ckpt out/shapes_stage1/ckpt.pt --image cat.jpg --prompt "Point to the cat"
     python sample.py ... --out answer.png --temperature 0.7
+    python sample.py --ckpt out/shapes_stage2/ckpt.pt --video shapes        # a held-out shapes video, tracked
+    python sample.py --ckpt out/shapes_stage2/ckpt.pt --video clip.mp4 --prompt "Track the dog."
 
-Prints the answer, parses Molmo2 html-v2 points from it and saves the image (scaled up) with the points drawn.
+Prints the answer, parses Molmo2 html-v2 points from it and saves the image (scaled up) with the points drawn;
+for a video, an animated GIF of the sampled frames with each frame's points drawn, one colour per track id.
 """
 import argparse
 import sys
@@ -29,9 +32,11 @@ def load_model(path, device="cpu"):
     return model.to(device).eval(), tok, mc
 
 
-def answer(model, tok, mc, image, prompt, max_new_tokens=128, temperature=0.0, seed=0):
+def answer(model, tok, mc, visual, prompt, max_new_tokens=128, temperature=0.0, seed=0):
+    """visual: a PIL image, or an example dict holding image / images / video (data.encode_example)."""
     import data
-    e = data.encode_example(dict(task="qa", image=image, turns=[(prompt, "")]), tok, mc, {"qa": 1.0})
+    visual = visual if isinstance(visual, dict) else dict(image=visual)
+    e = data.encode_example(dict(visual, task="qa", turns=[(prompt, "")]), tok, mc, {"qa": 1.0})
     for k in ("input_ids", "labels", "loss_weights"):
         e[k] = e[k][:-1]  # end the prompt at "assistant\n"
     batch = data.collate([e], tok.pad, 10 ** 9, left_pad=True)
@@ -56,19 +61,56 @@ def draw(image, points, text, scale=None):
     return canvas
 
 
+TRACK_COLORS = [(255, 0, 0), (0, 90, 255), (0, 170, 0), (255, 140, 0), (170, 0, 200), (0, 0, 0)]
+
+
+def draw_video(frames, times, parsed, text, path, scale=None):
+    """An animated GIF: every sampled frame scaled up, the points answered for that time drawn in their track
+    id's colour, the time and the answer underneath (2 fps, like the sampling)."""
+    out = []
+    for f, t in zip(frames, times):
+        pts = [(i, x, y) for ft, i, x, y in parsed if abs(ft - t) < 0.26]  # times are printed to 0.1 s
+        im = draw(f, [], f"t = {t:.1f} s   " + text, scale)
+        d = ImageDraw.Draw(im)
+        W = H = im.size[0]
+        for i, x, y in pts:
+            px, py, c = x / 1000 * W, y / 1000 * H, TRACK_COLORS[(i - 1) % len(TRACK_COLORS)]
+            d.ellipse([px - 7, py - 7, px + 7, py + 7], outline=c, width=3)
+            d.text((px + 8, py - 8), str(i), fill=c)
+        out.append(im)
+    out[0].save(path, save_all=True, append_images=out[1:], duration=500, loop=0)
+
+
 def main(argv=None):
     import data
     import shapes
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", default="out/shapes_stage1/ckpt.pt")
     ap.add_argument("--image", default=None, help="image file; default: a held-out shapes scene")
+    ap.add_argument("--video", default=None, help="video file (mp4, ...), or 'shapes' for a held-out shapes video")
+    ap.add_argument("--max_frames", type=int, default=128, help="video: Molmo2 samples 2 fps up to this many frames")
     ap.add_argument("--prompt", default=None, help="default: the held-out scene's pointing question")
     ap.add_argument("--seed", type=int, default=7, help="which held-out scene (eval seed range)")
-    ap.add_argument("--out", default="sample.png")
+    ap.add_argument("--out", default=None, help="default: sample.png, or sample.gif for a video")
     ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--max_new_tokens", type=int, default=128)
+    ap.add_argument("--max_new_tokens", type=int, default=None, help="default: 128, or 512 for a video (tracks are long)")
     a = ap.parse_args(argv)
     model, tok, mc = load_model(a.ckpt)
+    if a.video:
+        if a.video == "shapes":
+            ex = shapes.make_example("track", a.seed, mc.image_size)
+            frames, times, prompt = ex["video"]["frames"], ex["video"]["times"], a.prompt or ex["turns"][0][0]
+        else:
+            frames, times = data.load_video(a.video, a.max_frames)
+            prompt = a.prompt or shapes.TRACK_PROMPT.format(label="objects")
+        text = answer(model, tok, mc, dict(video=dict(frames=frames, times=times)), prompt, a.max_new_tokens or 512,
+                      a.temperature, a.seed)
+        parsed = data.parse_points(text)
+        out = a.out or "sample.gif"
+        print(f"prompt: {prompt}\nanswer: {text}\npoints (t, id, x, y on 0-1000): {parsed}")
+        draw_video(frames, times, parsed, text, out)
+        print(f"saved {out} ({len(frames)} frames)")
+        return text, parsed
     if a.image:
         image = data.load_image(a.image)
         prompt = a.prompt or shapes.POINT_PROMPT.format(label="objects")
@@ -76,11 +118,11 @@ def main(argv=None):
         assert a.seed < shapes.TRAIN_SEED_OFFSET, "held-out scenes use seeds below TRAIN_SEED_OFFSET"
         ex = shapes.make_example("point", a.seed, mc.image_size)
         image, prompt = ex["image"], a.prompt or ex["turns"][0][0]
-    text = answer(model, tok, mc, image, prompt, a.max_new_tokens, a.temperature, a.seed)
+    text = answer(model, tok, mc, image, prompt, a.max_new_tokens or 128, a.temperature, a.seed)
     points = [(x, y) for _, _, x, y in data.parse_points(text)]
     print(f"prompt: {prompt}\nanswer: {text}\npoints (0-1000): {points}")
-    draw(image, points, text).save(a.out)
-    print(f"saved {a.out}")
+    draw(image, points, text).save(a.out or "sample.png")
+    print(f"saved {a.out or 'sample.png'}")
     return text, points
 
 

@@ -21,7 +21,7 @@ import random
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data import format_points  # the one html-v2 writer; shapes only supplies the pixels
+from data import format_groups, format_points  # the one html-v2 writer; shapes only supplies the pixels
 
 SHAPES = ["circle", "square", "triangle", "star"]
 COLORS = {  # name -> RGB; far apart so that a 2x2-pixel average already tells them apart
@@ -146,6 +146,10 @@ def make_example(task, seed, size=64, n_turns=1):
     n_turns > 1 asks several different questions of the same task about the same scene, as one multi-turn
     conversation: the image is encoded once for all of them, the way Molmo2 groups the annotations of one
     image into one sequence (message trees, molmo2_reference.md 4.5). Captions have one turn."""
+    if task in VIDEO_TASKS:
+        return make_video_example(task, seed, size, n_turns)
+    if task in MULTI_TASKS:
+        return make_multi_example(task, seed, size, n_turns)
     rng = random.Random(f"{task}:{seed}")  # str seeds hash with sha512: stable across runs and machines
     if task == "text":
         return _text_example(rng)
@@ -170,7 +174,8 @@ def make_example(task, seed, size=64, n_turns=1):
             q, a = _qa(rng, scene)
             gt = dict(answer=a)
         else:
-            raise ValueError(f"unknown shapes task {task!r}; known: caption, qa, point, count, text")
+            raise ValueError(f"unknown shapes task {task!r}; known: caption, qa, point, count, text, "
+                             f"{', '.join(VIDEO_TASKS + MULTI_TASKS)}")
         if all(q != t[0] for t in turns):
             turns.append((q, a))
             gts.append(gt)
@@ -207,3 +212,236 @@ def _text_example(rng):
         words = rng.sample(SHAPES + list(COLORS), rng.randint(2, 5))
         q, ans = "How many words are in: " + " ".join(words) + "?", str(len(words))
     return dict(task="text", image=None, turns=[(q, ans)], gt=dict(answer=ans))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# In motion: videos and multi-image sets (stage 2, molmo2_reference.md 2 and 3.2)
+
+VIDEO_TASKS = ["video_caption", "video_qa", "video_point", "video_count", "track", "subtitle_qa"]
+MULTI_TASKS = ["multi_qa", "multi_point"]
+VIDEO_FPS = 2.0  # Molmo2 samples 2 fps; shapes videos are rendered on that grid, so the mp4 path gives the same frames
+TRACK_PROMPT = "Track the {label}."  # Molmo2 GENERAL_PROMPTS_V1: "Track {label}."
+DIRS = {(1, 0): "right", (-1, 0): "left", (0, 1): "down", (0, -1): "up"}
+
+
+def _bounce(p, v, t, lo, hi):
+    """Where a point starting at p with speed v is after t seconds, bouncing between lo and hi (a reflection
+    folds the straight path back into the box: period 2 (hi - lo))."""
+    span = hi - lo
+    u = (p - lo + v * t) % (2 * span)
+    return lo + (u if u <= span else 2 * span - u)
+
+
+class VideoScene:
+    """objects: dicts {shape, color, r, x0, y0, vx, vy, t_in, t_out}; visible while t_in <= t <= t_out.
+    times: the frame times (0, 0.5, ... on Molmo2's 2 fps grid). Objects may pass over each other: a pixel
+    belongs to the object drawn last, and an object with under 4 visible pixels counts as occluded there."""
+
+    def __init__(self, objects, times, size):
+        self.objects, self.times, self.size = objects, times, size
+
+    def position(self, o, t):
+        return (_bounce(o["x0"], o["vx"], t, o["r"], self.size - o["r"]),
+                _bounce(o["y0"], o["vy"], t, o["r"], self.size - o["r"]))
+
+    def render(self, t):
+        """-> (PIL image, {object index: mask (H, W) bool} for the objects visible at t)."""
+        img = Image.new("RGB", (self.size, self.size), BACKGROUND)
+        owner = Image.new("L", (self.size, self.size), 0)
+        d, do = ImageDraw.Draw(img), ImageDraw.Draw(owner)
+        for k, o in enumerate(self.objects):
+            if o["t_in"] <= t + 1e-9 and t <= o["t_out"] + 1e-9:
+                cx, cy = self.position(o, t)
+                draw_object(d, o["shape"], cx, cy, o["r"], COLORS[o["color"]])
+                draw_object(do, o["shape"], cx, cy, o["r"], k + 1)
+        own = np.asarray(owner)
+        masks = {k: own == k + 1 for k in range(len(self.objects))}
+        return img, {k: m for k, m in masks.items() if m.sum() >= 4}
+
+    def frames(self):
+        """Every frame: [(t, image, masks)]. Rendered once per scene (videos are short)."""
+        if not hasattr(self, "_frames"):
+            self._frames = [(t, *self.render(t)) for t in self.times]
+        return self._frames
+
+    def select(self, color=None, shape=None):
+        return [k for k, o in enumerate(self.objects)
+                if (color is None or o["color"] == color) and (shape is None or o["shape"] == shape)]
+
+    def first_seen(self, k):
+        """(frame index, t) of the first frame where object k is visible, or None."""
+        return next(((i, t) for i, (t, _, m) in enumerate(self.frames()) if k in m), None)
+
+
+def make_video_scene(rng, size=64, n_min=1, n_max=3):
+    """1..3 objects, each moving right/left/up/down at constant speed and bouncing off the borders; about a
+    third enter after the start and a third leave before the end. 6..11 frames at 2 fps (2.5-5 s)."""
+    n_frames = rng.randint(6, 11)
+    times = [i / VIDEO_FPS for i in range(n_frames)]
+    duration = times[-1]
+    objects = []
+    for _ in range(rng.randint(n_min, n_max)):
+        r = rng.uniform(size / 10, size / 6)
+        dx, dy = rng.choice(list(DIRS))
+        speed = rng.uniform(size / 8, size / 4)  # pixels per second: 1/4 to 1/2 of the frame over 4 s
+        t_in = rng.choice(times[1:n_frames // 2]) if rng.random() < 0.3 else 0.0
+        t_out = rng.choice(times[n_frames // 2 + 1:]) if rng.random() < 0.3 else duration
+        objects.append(dict(shape=rng.choice(SHAPES), color=rng.choice(list(COLORS)), r=r,
+                            x0=rng.uniform(r, size - r), y0=rng.uniform(r, size - r),
+                            vx=dx * speed, vy=dy * speed, t_in=t_in, t_out=t_out))
+    return VideoScene(objects, times, size)
+
+
+def _video_query(rng, scene):
+    """A label and the object indices it picks (about 1 in 5 absent), as _query does for images."""
+    if rng.random() < 0.2:
+        for _ in range(20):
+            c, s = rng.choice(list(COLORS)), rng.choice(SHAPES)
+            if not scene.select(c, s):
+                return f"{c} {plural(s)}", []
+    o = rng.choice(scene.objects)
+    if rng.random() < 0.7:
+        return f"{o['color']} {plural(o['shape'])}", scene.select(o["color"], o["shape"])
+    return f"{o['color']} shapes", scene.select(color=o["color"])
+
+
+def _video_answer(task, rng, scene, size):
+    """One (question, answer, ground truth) of a video task."""
+    frames = scene.frames()
+    if task == "video_caption":
+        order = sorted(range(len(scene.objects)), key=lambda k: scene.objects[k]["t_in"])
+        parts = []
+        for k in order:
+            o = scene.objects[k]
+            s = f"A {o['color']} {o['shape']} moves {DIRS[(int(np.sign(o['vx'])), int(np.sign(o['vy'])))]}"
+            s += f", from {o['t_in']:.1f} s" if o["t_in"] > 0 else ""
+            s += f", until {o['t_out']:.1f} s" if o["t_out"] < scene.times[-1] else ""
+            parts.append(s + ".")
+        cap = " ".join(parts)
+        return "Describe this video.", cap, dict(answer=cap)
+    if task == "video_qa":
+        for _ in range(20):
+            kind = rng.randrange(3)
+            k = rng.randrange(len(scene.objects))
+            o = scene.objects[k]
+            name = f"{o['color']} {o['shape']}"
+            if len(scene.select(o["color"], o["shape"])) != 1:
+                continue
+            if kind == 0:
+                a = DIRS[(int(np.sign(o["vx"])), int(np.sign(o["vy"])))]
+                return f"Which way does the {name} move at first?", a, dict(answer=a)
+            if kind == 1 and len(scene.objects) > 1:
+                j = rng.choice([j for j in range(len(scene.objects)) if j != k])
+                p = scene.objects[j]
+                other = f"{p['color']} {p['shape']}"
+                if p["t_in"] != o["t_in"] and len(scene.select(p["color"], p["shape"])) == 1:
+                    a = name if o["t_in"] < p["t_in"] else other
+                    return f"Which appears first, the {name} or the {other}?", f"the {a}", dict(answer=f"the {a}")
+            if kind == 2:
+                a = f"{o['t_in']:.1f}"
+                return f"When does the {name} first appear? Answer in seconds.", a, dict(answer=a)
+        a = str(len(scene.objects))
+        return "How many shapes appear in the video?", a, dict(answer=a)
+    if task == "subtitle_qa":
+        k = rng.randrange(len(scene.objects))
+        o = scene.objects[k]
+        word = rng.choice(["apple", "river", "candle", "pebble", "violin", "garden"])
+        q = f"What does the speaker call the {o['color']} {o['shape']}?"
+        return q, word, dict(answer=word, subtitles=[(o["t_in"], o["t_in"] + 1.0,
+                                                      f"the {o['color']} {o['shape']} is the {word}")])
+    label, objs = _video_query(rng, scene)
+    # ids by sorted first appearance (Molmo2: persistent object ids assigned by first appearance)
+    objs = sorted(objs, key=lambda k: (scene.first_seen(k) or (99, 0))[0])
+    objs = [k for k in objs if scene.first_seen(k) is not None]
+    gt = dict(label=label, objects=objs, times=scene.times,
+              masks=[{k: m[k] for k in objs if k in m} for _, _, m in frames])
+    center = _mask_point
+    if task in ("video_point", "video_count"):
+        # each object once, where it is first seen: groups by time, ids counting on across the groups
+        firsts = [(scene.first_seen(k), k) for k in objs]
+        groups = {}
+        for (i, t), k in firsts:
+            groups.setdefault(i, []).append(center(frames[i][2][k]))
+        text = format_groups([(f"{scene.times[i]:.1f}", pts) for i, pts in sorted(groups.items())], size, size, label)
+        gt.update(points=[(scene.times[i], *center(frames[i][2][k])) for (i, t), k in firsts], count=len(objs))
+        if task == "video_point":
+            return POINT_PROMPT.format(label=label), text if objs else NONE_ANSWER, gt
+        q = f"How many {label} appear in the video?"
+        return q, (f"Counting the {text} shows a total of {len(objs)}." if objs else NONE_ANSWER), gt
+    if task == "track":
+        groups = []
+        for t, _, m in frames:
+            pts = [(objs.index(k) + 1, *center(m[k])) for k in objs if k in m]
+            if pts:
+                groups.append((f"{t:.1f}", pts))
+        text = format_groups(groups, size, size, label, tag="tracks") if groups else NONE_ANSWER
+        return TRACK_PROMPT.format(label=label), text, gt
+    raise ValueError(f"unknown shapes task {task!r}")
+
+
+def _mask_point(m):
+    """The answer's point for a mask: its centroid, or (a partly hidden object can be crescent-shaped) the mask
+    pixel nearest the centroid, so the point always lies on the object. Pixel centres: (col + 0.5, row + 0.5)."""
+    ys, xs = np.nonzero(m)
+    cx, cy = xs.mean() + 0.5, ys.mean() + 0.5
+    if not m[int(cy), int(cx)]:
+        i = int(np.argmin((xs + 0.5 - cx) ** 2 + (ys + 0.5 - cy) ** 2))
+        cx, cy = xs[i] + 0.5, ys[i] + 0.5
+    return float(cx), float(cy)
+
+
+def make_video_example(task, seed, size=64, n_turns=1, video_dir=None):
+    """A video example: dict(task, video, turns, gt[, subtitles]). video is dict(frames, times) rendered in
+    memory, or, with video_dir, the path of an mp4 written there through PyAV (the file path of real data:
+    decoded back by data.load_video at the same 2 fps grid, so the answers hold for both)."""
+    import os
+    from data import write_video
+    rng = random.Random(f"{task}:{seed}")
+    scene = make_video_scene(rng, size)
+    turns, gts = [], []
+    for _ in range(4 * n_turns):
+        q, a, gt = _video_answer(task, rng, scene, size)
+        if all(q != t[0] for t in turns):
+            turns.append((q, a))
+            gts.append(gt)
+        if len(turns) == n_turns or task in ("video_caption", "subtitle_qa"):
+            break
+    frames = [img for _, img, _ in scene.frames()]
+    video = dict(frames=frames, times=list(scene.times))
+    if video_dir is not None:
+        video = os.path.join(video_dir, f"{task}_{seed}.mp4")
+        if not os.path.exists(video):
+            write_video(video, frames, fps=VIDEO_FPS)
+    ex = dict(task=task, video=video, turns=turns, gt=gts[0], scene=scene)
+    if "subtitles" in gts[0]:
+        ex["subtitles"] = gts[0]["subtitles"]
+    return ex
+
+
+def make_multi_example(task, seed, size=64, n_turns=1):
+    """2-3 images in one example (Molmo2 multi-image): "Which image ...?" QA, and pointing whose frame prefix
+    is the 1-based image index (`1 1 x y;3 2 x y`, ids counting on across images)."""
+    rng = random.Random(f"{task}:{seed}")
+    scenes = [make_scene(rng, size, n_max=3) for _ in range(rng.randint(2, 3))]
+    images = [s.image for s in scenes]
+    if task == "multi_qa":
+        for _ in range(40):
+            o = rng.choice(rng.choice(scenes).objects)
+            has = [i for i, s in enumerate(scenes) if s.select(o["color"], o["shape"])]
+            if len(has) == 1:
+                a = f"Image {has[0] + 1}"
+                return dict(task=task, images=images, turns=[(f"Which image has a {o['color']} {o['shape']}?", a)],
+                            gt=dict(answer=a))
+        a = str(sum(len(s.objects) for s in scenes))
+        return dict(task=task, images=images, turns=[("How many shapes are there in all the images?", a)],
+                    gt=dict(answer=a))
+    if task == "multi_point":
+        o = rng.choice(rng.choice(scenes).objects)
+        label = f"{o['color']} {plural(o['shape'])}"
+        groups = [(str(i + 1), [(p["cx"], p["cy"]) for p in s.select(o["color"], o["shape"])])
+                  for i, s in enumerate(scenes)]
+        groups = [g for g in groups if g[1]]
+        a = format_groups(groups, size, size, label)
+        return dict(task=task, images=images, turns=[(POINT_PROMPT.format(label=label), a)],
+                    gt=dict(label=label, groups=groups))
+    raise ValueError(f"unknown shapes task {task!r}")

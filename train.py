@@ -25,6 +25,7 @@ out_dir = "out/shapes_stage1"   # checkpoints, logs, curves
 init_from = "scratch"           # 'scratch' | 'resume' (from out_dir) | path to a checkpoint (weights only)
 eval_interval = 500             # steps between held-out evaluations (and checkpoints)
 eval_prompts = 100              # prompts per task in periodic evals (the final eval uses final_eval_prompts)
+eval_tasks = ("point", "count", "qa")  # held-out shapes tasks scored (eval.py METRIC_NAMES)
 final_eval_prompts = 500        # the acceptance figure needs at least 500 per task
 log_interval = 10               # steps between log lines
 dry_run = False                 # build model + mixture, print them, stop before the first step
@@ -35,12 +36,23 @@ dataset = "shapes"              # the built-in shapes world (real datasets arriv
 mixture = {"captions": (0.6, {"caption": 1.0, "qa": 1.0}),   # seed stage 1: captions 60% (QA on the same
            "pointing": (0.3, {"point": 1.0, "count": 1.0}),  # scenes, PixMo-CapQA style), pointing 30%
            "text": (0.1, {"text": 1.0})}                     # (points and point-then-count), text 10%
-dataset_sizes = {}              # for the mixture table only; shapes tasks are procedural (infinite)
-task_weights = {"caption": 1.0, "qa": 1.0, "count": 1.5, "point": 2.0, "track": 2.0, "text": 1.0}  # seed
+mixing_rule = "fixed"           # 'fixed': the mixture's ratios (stage 1) | 'sqrt': rate * sqrt(size) (stages 2-3)
+dataset_sizes = {}              # examples per dataset (sqrt rule, mixture table); shapes tasks are procedural
+dataset_caps = {}               # sqrt rule: an int replaces a dataset's size, a fraction < 1 scales it (Molmo2)
+task_weights = {"caption": 1.0, "qa": 1.0, "count": 1.5, "point": 2.0, "track": 2.0, "text": 1.0,  # seed
+                "video_caption": 1.0, "video_qa": 1.0, "subtitle_qa": 1.0, "video_count": 1.5,
+                "video_point": 2.0, "multi_qa": 1.0, "multi_point": 2.0}
+loss_weighting = "task"         # 'task': task_weights per answer token (seed) | 'root': Molmo2 SFT 2/sqrt(n)
+root_flat_weights = {"point": 0.2, "count": 0.2, "track": 0.2}  # 'root': flat per-token weights (Molmo2)
 tokenizer = "shapes-bpe"        # 'shapes-bpe' (trained offline, here), a .tiktoken path, or a cached name
 turns_per_image = 1             # questions per image in one sequence (>1: the image is encoded once for all)
-seq_len = 256                   # max tokens per example (4,096 in the seed's stage 1)
-batch_size = 32                 # examples per micro-batch
+max_frames = 128                # video: Molmo2 samples 2 fps up to this many frames (seed: 128 stage 2, 384 stage 3)
+video_fps = 2.0                 # video: Molmo2's sampling rate (seed: "Sample frames at 2 fps")
+seq_len = 256                   # max tokens per row (4,096 in the seed's stage 1)
+batch_size = 32                 # rows per micro-batch (one example per row, or several when packing)
+packing = False                 # pack several examples per row (doc ids + restarted positions keep them apart)
+max_images_per_row = 8          # packing: vision budget per row (Molmo2: max crops per sequence)
+pack_buffer = 32                # packing: examples the best-fit packer chooses from
 grad_accum = 1                  # micro-batches per optimizer step
 # model (see model.ModelConfig for what each means)
 image_size = 64
@@ -52,6 +64,8 @@ vit_mlp = 512
 vit_layers = (-1, -3)           # Molmo2: (-3, -9) of 27
 pool_h = 2
 pool_w = 2
+video_pool_h = 3
+video_pool_w = 3
 col_tokens = True
 base_vocab = 0                  # 0 = from the tokenizer; set it to build a model without one (dry runs)
 n_extra = 0                     # 0 = from the tokenizer (Molmo2 pads the extra rows to 128)
@@ -80,13 +94,14 @@ grad_clip = 1.0
 device = "auto"                 # 'auto' = cuda if present, else cpu
 dtype = "bfloat16"              # autocast dtype; 'float32' turns autocast off (the reference path)
 compile = False                 # torch.compile the model (measured: no gain for the tiny CPU model)
+attn_impl = "sdpa"              # 'sdpa': dense bool mask (reference) | 'flex': FlexAttention BlockMask (CUDA)
 threads = 0                     # CPU threads for torch; 0 = torch's default
 seed = 1337
 # ---------------------------------------------------------------------------------------------------------
 CONFIG_KEYS = [k for k, v in list(globals().items())
                if not k.startswith("_") and isinstance(v, (int, float, bool, str, dict, tuple, list))]
 MODEL_KEYS = ["image_size", "patch_size", "vit_width", "vit_depth", "vit_heads", "vit_mlp", "vit_layers",
-              "pool_h", "pool_w", "col_tokens", "base_vocab", "n_extra", "d_model", "n_layer", "n_head",
+              "pool_h", "pool_w", "video_pool_h", "video_pool_w", "col_tokens", "base_vocab", "n_extra", "d_model", "n_layer", "n_head",
               "n_kv_head", "head_dim", "d_ff", "rope_theta", "tie_embeddings", "bidir_vision"]
 
 
@@ -121,7 +136,7 @@ def configure(argv, defaults):
         else:
             if not os.path.exists(arg):
                 raise SystemExit(f"config file {arg!r} not found")
-            scope = {}
+            scope = {"__file__": os.path.abspath(arg)}  # a config may build on another (config/stage3.py)
             exec(open(arg).read(), scope)  # one namespace: a config may compute from its own earlier values
             for key, val in scope.items():
                 if not key.startswith("_") and not callable(val) and type(val).__name__ != "module":
@@ -165,6 +180,64 @@ def save_checkpoint(path, obj):
     os.replace(tmp, path)
 
 
+def accumulate(fwd, batches, autocast=nullcontext):
+    """Forward + backward over the micro-batches of one optimizer step; returns the step's loss.
+    The loss is sum(w * CE) / sum(w) over the whole optimizer batch (Molmo2 BatchDivisor.global_batch):
+    every micro-batch's sum(w * CE) is divided by the GLOBAL weight sum (known before any forward: weights are
+    data), never by its own, and (under torchrun) that sum is all-reduced over the data-parallel ranks.
+    Dividing each micro-batch's mean by grad_accum instead (nanoVLM, nanochat) makes the gradient depend on
+    how the batch was split; here 1x8, 2x4 and 8x1 give the same step (tests/test_train.py)."""
+    wsum = sum(b["loss_weights"].sum() for b in batches).float()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(wsum)
+    if wsum <= 0:
+        raise ValueError("optimizer batch has no loss tokens (every loss weight is 0)")
+    total = 0.0
+    for b in batches:
+        with autocast():
+            loss_sum, _ = fwd(b)
+        loss = loss_sum / wsum
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss.item()}")
+        loss.backward()
+        total += loss.item()
+    return total
+
+
+def mixture_of(C):
+    """(weights, sizes) from the config: the fixed or the sqrt-proportional rule (mixing.py)."""
+    import mixing
+    if C.mixing_rule not in ("fixed", "sqrt"):
+        raise SystemExit(f"mixing_rule must be 'fixed' or 'sqrt', got {C.mixing_rule!r}")
+    sizes = C.dataset_sizes if C.mixing_rule == "sqrt" else None
+    try:
+        return mixing.mixture_weights(C.mixture, sizes, C.dataset_caps), sizes
+    except ValueError as e:
+        raise SystemExit(f"mixture: {e}") from None
+
+
+def batch_source(C, tok, mconf, sampler, dev):
+    """The training stream: returns (get_batch, packer). get_batch() makes one micro-batch of C.batch_size
+    rows, each one example, or (C.packing) as many whole examples as fit seq_len and max_images_per_row."""
+    import data
+    import shapes
+
+    def encode(key):  # (task, index) -> encoded example; the shapes world is procedural, index = scene seed
+        task, idx = key
+        ex = shapes.make_example(task, shapes.TRAIN_SEED_OFFSET + idx, mconf.image_size, C.turns_per_image)
+        return data.encode_example(ex, tok, mconf, C.task_weights, C.loss_weighting, C.root_flat_weights,
+                                   C.max_frames, C.video_fps, C.seq_len)
+
+    packer = data.Packer(sampler.draw, encode, C.seq_len, C.max_images_per_row, C.pack_buffer)
+
+    def get_batch():
+        rows = packer.rows(C.batch_size) if C.packing else [encode(sampler.draw()) for _ in range(C.batch_size)]
+        b = data.collate(rows, tok.pad, C.seq_len)
+        b["n_examples"] = sum(len(r) if isinstance(r, list) else 1 for r in rows)
+        return {k: v.to(dev) if torch.is_tensor(v) else v for k, v in b.items()}
+    return get_batch, packer
+
+
 def fmt_time(s):
     return f"{int(s // 3600)}:{int(s % 3600 // 60):02d}:{int(s % 60):02d}"
 
@@ -188,7 +261,9 @@ def main(argv=()):
 
     # tokenizer and model config ------------------------------------------------------------------------
     ckpt = None
-    if C.init_from != "scratch":
+    if C.dry_run and C.init_from != "scratch":
+        print(f"dry_run: init_from={C.init_from!r} not loaded; the model is built from the config")
+    elif C.init_from != "scratch":
         path = os.path.join(C.out_dir, "ckpt.pt") if C.init_from == "resume" else C.init_from
         if not os.path.exists(path):
             raise SystemExit(f"init_from={C.init_from!r}: checkpoint {path} not found")
@@ -207,9 +282,10 @@ def main(argv=()):
         mc["im_patch_id"] = mc["base_vocab"]
     mconf = ModelConfig(**mc)
 
-    weights = mixing.mixture_weights(C.mixture)
-    print("mixture (examples drawn i.i.d. per example):")
-    print(mixing.mixture_table(weights, C.dataset_sizes, C.max_steps * C.batch_size * C.grad_accum))
+    weights, sizes = mixture_of(C)
+    print(f"mixture ({C.mixing_rule} rule; examples drawn i.i.d. per example):")
+    n_run = None if C.packing else C.max_steps * C.batch_size * C.grad_accum  # packed rows hold a varying number
+    print(mixing.mixture_table(weights, C.dataset_sizes, n_run, C.dataset_caps))
 
     model = Molmo2(mconf)
     counts = model.param_counts()
@@ -227,7 +303,7 @@ def main(argv=()):
     mults = {"llm": 1.0, "connector": C.lr_connector_mult, "vit": C.lr_vit_mult}
     opt = torch.optim.AdamW([dict(params=groups[k], name=k, peak=C.lr * mults[k]) for k in groups],
                             lr=C.lr, betas=(C.beta1, C.beta2), eps=C.adam_eps, weight_decay=C.weight_decay)
-    sampler = mixing.MixtureSampler(weights, seed=C.seed)
+    sampler = mixing.MixtureSampler(weights, sizes, seed=C.seed)
     step, history = 0, dict(step=[], loss=[], evals=[])
     if ckpt:
         model.load_state_dict(ckpt["model"])
@@ -242,57 +318,52 @@ def main(argv=()):
             print(f"resumed from {C.out_dir} at step {step}")
         else:
             print(f"initialised weights from {C.init_from}")
+    if C.attn_impl not in ("sdpa", "flex"):
+        raise SystemExit(f"attn_impl must be 'sdpa' or 'flex', got {C.attn_impl!r}")
+    model.attn_impl = C.attn_impl
     fwd = torch.compile(model) if C.compile else model
     os.makedirs(C.out_dir, exist_ok=True)
 
-    import shapes
-
-    def get_batch(step, micro):
-        encs = []
-        for task, idx in sampler.batch(C.batch_size, step, micro):
-            ex = shapes.make_example(task, shapes.TRAIN_SEED_OFFSET + idx, mconf.image_size, C.turns_per_image)
-            encs.append(data.encode_example(ex, tok, mconf, C.task_weights))
-        b = data.collate(encs, tok.pad, C.seq_len)
-        return {k: v.to(dev) for k, v in b.items()}
+    get_batch, packer = batch_source(C, tok, mconf, sampler, dev)
+    if C.init_from == "resume":
+        packer.load_state(ckpt["packer"])  # the examples buffered at the checkpoint, re-made from their keys
 
     def checkpoint():
         save_checkpoint(os.path.join(C.out_dir, "ckpt.pt"), dict(
             model=model.state_dict(), optimizer=opt.state_dict(), step=step, config=cfg,
-            model_config=mc, tokenizer=tok.state(), sampler=sampler.state(), history=history,
+            model_config=mc, tokenizer=tok.state(), sampler=sampler.state(), packer=packer.state(),
+            history=history,
             rng=dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state())))
 
     def run_eval(n, blind=False):
         from eval import evaluate_shapes
-        return evaluate_shapes(model, tok, mconf, n_prompts=n, blind=blind,
+        return evaluate_shapes(model, tok, mconf, n_prompts=n, tasks=C.eval_tasks, blind=blind,
                                autocast=autocast if pt_dtype != torch.float32 else None)[0]
 
     peak = peak_flops(dev, pt_dtype)
     t0 = t_log = time.time()
-    tokens = flops = 0
+    tokens = flops = cells = examples = 0
+    run = dict(tokens=0, cells=0, examples=0, seconds=0.0)  # whole-run averages for the last line
+    eval_seconds = 0.0
     start_step = step
     while step < C.max_steps and not (C.stop_at and step >= C.stop_at):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, g["peak"], C.warmup_steps, C.max_steps, C.min_lr_frac)
-        batches = [get_batch(step, m) for m in range(C.grad_accum)]
-        # the loss is sum(w * CE) / sum(w) over the whole optimizer batch: divide every micro-batch by the
-        # global weight sum (known before any forward), not by its own, so the split does not matter
-        wsum = sum(float(b["loss_weights"].sum()) for b in batches)
-        loss_total = 0.0
+        batches = [get_batch() for _ in range(C.grad_accum)]
+        try:
+            loss_total = accumulate(fwd, batches, autocast)
+        except FloatingPointError as e:
+            raise SystemExit(f"{e} at step {step}; last checkpoint is in {C.out_dir}") from None
         for b in batches:
-            with autocast():
-                loss_sum, _ = fwd(b)
-            loss = loss_sum / wsum
-            if not torch.isfinite(loss):
-                raise SystemExit(f"non-finite loss {loss.item()} at step {step}; last checkpoint is in {C.out_dir}")
-            loss.backward()
-            loss_total += loss.item()
-            tokens += int(b["attention_mask"].sum())
+            n_tok, n_cells = int(b["attention_mask"].sum()), b["attention_mask"].numel()
+            tokens, cells, examples = tokens + n_tok, cells + n_cells, examples + b["n_examples"]
+            run["tokens"], run["cells"], run["examples"] = (run["tokens"] + n_tok, run["cells"] + n_cells,
+                                                            run["examples"] + b["n_examples"])
             flops += model.flops(b)
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), C.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        sampler.step = step
         history["step"].append(step)
         history["loss"].append(loss_total)
         if step % C.log_interval == 0 or step == C.max_steps:
@@ -301,15 +372,23 @@ def main(argv=()):
             eta = el / (step - start_step) * (C.max_steps - step)
             print(f"step {step:5d}/{C.max_steps} | loss {loss_total:.4f} | gnorm {float(gnorm):.2f} | "
                   f"lr {opt.param_groups[-1]['lr']:.2e} | {tokens / dt:,.0f} tok/s | "
+                  f"non-pad {100 * tokens / cells:.0f}% | {examples / dt:.1f} ex/s | "
                   f"MFU {100 * flops / dt / peak:.1f}% | elapsed {fmt_time(el)} | ETA {fmt_time(eta)}", flush=True)
-            t_log, tokens, flops = time.time(), 0, 0
+            t_log, tokens, flops, cells, examples = time.time(), 0, 0, 0, 0
+        run["seconds"] = time.time() - t0 - eval_seconds
         if step % C.eval_interval == 0 and step < C.max_steps:
+            t_eval = time.time()
             checkpoint()  # saved before the eval, so an eval crash never loses the work (nanochat #446)
             m = run_eval(C.eval_prompts)
             history["evals"].append(dict(step=step, **m))
             print(f"eval @ {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in m.items()), flush=True)
             t_log = time.time()
+            eval_seconds += t_log - t_eval
     result = dict(losses=history["loss"], steps=history["step"])
+    if run["seconds"] > 0:
+        print(f"training throughput over {step - start_step} steps (evals excluded): {run['tokens'] / run['seconds']:,.0f} "
+              f"tok/s, {run['examples'] / run['seconds']:.1f} examples/s, non-pad {100 * run['tokens'] / run['cells']:.1f}% "
+              f"of the rows, {run['examples'] / max(1, step - start_step) / C.grad_accum:.1f} examples per micro-batch")
     if step > start_step or C.init_from == "resume":
         checkpoint()
     if C.final_eval_prompts and step >= C.max_steps:
@@ -348,14 +427,16 @@ def plot_curve(history, path):
     d.rectangle([pad, pad, W - pad, H - pad], outline="black")
     d.text((pad, 10), f"train loss (blue, log scale) {sm[0]:.2f} -> {sm[-1]:.2f}; held-out metrics (dots, 0 at the "
                       f"bottom, 1 at the top)", fill="black")
-    colors = {"pointing_f1": (220, 40, 40), "count_acc": (40, 170, 60), "qa_acc": (150, 60, 190)}
+    colors = {"pointing_f1": (220, 40, 40), "count_acc": (40, 170, 60), "qa_acc": (150, 60, 190),
+              "tracking_f1": (240, 140, 0), "video_pointing_f1": (0, 160, 200)}
     for e in history["evals"]:
         for key, col in colors.items():
             if key in e:
                 x, y = xs(e["step"]), H - pad - (H - 2 * pad) * e[key]
                 d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=col)
     d.text((pad, H - pad + 8), "step " + str(steps[0]) + " ... " + str(steps[-1]) +
-           "   red: pointing F1, green: count acc, purple: QA acc", fill="black")
+           "   red: pointing F1, green: count, purple: QA, orange: tracking F1, cyan: video pointing F1",
+           fill="black")
     im.save(path)
 
 

@@ -360,3 +360,83 @@ def test_collate_text_only_and_too_long(tok, cfg):
     data.collate(encs, tok.pad, longest)  # exactly seq_len is fine
     with pytest.raises(ValueError, match="seq_len"):
         data.collate(encs, tok.pad, longest - 1)
+
+
+def test_root_loss_weighting(tok, cfg):
+    """Molmo2 SFT root_subsegments_root_tokens: 2/sqrt(answer tokens of the conversation) per token; the
+    flat overrides (pointing 0.2 per token) replace it; the seed's task multipliers are the default."""
+    ex = dict(task="qa", image=None, turns=[("q one", "answer one"), ("q two?", "2")])
+    e = data.encode_example(ex, tok, cfg, TW, weighting="root")
+    w = np.array(e["loss_weights"])
+    n = int((w > 0).sum())
+    assert n == len(tok.encode("answer one")) + 1 + len(tok.encode("2")) + 1
+    assert np.allclose(w[w > 0], 2 / np.sqrt(n)) and w[w > 0].sum() == pytest.approx(2 * np.sqrt(n))
+    pt = data.encode_example(dict(ex, task="point"), tok, cfg, TW, weighting="root", flat_weights={"point": 0.2})
+    assert set(np.array(pt["loss_weights"])[np.array(pt["loss_weights"]) > 0].tolist()) == {0.2}
+    assert (np.array(pt["loss_weights"]) > 0).tolist() == (w > 0).tolist()  # same tokens, other weight
+    with pytest.raises(ValueError, match="weighting"):
+        data.encode_example(ex, tok, cfg, TW, weighting="sqrt")
+
+
+def _fake(n_tokens, n_images, key):
+    return dict(input_ids=[1] * n_tokens, labels=[1] * (n_tokens - 1) + [-1], loss_weights=[1.0] * n_tokens,
+                images=[torch.zeros(3, 8, 8)] * n_images, pool_idx=[np.zeros((1, 4), dtype=np.int64)] * n_images,
+                n_patches=[1] * n_images, task=f"t{key}")
+
+
+def test_packer_budgets_order_and_resume():
+    rng = np.random.default_rng(0)
+    lens = {k: (int(rng.integers(10, 120)), int(rng.integers(0, 3))) for k in range(1000)}
+
+    class Source:  # a stand-in for the sampler: its state is how many keys it gave
+        def __init__(self, n=0):
+            self.n = n
+
+        def __call__(self):
+            self.n += 1
+            return self.n - 1
+
+    src = Source()
+    make = lambda k: _fake(*lens[k], k)
+    p = data.Packer(src, make, seq_len=256, max_images=4, buffer_size=16)
+    rows = p.rows(40)
+    used = [int(e["task"][1:]) for r in rows for e in r]
+    assert len(used) == len(set(used))  # every example at most once
+    for r in rows:
+        assert sum(len(e["input_ids"]) for e in r) <= 256 and sum(len(e["images"]) for e in r) <= 4
+    fill = np.mean([sum(len(e["input_ids"]) for e in r) / 256 for r in rows])
+    assert fill > 0.9, fill  # best-fit fills rows (one example per row here would fill ~26%)
+    # each row starts with the oldest buffered example, so the k-th example is placed by row k: none starves
+    row_of = {int(e["task"][1:]): i for i, r in enumerate(rows) for e in r}
+    assert all(row_of[k] <= k for k in row_of) and set(range(len(rows))) <= set(row_of)
+    # resume: the source's position plus the buffered keys (re-encoded) give the same next rows
+    saved = (src.n, p.state())
+    follow = [[e["task"] for e in r] for r in p.rows(5)]
+    q = data.Packer(Source(saved[0]), make, seq_len=256, max_images=4, buffer_size=16)
+    q.load_state(saved[1])
+    assert [[e["task"] for e in r] for r in q.rows(5)] == follow
+    big = data.Packer(lambda: 0, lambda k: _fake(300, 0, k), seq_len=256, max_images=4)
+    with pytest.raises(ValueError, match="can never fit"):
+        big.row()
+
+
+def test_collate_packed_rows(tok, cfg):
+    a = data.encode_example(shapes.make_example("point", 1, cfg.image_size), tok, cfg, TW)
+    b = data.encode_example(shapes.make_example("text", 2, cfg.image_size), tok, cfg, TW)
+    c = data.encode_example(shapes.make_example("caption", 3, cfg.image_size), tok, cfg, TW)
+    batch = data.collate([[a, b, c], [c]], tok.pad, 10 ** 6)
+    la, lb, lc = (len(e["input_ids"]) for e in (a, b, c))
+    T = la + lb + lc
+    assert batch["input_ids"].shape == (2, T)
+    assert batch["doc_ids"][0].tolist() == [1] * la + [2] * lb + [3] * lc
+    assert batch["doc_ids"][1].tolist() == [1] * lc + [0] * (T - lc)
+    assert batch["position_ids"][0].tolist() == list(range(la)) + list(range(lb)) + list(range(lc))
+    assert batch["input_ids"][0].tolist() == a["input_ids"] + b["input_ids"] + c["input_ids"]
+    assert batch["labels"][0, la - 1] == -1 and batch["labels"][0, la + lb - 1] == -1  # no target across examples
+    assert batch["attention_mask"].equal(batch["doc_ids"] > 0)
+    assert batch["image_mask"].tolist() == [[True, True], [True, False]]  # a and c have images, b none
+    assert batch["pool_idx"].shape[0] == (batch["input_ids"] == tok.im_patch).sum()
+    # one example per row is the same as a list of one
+    one = data.collate([c], tok.pad, 10 ** 6)
+    two = data.collate([[c]], tok.pad, 10 ** 6)
+    assert all(torch.equal(one[k], two[k]) for k in one)

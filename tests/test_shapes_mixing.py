@@ -38,9 +38,9 @@ def test_unknown_task():
 
 def test_train_seeds_are_disjoint_from_eval_seeds():
     s = mixing.MixtureSampler({"a": 0.5, "b": 0.5}, seed=0, rank=1, world_size=2)
-    idx = [i for step in range(0, 5000, 500) for _, i in s.batch(32, step, micro=3)]
-    assert min(idx) >= 0  # train.py uses TRAIN_SEED_OFFSET + idx: always >= 1e6, eval uses [0, 1e6)
-    assert shapes.TRAIN_SEED_OFFSET >= 10 ** 6
+    idx = [i for _, i in s.take(2000)]
+    assert min(idx) >= 0 and len(set(idx)) == len(idx)  # procedural: a new scene every draw
+    assert shapes.TRAIN_SEED_OFFSET >= 10 ** 6  # train.py uses TRAIN_SEED_OFFSET + idx, eval uses [0, 1e6)
 
 
 def test_difficulty_floor():
@@ -147,37 +147,95 @@ def test_mixture_weights_groups():
     w = mixing.mixture_weights({"x": 2, "y": 6})  # flat: normalised
     assert w == pytest.approx({"x": 0.25, "y": 0.75})
     assert sum(mixing.mixture_weights({"a": (0.7, {"x": 1}), "b": (0.7, {"y": 1})}).values()) == pytest.approx(1)
-    for bad in ({"x": -1, "y": 2}, {"x": 0}):
+    for bad in ({"x": -1, "y": 2}, {"x": 0}, {"a": (0.5, {"x": 0})}):
         with pytest.raises(ValueError):
             mixing.mixture_weights(bad)
 
 
-def test_sampler_deterministic_and_frequencies():
+# The seed's example table (SQRT-PROPORTIONAL SAMPLING): 1,000k -> 0.25, 440k -> 0.16, 710k -> 0.21,
+# 220k -> 0.12, and "..." for the rest. The rest must carry sqrt-mass ~1,075 for those four figures to hold
+# (1000 / 0.25 = 4000 in all, to rounding): here three more sets of 500k, 100k and 2.5k.
+SEED_SIZES = {"Molmo2-CapQA": 1_000_000, "VQA-v2": 440_000, "PixMo-Cap": 710_000, "Molmo2-Track": 220_000,
+              "other-a": 500_000, "other-b": 100_000, "other-c": 2_500}
+
+
+def test_sqrt_proportional_reproduces_the_seed_table():
+    w = mixing.mixture_weights({ds: 1.0 for ds in SEED_SIZES}, sizes=SEED_SIZES)
+    root = sum(n ** 0.5 for n in SEED_SIZES.values())
+    for ds, n in SEED_SIZES.items():
+        assert w[ds] == pytest.approx(n ** 0.5 / root, rel=1e-12)  # w_i = sqrt(n_i) / sum_j sqrt(n_j)
+    seed_table = {"Molmo2-CapQA": 0.25, "VQA-v2": 0.16, "PixMo-Cap": 0.21, "Molmo2-Track": 0.12}
+    assert {ds: round(w[ds], 2) for ds in seed_table} == seed_table
+    # sqrt flattens: the largest set is 400x the smallest, its weight only 20x
+    assert w["Molmo2-CapQA"] / w["other-c"] == pytest.approx(20.0)
+    # fixed rule on the same mixture: sizes ignored
+    assert mixing.mixture_weights({ds: 1.0 for ds in SEED_SIZES}) == pytest.approx(
+        {ds: 1 / 7 for ds in SEED_SIZES})
+
+
+def test_sqrt_groups_rates_and_caps():
+    sizes = {"cap": 710_000, "qa": 90_000, "vqa": 440_000, "doc": 40_000, "big": 4_000_000, "pt": 10_000}
+    mix = {"demo": (0.15, {"cap": 1.0, "qa": 1.5}),          # Molmo2: Molmo2-Cap at sampling_rate 1.5
+           "academic": (0.25, {"vqa": 1.0, "doc": 1.0, "big": 1.0}),
+           "pointing": (0.10, {"pt": 1.0})}
+    caps = {"cap": 100_000, "big": 0.01}                      # an int replaces the size, a fraction scales it
+    w = mixing.mixture_weights(mix, sizes, caps)
+    assert sum(w.values()) == pytest.approx(1.0)
+    tot = 0.15 + 0.25 + 0.10
+    for g, (rate, members) in mix.items():  # every group keeps its rate, whatever its datasets' sizes
+        assert sum(w[d] for d in members) == pytest.approx(rate / tot)
+    assert w["qa"] / w["cap"] == pytest.approx(1.5 * 300 / 316.2278, rel=1e-6)  # sqrt(90k)*1.5 vs sqrt(100k cap)
+    assert w["big"] / w["vqa"] == pytest.approx(200 / 663.3250, rel=1e-6)       # sqrt(4M * 0.01) = 200
+    assert mixing.capped_size(1000, None) == 1000 and mixing.capped_size(1000, 0.5) == 500
+    # a group without sizes keeps flat rates (Molmo2 root_size_factor=0); a half-sized group is an error
+    w2 = mixing.mixture_weights({"a": (0.5, {"x": 1.0, "y": 3.0}), "b": (0.5, {"vqa": 1.0})}, sizes)
+    assert w2["y"] == pytest.approx(3 * w2["x"])
+    with pytest.raises(ValueError, match="group 'a'"):
+        mixing.mixture_weights({"a": (1.0, {"vqa": 1.0, "x": 1.0})}, sizes)
+    table = mixing.mixture_table(w, sizes, 1000, caps)
+    assert "710,000 (100,000)" in table and "316" in table and "█" in table
+
+
+def test_sampler_frequencies_and_determinism():
     w = {"x": 0.3, "y": 0.6, "z": 0.1}
-    s = mixing.MixtureSampler(w, seed=3)
-    assert s.batch(50, step=7) == mixing.MixtureSampler(w, seed=3).batch(50, step=7)
-    assert s.batch(50, step=7) != s.batch(50, step=8)
-    assert s.batch(50, step=7) != mixing.MixtureSampler(w, seed=4).batch(50, step=7)
-    assert s.batch(50, step=7, micro=0) != s.batch(50, step=7, micro=1)
-    s.step = 7
-    assert s.batch(50) == s.batch(50, step=7)  # the default step is the sampler's own
-    draws = [d for step in range(20) for d, _ in s.batch(500, step)]
-    freq = Counter(draws)
+    a, b = mixing.MixtureSampler(w, seed=3), mixing.MixtureSampler(w, seed=3)
+    assert a.take(500) == b.take(500)
+    assert mixing.MixtureSampler(w, seed=4).take(50) != mixing.MixtureSampler(w, seed=3).take(50)
+    freq = Counter(d for d, _ in a.take(10000))
     for k, p in w.items():
-        assert abs(freq[k] / len(draws) - p) < 0.02
-    s2 = mixing.MixtureSampler(w, seed=0)
-    s2.load_state(s.state())
-    assert s2.batch(10, 3) == s.batch(10, 3) and s2.step == 7
+        assert abs(freq[k] / 10000 - p) < 0.02
 
 
-def test_sampler_ranks_and_indices_unique():
-    w = {"x": 0.5, "y": 0.5}
-    r0 = mixing.MixtureSampler(w, seed=0, rank=0, world_size=2)
-    r1 = mixing.MixtureSampler(w, seed=0, rank=1, world_size=2)
-    assert [d for d, _ in r0.batch(64, 0)] != [d for d, _ in r1.batch(64, 0)]
-    seen = []
-    for step in range(10):
-        for micro in range(3):
-            for r in (r0, r1):
-                seen += [i for _, i in r.batch(16, step, micro)]
-    assert len(seen) == len(set(seen))  # never the same example twice, across ranks, steps, micro-batches
+def test_sampler_resume_is_exact():
+    w = {"x": 0.5, "y": 0.3, "z": 0.2}
+    sizes = {"x": 1000, "y": 300}                             # z is procedural
+    s = mixing.MixtureSampler(w, sizes, seed=7, rank=1, world_size=4)
+    s.take(5000)  # past a chunk boundary and several epochs of x and y
+    saved = s.state()
+    want = s.take(1000)
+    r = mixing.MixtureSampler(w, sizes, seed=7, rank=1, world_size=4)
+    r.load_state(saved)
+    assert r.take(1000) == want
+    with pytest.raises(ValueError, match="rank 1 of 4"):
+        mixing.MixtureSampler(w, sizes, seed=7, rank=0, world_size=4).load_state(saved)
+
+
+def test_sampler_finite_datasets_epochs_and_ranks():
+    w, sizes, W = {"x": 0.7, "y": 0.3}, {"x": 5000, "y": 2000}, 4
+    ranks = [mixing.MixtureSampler(w, sizes, seed=0, rank=r, world_size=W) for r in range(W)]
+    per_step = 32
+    seen = {r: set() for r in range(W)}
+    for step in range(20):
+        draws = [s.take(per_step) for s in ranks]
+        flat = [d for ds in draws for d in ds]
+        assert len(set(flat)) == len(flat)  # two ranks never draw the same example at the same step
+        for r, ds in enumerate(draws):
+            seen[r] |= set(ds)
+        assert all(0 <= i < sizes[d] for d, i in flat)
+    for r in range(W):  # within the first epoch, ranks are disjoint over the whole run
+        for q in range(r + 1, W):
+            assert not seen[r] & seen[q]
+    # one rank alone walks a whole epoch of y before repeating anything
+    s = mixing.MixtureSampler({"y": 1.0}, {"y": 2000}, seed=0)
+    ep1, ep2 = [i for _, i in s.take(2000)], [i for _, i in s.take(2000)]
+    assert sorted(ep1) == list(range(2000)) and sorted(ep2) == list(range(2000)) and ep1 != ep2

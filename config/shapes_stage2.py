@@ -1,0 +1,26 @@
+# Stage 2 (multimodal SFT with video) on the built-in shapes world, on a laptop-class CPU.
+#   python train.py config/shapes_stage1.py && python train.py config/shapes_stage2.py
+# Starts from the stage-1 shapes checkpoint and mixes image, video and multi-image tasks: shapes moving at
+# constant speed, bouncing, entering and leaving, sampled at Molmo2's 2 fps (shapes.py "In motion").
+out_dir = "out/shapes_stage2"
+init_from = "out/shapes_stage1/ckpt.pt"   # seed: "Stage1 checkpoint -> feeds into Stage 2"
+mixture = {"image": (0.3, {"caption": 1.0, "qa": 1.0, "point": 1.0, "count": 1.0}),   # keep stage-1 skills
+           "video": (0.6, {"video_caption": 0.5, "video_qa": 1.0, "subtitle_qa": 0.5, "video_point": 1.0,
+                           "video_count": 0.5, "track": 1.5}),
+           "multi_image": (0.05, {"multi_qa": 1.0, "multi_point": 1.0}),
+           "text": (0.05, {"text": 1.0})}
+packing = True
+seq_len = 512              # a shapes video example is 190-400 tokens (6-11 frames of ~15 tokens, a track answer)
+batch_size = 8
+max_images_per_row = 32
+turns_per_image = 1
+max_steps = 850                # sized so that training + evals fit in 20 minutes on 2 cores
+warmup_steps = 50
+lr = 5e-4                  # SFT: half of stage 1's peak (the seed halves it too: 1e-4 -> 5e-5)
+lr_connector_mult = 1.0
+lr_vit_mult = 1.0
+eval_tasks = ("point", "video_point", "track", "video_count", "video_qa")
+eval_interval = 200
+eval_prompts = 50
+final_eval_prompts = 300   # the acceptance figure needs at least 300 prompts per task
+log_interval = 10

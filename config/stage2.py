@@ -1,0 +1,42 @@
+# Stage 2 at real scale: multimodal SFT with video, the seed's numbers (shared/seed: "Stage 2").
+#   python train.py config/stage2.py --dry_run=True          (build the model, print the mixture, stop)
+# Video decoding and the stage-1 checkpoint come with the video issue; dataset readers with the real-datasets
+# issue, which replaces the sizes below by the sizes of the local copies.
+# The model is stage 1's (its checkpoint overrides the architecture anyway when init_from loads it): this file
+# runs config/stage1.py first and overrides the data and the schedule.
+import os  # (modules in a config are not config keys)
+exec(open(os.path.join(os.path.dirname(__file__), "stage1.py")).read())
+out_dir = "out/stage2"
+init_from = "out/stage1/ckpt.pt"  # weights of stage 1 (seed: "Stage1 checkpoint -> feeds into Stage 2")
+# Sqrt-proportional mixing (seed: "Weight_i = sqrt(Size_i) / sum_j sqrt(Size_j)") inside Molmo2's SFT groups,
+# whose rates are kept whatever the sizes (molmo2_reference.md 4.3, sft.py get_training_mixture).
+mixing_rule = "sqrt"
+mixture = {
+    "demo": (0.15, {"pixmo_cap": 1.0, "molmo2_cap": 1.5}),            # Molmo2-Cap at sampling_rate 1.5
+    "video_academic": (0.20, {"molmo2_capqa": 1.0, "molmo2_subtitleqa": 1.0}),
+    "image_academic": (0.25, {"vqa_v2": 1.0}),
+    "tracking": (0.15, {"molmo2_track": 1.0}),
+    # Molmo2-VideoPoint, binned by count, at flat rates (no sizes: Molmo2 root_size_factor=0)
+    "video_pointing": (0.15, {"videopoint_0_5": 0.4, "videopoint_6_25": 0.3, "videopoint_26_60": 0.1,
+                              "academic_points": 0.2}),
+    "image_pointing": (0.10, {"pixmo_points": 1.0}),
+    "nlp": (0.0995, {"tulu": 1.0}),
+}
+# The seed's example sizes (its sqrt table: Molmo2-CapQA 1,000k, VQA-v2 440k, PixMo-Cap 710k, Molmo2-Track
+# 220k; stage 1: PixMo-Points ~1M, Tulu ~980k). Molmo2-Cap and SubtitleQA: the seed gives no size; 100k is
+# a placeholder until the readers count the local copies.
+dataset_sizes = {"molmo2_capqa": 1_000_000, "vqa_v2": 440_000, "pixmo_cap": 710_000, "molmo2_track": 220_000,
+                 "pixmo_points": 1_000_000, "tulu": 980_000, "molmo2_cap": 100_000, "molmo2_subtitleqa": 100_000}
+dataset_caps = {"pixmo_cap": 100_000}  # Molmo2 caps PixMo-Cap at 100k in SFT so captions do not dominate
+loss_weighting = "root"    # Molmo2 SFT: root_subsegments_root_tokens (2/sqrt(n)), pointing/tracking flat 0.2
+packing = True             # Molmo2 packs SFT sequences (reference 4.5)
+max_images_per_row = 128   # the vision budget of a row: one 128-frame video (seed: "Max 128 frames")
+seq_len = 4096             # seed: "attention_mask: [16, 4096]"
+batch_size = 16            # seed: "Stage 2 (Video 128 frames, batch=16, seq=4096)"
+grad_accum = 8             # seed: "Gradient accumulation: 8 steps"
+max_steps = 50_000         # seed: "Steps: ~50,000"
+lr = 5e-5                  # seed: "Learning rate: 5e-5 with warmup (1K steps)"
+warmup_steps = 1000        # (same line)
+lr_connector_mult = 1.0    # Molmo2 SFT: connector and ViT 5e-6, LLM 1e-5 (reference 4.2): 0.5x, 0.5x
+lr_vit_mult = 0.5
+eval_interval = 2000
