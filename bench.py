@@ -111,7 +111,8 @@ def speed(cfg, tok, mconf, model, steps):
     name = torch.cuda.get_device_name() if dev.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
     mem = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB" if dev.type == "cuda" else ""
     print(f"{name}, {cfg['dtype']}, batch {cfg['batch_size']}: {steps / t_all:.2f} steps/s, "
-          f"{tokens / t_all:,.0f} tok/s ({100 * tokens / cells:.0f}% non-pad), {examples / t_all:.1f} examples/s, MFU {100 * flops / t_all / peak:.1f}% of {peak / 1e12:.2f} TFLOP/s, "
+          f"{tokens / t_all:,.0f} tok/s ({100 * tokens / cells:.0f}% non-pad), {examples / t_all:.1f} examples/s, "
+          f"MFU {100 * flops / t_all / peak:.1f}% of {peak / 1e12:.2f} TFLOP/s, "
           f"data {100 * t_data / t_all:.0f}% of step time{mem}")
 
 
@@ -127,7 +128,8 @@ def video(seconds=180, fps=30, size=(320, 240)):
     frames = [np.roll(base, 4 * i, axis=1) for i in range(seconds * fps)]  # a scrolling picture: real motion
     import platform
     print(f"video sampling, {seconds} s at {fps} fps, {size[0]}x{size[1]}, {os.cpu_count()} CPUs "
-          f"({platform.processor() or platform.machine()}); the sampler converts its frames to RGB, the baseline does not")
+          f"({platform.processor() or platform.machine()}); "
+          f"the sampler converts its frames to RGB, the baseline does not")
     with tempfile.TemporaryDirectory() as tmp:
         for gop in (250, 30):
             path = os.path.join(tmp, f"v{gop}.mp4")
@@ -145,7 +147,8 @@ def video(seconds=180, fps=30, size=(320, 240)):
                     got, _ = data.load_video(path, max_frames, mode=mode)
                     dt = time.perf_counter() - t
                     print(f"    max_frames {max_frames:3d}, {mode:<10}: {len(got)} frames in {dt:.2f} s "
-                          f"({len(got) / dt:,.0f} sampled frames/s; {dt / t_all:.2f}x the time of decoding every frame)")
+                          f"({len(got) / dt:,.0f} sampled frames/s; "
+                          f"{dt / t_all:.2f}x the time of decoding every frame)")
 
 
 if __name__ == "__main__":

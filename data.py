@@ -166,7 +166,8 @@ def format_groups(groups, width, height, label, tag="points"):
         scaled = []
         for p in pts:
             pid, x, y = p if len(p) == 3 else (None, *p)
-            scaled.append((min(1000, max(0, round(1000 * x / width))), min(1000, max(0, round(1000 * y / height))), pid))
+            scaled.append((min(1000, max(0, round(1000 * x / width))), min(1000, max(0, round(1000 * y / height))),
+                           pid))
         items = []
         for x, y, pid in sorted(scaled):
             n += 1
@@ -333,8 +334,8 @@ def load_video(path, max_frames, fps=2.0, mode="seek"):
     out = {}
     try:
         frames, pos = None, -1.0
-        for w in wanted:
-            jump = frames is None or (mode == "seek" and any(pos < k <= w for k in keys))
+        for w in wanted:  # seek when a key frame lies in (pos, w]: the frames before it need not be decoded
+            jump = frames is None or (mode == "seek" and bisect.bisect_right(keys, w) > bisect.bisect_right(keys, pos))
             if jump:
                 container.seek(int(round((w + start) / tb)), stream=stream, backward=True)
                 frames = container.decode(stream)

@@ -380,9 +380,9 @@ class Molmo2(nn.Module):
         ids = batch["input_ids"]
         x = self.embed_inputs(ids, batch.get("pixel_values"), batch.get("image_mask"), batch.get("pool_idx"))
         am = batch["attention_mask"]
-        doc = batch.get("doc_ids", am.long())  # one example per row unless the row is packed
-        if positions is None:  # packed rows restart per example; otherwise count only real tokens
-            positions = batch.get("position_ids", (am.long().cumsum(1) - 1).clamp(min=0))
+        doc = batch["doc_ids"] if "doc_ids" in batch else am.long()  # one example per row unless packed
+        if positions is None:  # collate's (restarting per packed example), else count only real tokens
+            positions = batch["position_ids"] if "position_ids" in batch else (am.long().cumsum(1) - 1).clamp(min=0)
         is_vision = ids >= self.c.base_vocab
         if self.attn_impl == "flex":
             mask = flex_block_mask(doc, is_vision, self.c.bidir_vision)

@@ -93,7 +93,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=7, help="which held-out scene (eval seed range)")
     ap.add_argument("--out", default=None, help="default: sample.png, or sample.gif for a video")
     ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--max_new_tokens", type=int, default=None, help="default: 128, or 512 for a video (tracks are long)")
+    ap.add_argument("--max_new_tokens", type=int, default=None,
+                    help="default: 128, or 512 for a video (tracks are long)")
     a = ap.parse_args(argv)
     model, tok, mc = load_model(a.ckpt)
     if a.video:

@@ -15,6 +15,7 @@ Tasks (the tag picks the per-task loss weight, seed: caption 1.0, QA 1.0, counti
   count     "How many blue shapes are there?" -> points, then the count (Molmo2 counts by pointing)
   text      "What is 12 plus 7?"              -> "19"            (the text-only share of the mix)
 """
+import functools
 import math
 import random
 
@@ -258,11 +259,10 @@ class VideoScene:
         masks = {k: own == k + 1 for k in range(len(self.objects))}
         return img, {k: m for k, m in masks.items() if m.sum() >= 4}
 
+    @functools.cached_property
     def frames(self):
-        """Every frame: [(t, image, masks)]. Rendered once per scene (videos are short)."""
-        if not hasattr(self, "_frames"):
-            self._frames = [(t, *self.render(t)) for t in self.times]
-        return self._frames
+        """Every frame: [(t, image, masks)], rendered once per scene (videos are short)."""
+        return [(t, *self.render(t)) for t in self.times]
 
     def select(self, color=None, shape=None):
         return [k for k, o in enumerate(self.objects)
@@ -270,7 +270,7 @@ class VideoScene:
 
     def first_seen(self, k):
         """(frame index, t) of the first frame where object k is visible, or None."""
-        return next(((i, t) for i, (t, _, m) in enumerate(self.frames()) if k in m), None)
+        return next(((i, t) for i, (t, _, m) in enumerate(self.frames) if k in m), None)
 
 
 def make_video_scene(rng, size=64, n_min=1, n_max=3):
@@ -307,7 +307,7 @@ def _video_query(rng, scene):
 
 def _video_answer(task, rng, scene, size):
     """One (question, answer, ground truth) of a video task."""
-    frames = scene.frames()
+    frames = scene.frames
     if task == "video_caption":
         order = sorted(range(len(scene.objects)), key=lambda k: scene.objects[k]["t_in"])
         parts = []
@@ -406,7 +406,7 @@ def make_video_example(task, seed, size=64, n_turns=1, video_dir=None):
             gts.append(gt)
         if len(turns) == n_turns or task in ("video_caption", "subtitle_qa"):
             break
-    frames = [img for _, img, _ in scene.frames()]
+    frames = [img for _, img, _ in scene.frames]
     video = dict(frames=frames, times=list(scene.times))
     if video_dir is not None:
         video = os.path.join(video_dir, f"{task}_{seed}.mp4")

@@ -101,8 +101,12 @@ seed = 1337
 CONFIG_KEYS = [k for k, v in list(globals().items())
                if not k.startswith("_") and isinstance(v, (int, float, bool, str, dict, tuple, list))]
 MODEL_KEYS = ["image_size", "patch_size", "vit_width", "vit_depth", "vit_heads", "vit_mlp", "vit_layers",
-              "pool_h", "pool_w", "video_pool_h", "video_pool_w", "col_tokens", "base_vocab", "n_extra", "d_model", "n_layer", "n_head",
-              "n_kv_head", "head_dim", "d_ff", "rope_theta", "tie_embeddings", "bidir_vision"]
+              "pool_h", "pool_w", "video_pool_h", "video_pool_w", "col_tokens", "base_vocab", "n_extra", "d_model",
+              "n_layer", "n_head", "n_kv_head", "head_dim", "d_ff", "rope_theta", "tie_embeddings", "bidir_vision"]
+
+
+CHOICES = {"mixing_rule": ("fixed", "sqrt"), "loss_weighting": ("task", "root"), "attn_impl": ("sdpa", "flex"),
+           "dtype": ("bfloat16", "float16", "float32")}
 
 
 def configure(argv, defaults):
@@ -207,8 +211,6 @@ def accumulate(fwd, batches, autocast=nullcontext):
 def mixture_of(C):
     """(weights, sizes) from the config: the fixed or the sqrt-proportional rule (mixing.py)."""
     import mixing
-    if C.mixing_rule not in ("fixed", "sqrt"):
-        raise SystemExit(f"mixing_rule must be 'fixed' or 'sqrt', got {C.mixing_rule!r}")
     sizes = C.dataset_sizes if C.mixing_rule == "sqrt" else None
     try:
         return mixing.mixture_weights(C.mixture, sizes, C.dataset_caps), sizes
@@ -245,6 +247,9 @@ def fmt_time(s):
 def main(argv=()):
     cfg = configure(argv, {k: globals()[k] for k in CONFIG_KEYS})
     C = type("Config", (), cfg)  # attribute access: C.lr
+    for key, allowed in CHOICES.items():  # keys that take one of a few words: a typo stops here, named
+        if cfg[key] not in allowed:
+            raise SystemExit(f"config key {key!r} must be one of {allowed}, got {cfg[key]!r}")
     import data
     import mixing
     from model import Molmo2, ModelConfig
@@ -318,8 +323,6 @@ def main(argv=()):
             print(f"resumed from {C.out_dir} at step {step}")
         else:
             print(f"initialised weights from {C.init_from}")
-    if C.attn_impl not in ("sdpa", "flex"):
-        raise SystemExit(f"attn_impl must be 'sdpa' or 'flex', got {C.attn_impl!r}")
     model.attn_impl = C.attn_impl
     fwd = torch.compile(model) if C.compile else model
     os.makedirs(C.out_dir, exist_ok=True)
@@ -341,9 +344,10 @@ def main(argv=()):
                                autocast=autocast if pt_dtype != torch.float32 else None)[0]
 
     peak = peak_flops(dev, pt_dtype)
-    t0 = t_log = time.time()
-    tokens = flops = cells = examples = 0
-    run = dict(tokens=0, cells=0, examples=0, seconds=0.0)  # whole-run averages for the last line
+    t0 = time.time()
+    # running totals; a log line reports the change since the previous one, the last line the whole run
+    tot = dict(tokens=0, cells=0, examples=0, flops=0, seconds=0.0)
+    mark = dict(tot)
     eval_seconds = 0.0
     start_step = step
     while step < C.max_steps and not (C.stop_at and step >= C.stop_at):
@@ -355,40 +359,40 @@ def main(argv=()):
         except FloatingPointError as e:
             raise SystemExit(f"{e} at step {step}; last checkpoint is in {C.out_dir}") from None
         for b in batches:
-            n_tok, n_cells = int(b["attention_mask"].sum()), b["attention_mask"].numel()
-            tokens, cells, examples = tokens + n_tok, cells + n_cells, examples + b["n_examples"]
-            run["tokens"], run["cells"], run["examples"] = (run["tokens"] + n_tok, run["cells"] + n_cells,
-                                                            run["examples"] + b["n_examples"])
-            flops += model.flops(b)
+            tot["tokens"] += int(b["attention_mask"].sum())
+            tot["cells"] += b["attention_mask"].numel()
+            tot["examples"] += b["n_examples"]
+            tot["flops"] += model.flops(b)
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), C.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
         history["step"].append(step)
         history["loss"].append(loss_total)
+        tot["seconds"] = time.time() - t0 - eval_seconds
         if step % C.log_interval == 0 or step == C.max_steps:
-            dt = time.time() - t_log
+            d = {k: tot[k] - mark[k] for k in tot}  # since the previous log line
             el = time.time() - t0
             eta = el / (step - start_step) * (C.max_steps - step)
             print(f"step {step:5d}/{C.max_steps} | loss {loss_total:.4f} | gnorm {float(gnorm):.2f} | "
-                  f"lr {opt.param_groups[-1]['lr']:.2e} | {tokens / dt:,.0f} tok/s | "
-                  f"non-pad {100 * tokens / cells:.0f}% | {examples / dt:.1f} ex/s | "
-                  f"MFU {100 * flops / dt / peak:.1f}% | elapsed {fmt_time(el)} | ETA {fmt_time(eta)}", flush=True)
-            t_log, tokens, flops, cells, examples = time.time(), 0, 0, 0, 0
-        run["seconds"] = time.time() - t0 - eval_seconds
+                  f"lr {opt.param_groups[-1]['lr']:.2e} | {d['tokens'] / d['seconds']:,.0f} tok/s | "
+                  f"non-pad {100 * d['tokens'] / d['cells']:.0f}% | {d['examples'] / d['seconds']:.1f} ex/s | "
+                  f"MFU {100 * d['flops'] / d['seconds'] / peak:.1f}% | elapsed {fmt_time(el)} | ETA {fmt_time(eta)}",
+                  flush=True)
+            mark = dict(tot)
         if step % C.eval_interval == 0 and step < C.max_steps:
             t_eval = time.time()
             checkpoint()  # saved before the eval, so an eval crash never loses the work (nanochat #446)
             m = run_eval(C.eval_prompts)
             history["evals"].append(dict(step=step, **m))
             print(f"eval @ {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in m.items()), flush=True)
-            t_log = time.time()
-            eval_seconds += t_log - t_eval
+            eval_seconds += time.time() - t_eval
     result = dict(losses=history["loss"], steps=history["step"])
-    if run["seconds"] > 0:
-        print(f"training throughput over {step - start_step} steps (evals excluded): {run['tokens'] / run['seconds']:,.0f} "
-              f"tok/s, {run['examples'] / run['seconds']:.1f} examples/s, non-pad {100 * run['tokens'] / run['cells']:.1f}% "
-              f"of the rows, {run['examples'] / max(1, step - start_step) / C.grad_accum:.1f} examples per micro-batch")
+    if tot["seconds"] > 0:
+        print(f"training throughput over {step - start_step} steps (evals excluded): "
+              f"{tot['tokens'] / tot['seconds']:,.0f} tok/s, {tot['examples'] / tot['seconds']:.1f} examples/s, "
+              f"non-pad {100 * tot['tokens'] / tot['cells']:.1f}% of the rows, "
+              f"{tot['examples'] / max(1, step - start_step) / C.grad_accum:.1f} examples per micro-batch")
     if step > start_step or C.init_from == "resume":
         checkpoint()
     if C.final_eval_prompts and step >= C.max_steps:

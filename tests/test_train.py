@@ -261,3 +261,17 @@ def test_packed_training_resume_is_exact(tmp_path):
     assert b == a  # the packer's buffer and the sampler's counters travel in the checkpoint
     ck = torch.load(tmp_path / "B" / "ckpt.pt", map_location="cpu", weights_only=False)
     assert ck["sampler"]["drawn"] > 8 * 3 and 0 < len(ck["packer"]) <= 8  # more examples than rows
+
+
+@pytest.mark.parametrize("key,bad", [("mixing_rule", "sqrtt"), ("loss_weighting", "rooot"), ("attn_impl", "flash"),
+                                     ("dtype", "bf16")])
+def test_choice_keys_fail_early_naming_the_key(tmp_path, key, bad):
+    with pytest.raises(SystemExit, match=rf"'{key}' must be one of .*{bad}"):
+        train.main(run_args(tmp_path, max_steps=1, **{key: bad}))
+    assert not os.path.exists(tmp_path / "ckpt.pt")  # stopped before any work
+
+
+def test_sqrt_mixture_with_missing_sizes_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="mixture: .*group 'a'"):
+        train.main(run_args(tmp_path, max_steps=1, mixing_rule="sqrt", mixture={"a": (1.0, {"x": 1.0, "y": 1.0})},
+                            dataset_sizes={"x": 100}))
