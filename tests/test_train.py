@@ -178,18 +178,40 @@ def test_sample_video_writes_an_animation(trained, tmp_path, capsys):
 
 
 def test_resume_is_exact(tmp_path):
-    a = train.main(run_args(tmp_path / "A", max_steps=12))["losses"]
+    pre = dict(vit_pretrain_steps=3, vit_pretrain_batch=4)  # the ViT phase runs once, before step 1
+    a = train.main(run_args(tmp_path / "A", max_steps=12, **pre))["losses"]
     assert len(a) == 12
-    b1 = train.main(run_args(tmp_path / "B", max_steps=12, stop_at=6))
+    b1 = train.main(run_args(tmp_path / "B", max_steps=12, stop_at=6, **pre))
     assert b1["losses"] == a[:6]  # stop_at keeps the 12-step schedule
     ck = torch.load(tmp_path / "B" / "ckpt.pt", map_location="cpu", weights_only=False)
     assert ck["step"] == 6
-    b = train.main(run_args(tmp_path / "B", max_steps=12, init_from="resume"))["losses"]
-    assert b == a  # bit-exact in fp32: weights, optimizer, schedule, data order
+    b = train.main(run_args(tmp_path / "B", max_steps=12, init_from="resume", **pre))["losses"]
+    assert b == a  # bit-exact in fp32: weights (pretrained ViT included), optimizer, schedule, data order
     ca = torch.load(tmp_path / "A" / "ckpt.pt", map_location="cpu", weights_only=False)
     cb = torch.load(tmp_path / "B" / "ckpt.pt", map_location="cpu", weights_only=False)
     assert ca["step"] == cb["step"] == 12
     assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
+
+
+def test_vit_pretraining_learns_beyond_the_label_prior(make_cfg):
+    """The ViT phase must learn what is in the image, not only how often each (colour, shape) pair occurs:
+    its loss ends below the best image-blind loss (each label predicted at its training frequency)."""
+    import shapes
+    from model import Molmo2
+    torch.manual_seed(0)
+    model = Molmo2(make_cfg(image_size=64))
+    C = type("C", (), dict(DEFAULTS, vit_pretrain_steps=STEPS_PRE, vit_pretrain_batch=32))
+    vit0 = {k: v.clone() for k, v in model.vit.state_dict().items()}
+    losses = train.pretrain_vit(model, C, torch.device("cpu"), lambda: torch.autocast("cpu", enabled=False))
+    _, y = shapes.attribute_batch(0, STEPS_PRE * 32, 64)  # the labels it trained on
+    p = y.mean(0).clamp(1e-6, 1 - 1e-6)
+    prior = float(-(p * p.log() + (1 - p) * (1 - p).log()).mean())  # blind optimum of the mean BCE
+    late = sum(losses[-10:]) / 10
+    assert late < prior - 0.02, (late, prior)
+    assert any(not torch.equal(v, model.vit.state_dict()[k]) for k, v in vit0.items())
+
+
+STEPS_PRE = 200
 
 
 def test_resume_missing_checkpoint(tmp_path):
