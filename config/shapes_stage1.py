@@ -12,7 +12,7 @@ seq_len = 512              # per row; the longest shapes example (3 pointing tur
 batch_size = 8             # rows per step
 max_images_per_row = 8
 # Molmo2 starts from a pretrained SigLIP2 ViT. The shapes world has none, and a ViT taught only through a random
-# LLM learns shapes too slowly for this budget, so the run first pretrains it for ~2.5 minutes on which
+# LLM learns shapes too slowly for this budget, so the run first pretrains it (~2 minutes here) on which
 # (colour, shape) pairs each scene holds (train.pretrain_vit)
 vit_pretrain_steps = 500
 vit_pretrain_batch = 64
