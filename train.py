@@ -249,7 +249,8 @@ def pretrain_vit(model, C, dev, autocast):
     Trained from scratch *through* the LLM, the ViT learns shapes far too slowly for a CPU budget: its only
     teacher is a decoder that is itself random and reads the image through a few attention weights. A single
     object's shape, asked as "What shape is the red object?" with nothing else trained, stayed near chance (0.25)
-    for 300 steps of 32; after 300 steps of this phase, the same probe reached ~0.58. The objective is image-
+    for 300 steps of 32; after 300 steps of this phase, the same probe reached ~0.58 (throwaway probes, not in
+    the repo; the README has the end-to-end runs). The objective is image-
     level and multi-label, like the supervised ViT pretraining before CLIP: a temporary linear head on the mean
     of the ViT's (concatenated) features predicts which of the 20 (colour, shape) pairs the scene holds, with a
     sigmoid loss per pair (SigLIP's sigmoid, against fixed labels instead of captions). The head is dropped."""
@@ -281,12 +282,13 @@ def pretrain_vit(model, C, dev, autocast):
         torch.nn.utils.clip_grad_norm_(vit.parameters(), C.grad_clip)
         opt.step()
         losses.append(loss.item())
+        recent = sum(losses[-50:]) / len(losses[-50:])
         if (s + 1) % 50 == 0 or s + 1 == n:
             el = time.time() - t0
-            print(f"vit step {s + 1:4d}/{n} | loss {sum(losses[-50:]) / len(losses[-50:]):.4f} | "
-                  f"elapsed {fmt_time(el)} | ETA {fmt_time(el / (s + 1) * (n - s - 1))}", flush=True)
-    print(f"ViT pretraining done in {fmt_time(time.time() - t0)}: loss {losses[0]:.3f} -> "
-          f"{sum(losses[-50:]) / len(losses[-50:]):.3f}, held-out exact-set accuracy {exact():.3f}")
+            print(f"vit step {s + 1:4d}/{n} | loss {recent:.4f} | elapsed {fmt_time(el)} | "
+                  f"ETA {fmt_time(el / (s + 1) * (n - s - 1))}", flush=True)
+    print(f"ViT pretraining done in {fmt_time(time.time() - t0)}: loss {losses[0]:.3f} -> {recent:.3f}, "
+          f"held-out exact-set accuracy {exact():.3f}")
     return losses
 
 
@@ -300,6 +302,9 @@ def main(argv=()):
     for key, allowed in CHOICES.items():  # keys that take one of a few words: a typo stops here, named
         if cfg[key] not in allowed:
             raise SystemExit(f"config key {key!r} must be one of {allowed}, got {cfg[key]!r}")
+    for key, least in (("vit_pretrain_steps", 0), ("vit_pretrain_batch", 1)):
+        if cfg[key] < least:
+            raise SystemExit(f"config key {key!r} must be >= {least}, got {cfg[key]!r}")
     import data
     import mixing
     from model import Molmo2, ModelConfig

@@ -200,18 +200,16 @@ def test_vit_pretraining_learns_beyond_the_label_prior(make_cfg):
     from model import Molmo2
     torch.manual_seed(0)
     model = Molmo2(make_cfg(image_size=64))
-    C = type("C", (), dict(DEFAULTS, vit_pretrain_steps=STEPS_PRE, vit_pretrain_batch=32))
+    steps = 200
+    C = type("C", (), dict(DEFAULTS, vit_pretrain_steps=steps, vit_pretrain_batch=32))
     vit0 = {k: v.clone() for k, v in model.vit.state_dict().items()}
     losses = train.pretrain_vit(model, C, torch.device("cpu"), lambda: torch.autocast("cpu", enabled=False))
-    _, y = shapes.attribute_batch(0, STEPS_PRE * 32, 64)  # the labels it trained on
+    _, y = shapes.attribute_batch(0, steps * 32, 64)  # the labels it trained on
     p = y.mean(0).clamp(1e-6, 1 - 1e-6)
     prior = float(-(p * p.log() + (1 - p) * (1 - p).log()).mean())  # blind optimum of the mean BCE
     late = sum(losses[-10:]) / 10
     assert late < prior - 0.02, (late, prior)
     assert any(not torch.equal(v, model.vit.state_dict()[k]) for k, v in vit0.items())
-
-
-STEPS_PRE = 200
 
 
 def test_resume_missing_checkpoint(tmp_path):
@@ -291,6 +289,12 @@ def test_choice_keys_fail_early_naming_the_key(tmp_path, key, bad):
     with pytest.raises(SystemExit, match=rf"'{key}' must be one of .*{bad}"):
         train.main(run_args(tmp_path, max_steps=1, **{key: bad}))
     assert not os.path.exists(tmp_path / "ckpt.pt")  # stopped before any work
+
+
+@pytest.mark.parametrize("key,bad", [("vit_pretrain_steps", -1), ("vit_pretrain_batch", 0)])
+def test_vit_pretraining_keys_are_checked(tmp_path, key, bad):
+    with pytest.raises(SystemExit, match=rf"'{key}' must be >= .*{bad}"):
+        train.main(run_args(tmp_path, max_steps=1, **{key: bad}))
 
 
 def test_sqrt_mixture_with_missing_sizes_is_a_clear_error(tmp_path):
