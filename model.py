@@ -332,8 +332,7 @@ class Molmo2(nn.Module):
         # The ViT: LeCun-normal (std = fan_in^-0.5, flax's Dense default, which big_vision's SigLIP uses), with the
         # residual branches scaled by depth. GPT-2's fixed 0.02 is ~1/4 of fan-in scale at width 128: trained from
         # scratch on shapes (a throwaway probe: single objects, linear head on mean features, 300 steps) it named
-        # the shape 45% of
-        # the time, against 95% with this init. Pretrained SigLIP weights simply overwrite all of this.
+        # the shape 45% of the time, against 95% with this init. Pretrained SigLIP weights simply overwrite all of this.
         for name, m in self.vit.named_modules():
             if isinstance(m, nn.Linear):
                 std = m.in_features ** -0.5
