@@ -186,21 +186,45 @@ def make_example(task, seed, size=64, n_turns=1):
     return dict(task=task, image=scene.image, turns=turns, gt=gts[0])
 
 
-# Labels for the ViT pretraining phase (train.py pretrain_vit): which (colour, shape) pairs a scene holds.
-ATTRIBUTE_PAIRS = [(c, s) for c in COLORS for s in SHAPES]  # 20 labels
+# Labels for the vision pretraining phase (train.py pretrain_vit). Dense, one set per pooled image token, because
+# that is what the LLM will read: each token must say what lies under it and where an object's centre is.
+ATTRIBUTE_PAIRS = [(c, s) for c in COLORS for s in SHAPES]  # 20 (colour, shape) classes
+CENTRE_BINS = 32  # centre coordinates as classes: 32 bins across the image (2 px at 64 px, 31 in 0-1000 units)
 
 
-def attribute_batch(start, n, size=64, offset=TRAIN_SEED_OFFSET):
-    """n scenes (seeds start.. start+n-1, in their own seed space) -> images (n, 3, size, size) normalised as the
-    model's input, and multi-hot labels (n, 20): 1 where some object has that colour and shape. Eval scenes
-    use offset=0, training scenes the training offset, as everywhere in this world."""
-    xs, ys = [], torch.zeros(n, len(ATTRIBUTE_PAIRS))
+def dense_batch(start, n, size=64, patch=8, pool=(2, 2), offset=TRAIN_SEED_OFFSET):
+    """n scenes (seeds "vit:{offset + start + i}") -> targets for each pooled token (the connector's output for
+    one image, in pooling_index order: T tokens, each a window of pool[0] x pool[1] patches):
+      x      (n, 3, size, size)  images, normalised as the model's input
+      centre (n, T) long         pair index (0..19) of the object whose centre lies in the window, 20 = none
+      bins   (n, T, 2) long      that centre's (x, y) bin in 0..CENTRE_BINS-1, -100 (ignored) where none
+      cover  (n, T, 20) float    1 where an object of that pair covers at least 3 pixels of the window
+    Eval scenes use offset=0, training scenes the training offset, as everywhere in this world."""
+    from data import pooling_index
+    g = size // patch
+    idx, _, _ = pooling_index(g, g, *pool)
+    boxes = []  # pixel box (y0, y1, x0, x1) of each window: the span of its valid patches
+    for row in idx:
+        r, c = row[row >= 0] // g, row[row >= 0] % g
+        boxes.append((r.min() * patch, (r.max() + 1) * patch, c.min() * patch, (c.max() + 1) * patch))
+    T = len(boxes)
+    xs = []
+    centre = torch.full((n, T), len(ATTRIBUTE_PAIRS), dtype=torch.long)
+    bins = torch.full((n, T, 2), -100, dtype=torch.long)
+    cover = torch.zeros(n, T, len(ATTRIBUTE_PAIRS))
     for i in range(n):
         scene = make_scene(random.Random(f"vit:{offset + start + i}"), size)
         xs.append(preprocess_image(scene.image, size))
-        for o in scene.objects:
-            ys[i, ATTRIBUTE_PAIRS.index((o["color"], o["shape"]))] = 1.0
-    return torch.stack(xs), ys
+        for o in sorted(scene.objects, key=lambda o: o["r"]):  # larger objects last: they win a shared window
+            k = ATTRIBUTE_PAIRS.index((o["color"], o["shape"]))
+            for t, (y0, y1, x0, x1) in enumerate(boxes):
+                if o["mask"][y0:y1, x0:x1].sum() >= 3:
+                    cover[i, t, k] = 1.0
+                if y0 <= o["cy"] < y1 and x0 <= o["cx"] < x1:
+                    centre[i, t] = k
+                    bins[i, t, 0] = min(CENTRE_BINS - 1, int(o["cx"] / size * CENTRE_BINS))
+                    bins[i, t, 1] = min(CENTRE_BINS - 1, int(o["cy"] / size * CENTRE_BINS))
+    return torch.stack(xs), centre, bins, cover
 
 
 def _qa(rng, scene):

@@ -54,7 +54,7 @@ packing = False                 # pack several examples per row (doc ids + resta
 max_images_per_row = 8          # packing: vision budget per row (Molmo2: max crops per sequence)
 pack_buffer = 32                # packing: examples the best-fit packer chooses from
 grad_accum = 1                  # micro-batches per optimizer step
-vit_pretrain_steps = 0          # shapes only: a ViT pretraining phase first (stand-in for SigLIP2; 0 = none)
+vit_pretrain_steps = 0          # shapes only: pretrain ViT + connector first (stand-in for SigLIP2; 0 = none)
 vit_pretrain_batch = 64         # images per ViT pretraining step
 vit_pretrain_lr = 1e-3          # its peak LR (warmup, then cosine to 10%)
 # model (see model.ModelConfig for what each means)
@@ -244,52 +244,77 @@ def batch_source(C, tok, mconf, sampler, dev):
 
 
 def pretrain_vit(model, C, dev, autocast):
-    """Pretrain the ViT before stage 1: the shapes world's stand-in for the SigLIP2 checkpoint Molmo2 starts from.
+    """Pretrain the ViT and the connector before stage 1: the shapes world's stand-in for the SigLIP2 checkpoint
+    Molmo2 starts from. Returns the per-step losses and the held-out figures: centre_acc (the share of windows
+    holding an object's centre whose pair is named right) and centre_err_px (that centre's mean error).
 
     Trained from scratch *through* the LLM, the ViT learns shapes far too slowly for a CPU budget: its only
-    teacher is a decoder that is itself random and reads the image through a few attention weights. A single
-    object's shape, asked as "What shape is the red object?" with nothing else trained, stayed near chance (0.25)
-    for 300 steps of 32; after 300 steps of this phase, the same probe reached ~0.58 (throwaway probes, not in
-    the repo; the README has the end-to-end runs). The objective is image-
-    level and multi-label, like the supervised ViT pretraining before CLIP: a temporary linear head on the mean
-    of the ViT's (concatenated) features predicts which of the 20 (colour, shape) pairs the scene holds, with a
-    sigmoid loss per pair (SigLIP's sigmoid, against fixed labels instead of captions). The head is dropped."""
+    teacher is a decoder that is itself random and reads the image through a few attention weights. Here a
+    temporary linear head reads every pooled token the LLM will later see, (N, T, d_model) from vit + connector,
+    and predicts, per token: which (colour, shape) pair has its centre in the token's window (21-way, "none"
+    included), that centre's x and y as 32 bins each, and which pairs cover the window (a sigmoid per pair,
+    SigLIP-style). Dense labels give each image T x 23 targets instead of 20 image-level bits, and they ask for
+    exactly what pointing reads from a token: what is here, and where its centre is. The head is dropped afterwards."""
     import shapes
-    vit = model.vit
-    head = torch.nn.Linear(len(model.c.vit_layers) * model.c.vit_width, len(shapes.ATTRIBUTE_PAIRS)).to(dev)
-    opt = torch.optim.AdamW(list(vit.parameters()) + list(head.parameters()), lr=C.vit_pretrain_lr,
-                            betas=(C.beta1, C.beta2), eps=C.adam_eps, weight_decay=0.0)
-    size, n, bs = model.c.image_size, C.vit_pretrain_steps, C.vit_pretrain_batch
-    xv, yv = shapes.attribute_batch(0, 256, size, offset=0)  # held-out scenes (eval seed space)
+    from data import pooling_index
+    c = model.c
+    n_pairs, nb = len(shapes.ATTRIBUTE_PAIRS), shapes.CENTRE_BINS
+    head = torch.nn.Linear(c.d_model, (n_pairs + 1) + 2 * nb + n_pairs).to(dev)
+    params = list(model.vit.parameters()) + list(model.connector.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=C.vit_pretrain_lr, betas=(C.beta1, C.beta2), eps=C.adam_eps, weight_decay=0.0)
+    size, n, bs, pool = c.image_size, C.vit_pretrain_steps, C.vit_pretrain_batch, (c.pool_h, c.pool_w)
+    g = size // c.patch_size
+    idx = torch.tensor(pooling_index(g, g, *pool)[0], device=dev)  # (T, k) patch ids of one image, -1 = pad
 
-    def exact():  # share of held-out scenes whose whole set of 20 labels is right
-        with torch.no_grad(), autocast():
-            p = head(vit(xv.to(dev)).mean(1).float()) > 0
-        return (p == (yv.to(dev) > 0)).all(1).float().mean().item()
+    def predict(x):  # (N, 3, H, W) -> logits: centre (N, T, 21), bins (N, T, 2, nb), cover (N, T, 20)
+        N = x.shape[0]
+        with autocast():
+            f = model.vit(x.to(dev))                                              # (N, P, Cin)
+            pidx = torch.where(idx >= 0, idx + g * g * torch.arange(N, device=dev)[:, None, None], -1)
+            tok = model.connector(f.flatten(0, 1), pidx.flatten(0, 1)).view(N, idx.shape[0], -1)
+        out = head(tok.float())                                                   # (N, T, 21 + 2 nb + 20)
+        pc, pb, pv = out.split([n_pairs + 1, 2 * nb, n_pairs], -1)
+        return pc, pb.unflatten(-1, (2, nb)), pv
+
+    xv, cv, bv, _ = shapes.dense_batch(0, 256, size, c.patch_size, pool, offset=0)  # held-out (eval seed space)
+    cv, bv = cv.to(dev), bv.to(dev)
+
+    def held_out():  # on the windows that hold a centre: share with the right pair, mean centre error in pixels
+        with torch.no_grad():
+            pc, pb, _ = predict(xv)
+        has = cv < n_pairs
+        acc = (pc.argmax(-1) == cv)[has].float().mean().item()
+        err = ((pb.argmax(-1) - bv).abs().float() * size / nb)[has].mean().item()
+        return acc, err
+
+    def show(acc, err):
+        return f"held-out centre pair {acc:.3f} (chance 0.05), centre error {err:.1f} px"
 
     t0, losses = time.time(), []
-    print(f"ViT pretraining (stand-in for SigLIP2): {n} steps of {bs} shapes images; held-out exact-set "
-          f"accuracy {exact():.3f}")
+    print(f"vision pretraining (stand-in for SigLIP2): {n} steps of {bs} shapes images; {show(*held_out())}")
     for s in range(n):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(s, C.vit_pretrain_lr, max(1, n // 10), n, C.min_lr_frac)
-        x, y = shapes.attribute_batch(s * bs, bs, size)
-        with autocast():
-            f = vit(x.to(dev)).mean(1).float()               # (B, 2W): mean over patches
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(head(f), y.to(dev))
+        for grp in opt.param_groups:
+            grp["lr"] = lr_at(s, C.vit_pretrain_lr, max(1, n // 10), n, C.min_lr_frac)
+        x, centre, bins, cover = shapes.dense_batch(s * bs, bs, size, c.patch_size, pool)
+        pc, pb, pv = predict(x)
+        F = torch.nn.functional
+        loss = (F.cross_entropy(pc.flatten(0, 1), centre.to(dev).flatten())
+                + F.cross_entropy(pb.flatten(0, 2), bins.to(dev).flatten())  # -100 (no centre) ignored
+                + F.binary_cross_entropy_with_logits(pv, cover.to(dev)) * n_pairs)  # summed over pairs
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vit.parameters(), C.grad_clip)
+        torch.nn.utils.clip_grad_norm_(params, C.grad_clip)
         opt.step()
         losses.append(loss.item())
         recent = sum(losses[-50:]) / len(losses[-50:])
         if (s + 1) % 50 == 0 or s + 1 == n:
             el = time.time() - t0
-            print(f"vit step {s + 1:4d}/{n} | loss {recent:.4f} | elapsed {fmt_time(el)} | "
+            print(f"vision step {s + 1:4d}/{n} | loss {recent:.4f} | elapsed {fmt_time(el)} | "
                   f"ETA {fmt_time(el / (s + 1) * (n - s - 1))}", flush=True)
-    print(f"ViT pretraining done in {fmt_time(time.time() - t0)}: loss {losses[0]:.3f} -> {recent:.3f}, "
-          f"held-out exact-set accuracy {exact():.3f}")
-    return losses
+    acc, err = held_out()
+    print(f"vision pretraining done in {fmt_time(time.time() - t0)}: loss {losses[0]:.3f} -> {recent:.3f}, "
+          f"{show(acc, err)}")
+    return losses, dict(centre_acc=acc, centre_err_px=err)
 
 
 def fmt_time(s):
