@@ -287,6 +287,8 @@ def pretrain_vit(model, C, dev, autocast):
         err = ((pb.argmax(-1) - bv).abs().float() * size / nb)[has].mean().item()
         return acc, err
 
+    F = torch.nn.functional
+
     def show(acc, err):
         return f"held-out centre pair {acc:.3f} (chance 0.05), centre error {err:.1f} px"
 
@@ -297,7 +299,6 @@ def pretrain_vit(model, C, dev, autocast):
             grp["lr"] = lr_at(s, C.vit_pretrain_lr, max(1, n // 10), n, C.min_lr_frac)
         x, centre, bins, cover = shapes.dense_batch(s * bs, bs, size, c.patch_size, pool)
         pc, pb, pv = predict(x)
-        F = torch.nn.functional
         loss = (F.cross_entropy(pc.flatten(0, 1), centre.to(dev).flatten())
                 + F.cross_entropy(pb.flatten(0, 2), bins.to(dev).flatten())  # -100 (no centre) ignored
                 + F.binary_cross_entropy_with_logits(pv, cover.to(dev)) * n_pairs)  # summed over pairs
