@@ -469,7 +469,7 @@ def visual_tokens(ex, tok, cfg, max_frames=128, fps=2.0, budget=None):
 
 
 def encode_example(ex, tok, cfg, task_weights, weighting="task", flat_weights=None, max_frames=128, fps=2.0,
-                   seq_len=None):
+                   seq_len=None, first_token_mult=1.0):
     """ex: dict(task, turns [(user, assistant), ...], and one of image (PIL or path), images [up to 5],
     video (path or dict(frames, times)) with optional subtitles (.srt/.vtt path or [(s, e, text)])).
     Returns dict(input_ids, labels, loss_weights (aligned with labels), images [(3,H,W)], pool_idx,
@@ -484,12 +484,15 @@ def encode_example(ex, tok, cfg, task_weights, weighting="task", flat_weights=No
                         the conversation) per token, so a long answer counts ~sqrt(n), not n, times a short
                         one; tasks in flat_weights get that flat weight per token instead (Molmo2: pointing
                         and tracking 0.2).
+    first_token_mult: the first token of every answer gets this many times its weight (1.0 = the seed). In a
+      pointing or counting answer that one token decides "There are none." against "<points": a yes/no about the
+      whole image, outweighed ~20:1 by the coordinate tokens after it.
     seq_len: a video that would not fit is given fewer frames (visual_tokens)."""
     if ex["task"] not in task_weights:
         raise KeyError(f"task {ex['task']!r} has no loss weight; task_weights has {sorted(task_weights)}")
     if weighting not in ("task", "root"):
         raise ValueError(f"loss weighting must be 'task' or 'root', got {weighting!r}")
-    text, is_answer = [], []
+    text, is_answer, is_first = [], [], []
     for i, (q, a) in enumerate(ex["turns"]):
         prompt = ([tok.encode("\n")] if i else []) + [[tok.chat_start], tok.encode("user\n" + q),
                                                        [tok.chat_end], tok.encode("\n"), [tok.chat_start],
@@ -497,13 +500,16 @@ def encode_example(ex, tok, cfg, task_weights, weighting="task", flat_weights=No
         for p in prompt:
             text += p
             is_answer += [False] * len(p)
+            is_first += [False] * len(p)
         ans = tok.encode(a) + [tok.chat_end]
         text += ans
         is_answer += [True] * len(ans)
+        is_first += [True] + [False] * (len(ans) - 1)
     budget = None if seq_len is None else seq_len - 1 - len(text)
     vis, images, pool, stamps = visual_tokens(ex, tok, cfg, max_frames, fps, budget)
     ids = [tok.bos] + vis + text
     is_answer = [False] * (1 + len(vis)) + is_answer
+    is_first = [False] * (1 + len(vis)) + is_first
     n_ans = sum(is_answer)
     if weighting == "task":
         w = float(task_weights[ex["task"]])
@@ -513,7 +519,7 @@ def encode_example(ex, tok, cfg, task_weights, weighting="task", flat_weights=No
         w = 2.0 / math.sqrt(max(1, n_ans))
     # next-token targets: position t predicts ids[t+1]; weights move with their target token
     labels = ids[1:] + [-1]
-    loss_w = [w if a else 0.0 for a in is_answer[1:]] + [0.0]
+    loss_w = [(w * first_token_mult if f else w) if a else 0.0 for a, f in zip(is_answer[1:], is_first[1:])] + [0.0]
     return dict(input_ids=ids, labels=labels, loss_weights=loss_w, images=images, pool_idx=pool, timestamps=stamps,
                 n_patches=[(cfg.image_size // cfg.patch_size) ** 2] * len(images), task=ex["task"])
 

@@ -40,6 +40,7 @@ TRAIN_SEED_OFFSET = 1_000_000  # eval scenes use seeds [0, 1e6), training scenes
 POINT_PROMPT = "Point to the {label}\nPlease say 'There are none.' if it is not in the image."
 COUNT_PROMPT = "How many {label} are there?"
 NONE_ANSWER = "There are none."
+ABSENT_RATE = 0.2  # share of pointing/counting queries about something absent; the held-out eval always uses it
 
 
 def plural(shape):
@@ -121,11 +122,11 @@ def caption(scene, size):
     return f"There {'is' if n == 1 else 'are'} {n} shape{'s' if n > 1 else ''}: " + ", ".join(parts) + "."
 
 
-def _query(rng, scene):
+def _query(rng, scene, absent_rate=ABSENT_RATE):
     """A referring label and the objects it picks. Mixes colour+shape, colour-only and shape-only queries,
-    and about 1 in 5 is absent from the scene, so answers range over 0..6 objects."""
+    and about absent_rate of them (1 in 5) is absent from the scene, so answers range over 0..6 objects."""
     kind = rng.random()
-    if rng.random() < 0.2:  # an absent combination -> "There are none."
+    if rng.random() < absent_rate:  # an absent combination -> "There are none."
         for _ in range(20):
             c, s = rng.choice(list(COLORS)), rng.choice(SHAPES)
             if kind < 0.6 and not scene.select(c, s):
@@ -142,8 +143,10 @@ def _query(rng, scene):
     return plural(o["shape"]), scene.select(shape=o["shape"])
 
 
-def make_example(task, seed, size=64, n_turns=1):
+def make_example(task, seed, size=64, n_turns=1, absent_rate=ABSENT_RATE):
     """Returns dict(task, image (PIL or None), turns [(user, assistant)], gt (ground truth of the first turn)).
+    absent_rate: the share of pointing/counting questions whose answer is "There are none." (training may ask
+    more of them, train.absent_rate; evaluation keeps the default).
 
     n_turns > 1 asks several different questions of the same task about the same scene, as one multi-turn
     conversation: the image is encoded once for all of them, the way Molmo2 groups the annotations of one
@@ -162,7 +165,7 @@ def make_example(task, seed, size=64, n_turns=1):
     turns, gts = [], []
     for _ in range(4 * n_turns):  # distinct questions only
         if task in ("point", "count"):
-            label, objs = _query(rng, scene)
+            label, objs = _query(rng, scene, absent_rate)
             pts = [(o["cx"], o["cy"]) for o in objs]  # pixel centres; the writer scales to 0-1000
             if task == "point":
                 q = POINT_PROMPT.format(label=label)

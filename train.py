@@ -44,7 +44,9 @@ task_weights = {"caption": 1.0, "qa": 1.0, "count": 1.5, "point": 2.0, "track": 
                 "video_point": 2.0, "multi_qa": 1.0, "multi_point": 2.0}
 loss_weighting = "task"         # 'task': task_weights per answer token (seed) | 'root': Molmo2 SFT 2/sqrt(n)
 root_flat_weights = {"point": 0.2, "count": 0.2, "track": 0.2}  # 'root': flat per-token weights (Molmo2)
+first_token_mults = {}          # task -> x weight on its answers' first token (pointing: "There are none." or points)
 tokenizer = "shapes-bpe"        # 'shapes-bpe' (trained offline, here), a .tiktoken path, or a cached name
+absent_rate = 0.2               # shapes: share of training point/count questions about absent objects (eval: 0.2)
 turns_per_image = 1             # questions per image in one sequence (>1: the image is encoded once for all)
 max_frames = 128                # video: Molmo2 samples 2 fps up to this many frames (seed: 128 stage 2, 384 stage 3)
 video_fps = 2.0                 # video: Molmo2's sampling rate (seed: "Sample frames at 2 fps")
@@ -229,9 +231,10 @@ def batch_source(C, tok, mconf, sampler, dev):
 
     def encode(key):  # (task, index) -> encoded example; the shapes world is procedural, index = scene seed
         task, idx = key
-        ex = shapes.make_example(task, shapes.TRAIN_SEED_OFFSET + idx, mconf.image_size, C.turns_per_image)
+        ex = shapes.make_example(task, shapes.TRAIN_SEED_OFFSET + idx, mconf.image_size, C.turns_per_image,
+                                 C.absent_rate)
         return data.encode_example(ex, tok, mconf, C.task_weights, C.loss_weighting, C.root_flat_weights,
-                                   C.max_frames, C.video_fps, C.seq_len)
+                                   C.max_frames, C.video_fps, C.seq_len, C.first_token_mults.get(task, 1.0))
 
     packer = data.Packer(sampler.draw, encode, C.seq_len, C.max_images_per_row, C.pack_buffer)
 
@@ -331,6 +334,12 @@ def main(argv=()):
     for key, least in (("vit_pretrain_steps", 0), ("vit_pretrain_batch", 1)):
         if cfg[key] < least:
             raise SystemExit(f"config key {key!r} must be >= {least}, got {cfg[key]!r}")
+    if not 0.0 <= C.absent_rate <= 1.0:
+        raise SystemExit(f"config key 'absent_rate' must be in [0, 1], got {C.absent_rate!r}")
+    for task, m in C.first_token_mults.items():  # a misspelt task would silently weight nothing
+        if task not in C.task_weights or not isinstance(m, (int, float)) or m <= 0:
+            raise SystemExit(f"first_token_mults[{task!r}] = {m!r}: keys must be tasks of task_weights "
+                             f"({', '.join(sorted(C.task_weights))}) and values positive numbers")
     import data
     import mixing
     from model import Molmo2, ModelConfig
@@ -421,10 +430,10 @@ def main(argv=()):
             history=history,
             rng=dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state())))
 
-    def run_eval(n, blind=False):
+    def run_eval(n, blind=False):  # -> (metrics, records [(task, question, answer, reference, score)])
         from eval import evaluate_shapes
         return evaluate_shapes(model, tok, mconf, n_prompts=n, tasks=C.eval_tasks, blind=blind,
-                               autocast=autocast if pt_dtype != torch.float32 else None)[0]
+                               autocast=autocast if pt_dtype != torch.float32 else None)
 
     peak = peak_flops(dev, pt_dtype)
     t0 = time.time()
@@ -466,7 +475,7 @@ def main(argv=()):
         if step % C.eval_interval == 0 and step < C.max_steps:
             t_eval = time.time()
             checkpoint()  # saved before the eval, so an eval crash never loses the work (nanochat #446)
-            m = run_eval(C.eval_prompts)
+            m = run_eval(C.eval_prompts)[0]
             history["evals"].append(dict(step=step, **m))
             print(f"eval @ {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in m.items()), flush=True)
             eval_seconds += time.time() - t_eval
@@ -479,13 +488,16 @@ def main(argv=()):
     if step > start_step or C.init_from == "resume":
         checkpoint()
     if C.final_eval_prompts and step >= C.max_steps:
-        m = run_eval(C.final_eval_prompts)
+        from eval import breakdown
+        m, records = run_eval(C.final_eval_prompts)
         history["evals"].append(dict(step=step, final=True, **m))
         print(f"final eval @ {step} ({C.final_eval_prompts} prompts/task): " +
               ", ".join(f"{k} {v:.3f}" for k, v in m.items()), flush=True)
+        # the same scores by question kind (eval.breakdown): what the model can and cannot do yet
+        print("  by kind: " + ", ".join(f"{k} {s:.2f} (n={n})" for k, (n, s) in breakdown(records).items()))
         result["final"] = m
         if C.blind_baseline:
-            mb = run_eval(C.final_eval_prompts, blind=True)
+            mb = run_eval(C.final_eval_prompts, blind=True)[0]
             history["evals"][-1]["blind"] = mb
             print("image-blind baseline (same checkpoint, blank images): " +
                   ", ".join(f"{k} {v:.3f}" for k, v in mb.items()), flush=True)

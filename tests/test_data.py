@@ -299,6 +299,20 @@ def test_encode_example_multi_turn_weights(tok, cfg):
     assert tok.decode(e["input_ids"][:first + 1]).endswith("assistant\n")
 
 
+def test_first_token_mult_weights_each_answers_decision_token(tok, cfg):
+    ex = dict(task="point", image=None, turns=[("q one", shapes.NONE_ANSWER), ("q two", "<points coords=\"1 1 5 5\">"
+                                                                                        "x</points>")])
+    base = np.array(data.encode_example(ex, tok, cfg, TW)["loss_weights"])
+    e = data.encode_example(ex, tok, cfg, TW, first_token_mult=10.0)
+    w = np.array(e["loss_weights"])
+    changed = np.flatnonzero(w != base)
+    # exactly the first token of each answer, x10 (pointing's 2.0 -> 20.0); everything else as before
+    assert [tok.decode([e["labels"][i]]) for i in changed] == [tok.decode(tok.encode(shapes.NONE_ANSWER)[:1]),
+                                                               tok.decode(tok.encode("<points")[:1])]
+    assert w[changed].tolist() == [20.0, 20.0] and base[changed].tolist() == [2.0, 2.0]
+    assert np.count_nonzero(w) == np.count_nonzero(base)
+
+
 def test_encode_example_unknown_task(tok, cfg):
     with pytest.raises(KeyError, match="track2"):
         data.encode_example(dict(task="track2", image=None, turns=[("a", "b")]), tok, cfg, TW)

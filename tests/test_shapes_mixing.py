@@ -96,6 +96,17 @@ def test_pointing_answers_and_masks():
     assert set(range(5)) <= set(counts)
 
 
+def test_absent_rate_sets_the_share_of_none_answers():
+    def none_share(rate):
+        exs = [shapes.make_example("point", s, absent_rate=rate) for s in range(200)]
+        return sum(ex["gt"]["count"] == 0 for ex in exs) / len(exs), exs
+    share, default = none_share(shapes.ABSENT_RATE)
+    assert 0.1 < share < 0.3  # the eval's share (a failed search for an absent label falls back to a present one)
+    assert [e["turns"] for e in default] == [shapes.make_example("point", s)["turns"] for s in range(200)]
+    assert none_share(0.0)[0] == 0.0
+    assert none_share(1.0)[0] > 0.8
+
+
 def test_qa_and_caption_consistent_with_scene():
     for seed in range(40):
         ex = shapes.make_example("qa", seed)

@@ -300,6 +300,17 @@ def test_vit_pretraining_keys_are_checked(tmp_path, key, bad):
         train.main(run_args(tmp_path, max_steps=1, **{key: bad}))
 
 
+def test_absent_rate_is_a_share(tmp_path):
+    with pytest.raises(SystemExit, match=r"'absent_rate' must be in \[0, 1\], got 1.5"):
+        train.main(run_args(tmp_path, max_steps=1, absent_rate=1.5))
+
+
+@pytest.mark.parametrize("bad", [{"pointing": 10.0}, {"point": -1.0}, {"point": "10"}])
+def test_first_token_mults_name_a_task_and_a_positive_number(tmp_path, bad):
+    with pytest.raises(SystemExit, match=r"first_token_mults\[.*keys must be tasks of task_weights"):
+        train.main(run_args(tmp_path, max_steps=1, first_token_mults=bad))
+
+
 def test_sqrt_mixture_with_missing_sizes_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="mixture: .*group 'a'"):
         train.main(run_args(tmp_path, max_steps=1, mixing_rule="sqrt", mixture={"a": (1.0, {"x": 1.0, "y": 1.0})},
