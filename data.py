@@ -492,7 +492,7 @@ def encode_example(ex, tok, cfg, task_weights, weighting="task", flat_weights=No
         raise KeyError(f"task {ex['task']!r} has no loss weight; task_weights has {sorted(task_weights)}")
     if weighting not in ("task", "root"):
         raise ValueError(f"loss weighting must be 'task' or 'root', got {weighting!r}")
-    text, is_answer, is_first = [], [], []
+    text, is_answer = [], []
     for i, (q, a) in enumerate(ex["turns"]):
         prompt = ([tok.encode("\n")] if i else []) + [[tok.chat_start], tok.encode("user\n" + q),
                                                        [tok.chat_end], tok.encode("\n"), [tok.chat_start],
@@ -500,16 +500,13 @@ def encode_example(ex, tok, cfg, task_weights, weighting="task", flat_weights=No
         for p in prompt:
             text += p
             is_answer += [False] * len(p)
-            is_first += [False] * len(p)
         ans = tok.encode(a) + [tok.chat_end]
         text += ans
         is_answer += [True] * len(ans)
-        is_first += [True] + [False] * (len(ans) - 1)
     budget = None if seq_len is None else seq_len - 1 - len(text)
     vis, images, pool, stamps = visual_tokens(ex, tok, cfg, max_frames, fps, budget)
     ids = [tok.bos] + vis + text
     is_answer = [False] * (1 + len(vis)) + is_answer
-    is_first = [False] * (1 + len(vis)) + is_first
     n_ans = sum(is_answer)
     if weighting == "task":
         w = float(task_weights[ex["task"]])
@@ -519,7 +516,9 @@ def encode_example(ex, tok, cfg, task_weights, weighting="task", flat_weights=No
         w = 2.0 / math.sqrt(max(1, n_ans))
     # next-token targets: position t predicts ids[t+1]; weights move with their target token
     labels = ids[1:] + [-1]
-    loss_w = [(w * first_token_mult if f else w) if a else 0.0 for a, f in zip(is_answer[1:], is_first[1:])] + [0.0]
+    # an answer's first token is an answer token after a non-answer one (answers are separated by prompts)
+    loss_w = [(w * first_token_mult if not prev else w) if a else 0.0
+              for prev, a in zip(is_answer[:-1], is_answer[1:])] + [0.0]
     return dict(input_ids=ids, labels=labels, loss_weights=loss_w, images=images, pool_idx=pool, timestamps=stamps,
                 n_patches=[(cfg.image_size // cfg.patch_size) ** 2] * len(images), task=ex["task"])
 

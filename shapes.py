@@ -122,7 +122,7 @@ def caption(scene, size):
     return f"There {'is' if n == 1 else 'are'} {n} shape{'s' if n > 1 else ''}: " + ", ".join(parts) + "."
 
 
-def _query(rng, scene, absent_rate=ABSENT_RATE):
+def _query(rng, scene, absent_rate):
     """A referring label and the objects it picks. Mixes colour+shape, colour-only and shape-only queries,
     and about absent_rate of them (1 in 5) is absent from the scene, so answers range over 0..6 objects."""
     kind = rng.random()
