@@ -139,10 +139,10 @@ def normalize_answer(s):
 
 @torch.no_grad()
 def evaluate_shapes(model, tok, cfg, n_prompts=500, tasks=("point", "count", "qa"), batch_size=100,
-                    blind=False, autocast=None, first_seed=0, max_new_tokens=96):
+                    blind=False, autocast=None, first_seed=0, max_new_tokens=96, max_objects=6):
     """Held-out shapes evaluation (seeds [first_seed, first_seed + n) of the eval range, which training never
-    uses). blind=True replaces every image by a blank one: the image-blind baseline. Returns metrics and
-    the raw (example, answer) pairs."""
+    uses). blind=True replaces every image by a blank one: the image-blind baseline. max_objects < 6: smaller
+    image scenes (a diagnostic, shapes.make_example). Returns metrics and the raw (example, answer) pairs."""
     import shapes
     from data import collate, encode_example, parse_points
     model.eval()
@@ -151,7 +151,7 @@ def evaluate_shapes(model, tok, cfg, n_prompts=500, tasks=("point", "count", "qa
     for task in tasks:
         scores = []
         for s0 in range(first_seed, first_seed + n_prompts, batch_size):
-            exs = [shapes.make_example(task, s, cfg.image_size)
+            exs = [shapes.make_example(task, s, cfg.image_size, max_objects=max_objects)
                    for s in range(s0, min(s0 + batch_size, first_seed + n_prompts))]
             encs = []
             for ex in exs:
@@ -240,10 +240,13 @@ if __name__ == "__main__":
     ap.add_argument("--prompts", type=int, default=500)
     ap.add_argument("--blind", action="store_true", help="blank images: the image-blind baseline")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--max_objects", type=int, default=6, choices=range(1, 7), metavar="1..6",
+                    help="image scenes of at most this many objects (1: the read-out alone, no choice to make)")
     a = ap.parse_args()
     model, tok, mc = sample.load_model(a.ckpt)
     ac = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if a.dtype == "bfloat16" else None
-    metrics, records = evaluate_shapes(model, tok, mc, n_prompts=a.prompts, blind=a.blind, autocast=ac)
+    metrics, records = evaluate_shapes(model, tok, mc, n_prompts=a.prompts, blind=a.blind, autocast=ac,
+                                       max_objects=a.max_objects)
     print(", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
     for kind, (n, s) in breakdown(records).items():
         print(f"  {kind:<28} n={n:4d}  score {s:.3f}")

@@ -143,10 +143,12 @@ def _query(rng, scene, absent_rate):
     return plural(o["shape"]), scene.select(shape=o["shape"])
 
 
-def make_example(task, seed, size=64, n_turns=1, absent_rate=ABSENT_RATE):
+def make_example(task, seed, size=64, n_turns=1, absent_rate=ABSENT_RATE, max_objects=6):
     """Returns dict(task, image (PIL or None), turns [(user, assistant)], gt (ground truth of the first turn)).
     absent_rate: the share of pointing/counting questions whose answer is "There are none." (training may ask
-    more of them, train.absent_rate; evaluation keeps the default).
+    more of them, train.absent_rate; evaluation keeps the default). max_objects < 6 draws smaller image scenes
+    (eval.py --max_objects: with one object pointing needs no choice, so it measures the coordinate read-out
+    alone; the acceptance figures keep 1 to 6).
 
     n_turns > 1 asks several different questions of the same task about the same scene, as one multi-turn
     conversation: the image is encoded once for all of them, the way Molmo2 groups the annotations of one
@@ -158,7 +160,7 @@ def make_example(task, seed, size=64, n_turns=1, absent_rate=ABSENT_RATE):
     rng = random.Random(f"{task}:{seed}")  # str seeds hash with sha512: stable across runs and machines
     if task == "text":
         return _text_example(rng)
-    scene = make_scene(rng, size)
+    scene = make_scene(rng, size, n_max=max_objects)
     if task == "caption":
         cap = caption(scene, size)
         return dict(task=task, image=scene.image, turns=[("Describe this image.", cap)], gt=dict(answer=cap))

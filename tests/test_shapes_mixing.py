@@ -107,6 +107,16 @@ def test_absent_rate_sets_the_share_of_none_answers():
     assert none_share(1.0)[0] > 0.8
 
 
+def test_max_objects_caps_the_scene_and_the_default_is_the_floor():
+    # eval.py --max_objects: 1 object = the coordinate read-out alone; the default keeps 1..6 (the same draws)
+    one = [shapes.make_example("point", s, max_objects=1) for s in range(60)]
+    assert all(ex["gt"]["count"] <= 1 for ex in one)
+    counts = [int(shapes.make_example("caption", s, max_objects=2)["turns"][0][1].split()[2]) for s in range(60)]
+    assert set(counts) == {1, 2}
+    assert [shapes.make_example("point", s, max_objects=6)["turns"] for s in range(50)] == \
+        [shapes.make_example("point", s)["turns"] for s in range(50)]
+
+
 def test_qa_and_caption_consistent_with_scene():
     for seed in range(40):
         ex = shapes.make_example("qa", seed)
