@@ -160,6 +160,8 @@ def make_example(task, seed, size=64, n_turns=1, absent_rate=ABSENT_RATE, max_ob
     rng = random.Random(f"{task}:{seed}")  # str seeds hash with sha512: stable across runs and machines
     if task == "text":
         return _text_example(rng)
+    if not 1 <= max_objects <= 6:
+        raise ValueError(f"max_objects must be 1..6 (the world's scenes hold 1 to 6 objects), got {max_objects!r}")
     scene = make_scene(rng, size, n_max=max_objects)
     if task == "caption":
         cap = caption(scene, size)

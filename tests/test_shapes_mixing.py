@@ -113,6 +113,8 @@ def test_max_objects_caps_the_scene_and_the_default_is_the_floor():
     assert all(ex["gt"]["count"] <= 1 for ex in one)
     counts = [int(shapes.make_example("caption", s, max_objects=2)["turns"][0][1].split()[2]) for s in range(60)]
     assert set(counts) == {1, 2}
+    with pytest.raises(ValueError, match="max_objects"):
+        shapes.make_example("point", 0, max_objects=0)
     assert [shapes.make_example("point", s, max_objects=6)["turns"] for s in range(50)] == \
         [shapes.make_example("point", s)["turns"] for s in range(50)]
 
