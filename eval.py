@@ -139,12 +139,14 @@ def normalize_answer(s):
 
 @torch.no_grad()
 def evaluate_shapes(model, tok, cfg, n_prompts=500, tasks=("point", "count", "qa"), batch_size=100,
-                    blind=False, autocast=None, first_seed=0, max_new_tokens=96, max_objects=6):
+                    blind=False, autocast=None, first_seed=0, max_new_tokens=96, max_objects=None):
     """Held-out shapes evaluation (seeds [first_seed, first_seed + n) of the eval range, which training never
-    uses). blind=True replaces every image by a blank one: the image-blind baseline. max_objects < 6: smaller
-    image scenes (a diagnostic, shapes.make_example). Returns metrics and the raw (example, answer) pairs."""
+    uses). blind=True replaces every image by a blank one: the image-blind baseline. max_objects (None: the
+    world's 1..6): smaller image scenes, a diagnostic (shapes.make_example). Returns metrics and the raw
+    (example, answer) pairs."""
     import shapes
     from data import collate, encode_example, parse_points
+    max_objects = max_objects or shapes.MAX_OBJECTS
     model.eval()
     dev = next(model.parameters()).device
     metrics, records = {}, []
@@ -240,7 +242,9 @@ if __name__ == "__main__":
     ap.add_argument("--prompts", type=int, default=500)
     ap.add_argument("--blind", action="store_true", help="blank images: the image-blind baseline")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    ap.add_argument("--max_objects", type=int, default=6, choices=range(1, 7), metavar="1..6",
+    import shapes
+    n_max = shapes.MAX_OBJECTS
+    ap.add_argument("--max_objects", type=int, default=n_max, choices=range(1, n_max + 1), metavar=f"1..{n_max}",
                     help="image scenes of at most this many objects (1: the read-out alone, no choice to make)")
     a = ap.parse_args()
     model, tok, mc = sample.load_model(a.ckpt)

@@ -40,6 +40,7 @@ TRAIN_SEED_OFFSET = 1_000_000  # eval scenes use seeds [0, 1e6), training scenes
 POINT_PROMPT = "Point to the {label}\nPlease say 'There are none.' if it is not in the image."
 COUNT_PROMPT = "How many {label} are there?"
 NONE_ANSWER = "There are none."
+MAX_OBJECTS = 6  # scenes hold 1..MAX_OBJECTS objects (the difficulty floor: 1 to 6)
 ABSENT_RATE = 0.2  # share of pointing/counting queries about something absent; the held-out eval always uses it
 
 
@@ -79,7 +80,7 @@ def draw_object(draw, shape, cx, cy, r, fill):
         draw.polygon(_polygon(shape, cx, cy, r), fill=fill)
 
 
-def make_scene(rng, size=64, n_min=1, n_max=6, r_min=None, r_max=None):
+def make_scene(rng, size=64, n_min=1, n_max=MAX_OBJECTS, r_min=None, r_max=None):
     """Sample a scene. Radii in [size/10, size/5] by default: 2x size variation (the difficulty floor)."""
     r_min = r_min or size / 10
     r_max = r_max or size / 5
@@ -143,12 +144,12 @@ def _query(rng, scene, absent_rate):
     return plural(o["shape"]), scene.select(shape=o["shape"])
 
 
-def make_example(task, seed, size=64, n_turns=1, absent_rate=ABSENT_RATE, max_objects=6):
+def make_example(task, seed, size=64, n_turns=1, absent_rate=ABSENT_RATE, max_objects=MAX_OBJECTS):
     """Returns dict(task, image (PIL or None), turns [(user, assistant)], gt (ground truth of the first turn)).
     absent_rate: the share of pointing/counting questions whose answer is "There are none." (training may ask
-    more of them, train.absent_rate; evaluation keeps the default). max_objects < 6 draws smaller image scenes
-    (eval.py --max_objects: with one object pointing needs no choice, so it measures the coordinate read-out
-    alone; the acceptance figures keep 1 to 6).
+    more of them, train.absent_rate; evaluation keeps the default). A smaller max_objects draws smaller image
+    scenes (eval.py --max_objects: with one object pointing needs no choice, so it measures the coordinate
+    read-out alone; the acceptance figures keep 1 to 6).
 
     n_turns > 1 asks several different questions of the same task about the same scene, as one multi-turn
     conversation: the image is encoded once for all of them, the way Molmo2 groups the annotations of one
@@ -160,8 +161,8 @@ def make_example(task, seed, size=64, n_turns=1, absent_rate=ABSENT_RATE, max_ob
     rng = random.Random(f"{task}:{seed}")  # str seeds hash with sha512: stable across runs and machines
     if task == "text":
         return _text_example(rng)
-    if not 1 <= max_objects <= 6:
-        raise ValueError(f"max_objects must be 1..6 (the world's scenes hold 1 to 6 objects), got {max_objects!r}")
+    if not 1 <= max_objects <= MAX_OBJECTS:
+        raise ValueError(f"max_objects must be 1..{MAX_OBJECTS} (the most a scene holds), got {max_objects!r}")
     scene = make_scene(rng, size, n_max=max_objects)
     if task == "caption":
         cap = caption(scene, size)
