@@ -41,7 +41,10 @@ VISION_TOKENS = ["<im_patch>", "<im_col>", "<im_start>", "<low_res_im_start>", "
 # predicted digit by digit (hundreds first = coarse position first), and no merge can glue digits together.
 PAT_STR = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
            r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
-_ASCII_PRESPLIT = re.compile(r"""'(?:[sdmt]|ll|ve|re)|[^\r\n A-Za-z0-9]?[A-Za-z]+|[0-9]| ?[^\sA-Za-z0-9]+[\r\n]*|\s+""")
+# The same split for ASCII text in Python's re (no \p{L}), used to train the BPE. It must cut where PAT_STR
+# cuts: a word keeps its leading space (" the" is one piece, so one token), else every word costs a second
+# token for its space (it did before 2026-11-27: shapes text was 30% longer).
+_ASCII_PRESPLIT = re.compile(r"""'(?:[sdmt]|ll|ve|re)|[^\r\nA-Za-z0-9]?[A-Za-z]+|[0-9]| ?[^\sA-Za-z0-9]+[\r\n]*|\s+""")
 
 
 def train_bpe(texts, n_merges):
@@ -74,13 +77,16 @@ def train_bpe(texts, n_merges):
 
 
 def shapes_corpus(n=300):
-    """Text the shapes world produces (all tasks), used to train the offline BPE."""
+    """Text the shapes world produces (every task: stage 1's images, stage 2's videos and image sets), used to
+    train the offline BPE. Stage 2 starts from a stage-1 checkpoint and keeps its tokenizer, so the video words
+    must be in it from the start ("moves", "video", "seconds" were byte-split before 2026-11-27)."""
     import shapes
     texts = []
-    for task in ["caption", "qa", "point", "count", "text"]:
-        for seed in range(n):
+    for task in shapes.IMAGE_TASKS + shapes.VIDEO_TASKS + shapes.MULTI_TASKS:
+        # videos are slow to draw and their text is templated: a tenth as many already gives every word its token
+        for seed in range(n if task in shapes.IMAGE_TASKS else n // 10):
             ex = shapes.make_example(task, shapes.TRAIN_SEED_OFFSET + seed)
-            texts += [t for turn in ex["turns"] for t in turn]
+            texts += [t for turn in ex["turns"] for t in turn] + ["user\n", "assistant\n"]  # the chat roles
     return texts
 
 
@@ -115,7 +121,7 @@ class Tokenizer:
         return dict(name=self.name, pat_str=self.pat_str, ranks=self.ranks)
 
 
-def build_tokenizer(name="shapes-bpe", n_merges=300):
+def build_tokenizer(name="shapes-bpe", n_merges=400):
     """'shapes-bpe' (offline default), a path to a .tiktoken file, or a tiktoken encoding name that is
     already in tiktoken's local cache. Nothing is downloaded: a missing encoding is a clear error."""
     if name == "shapes-bpe":

@@ -345,7 +345,7 @@ class Molmo2(nn.Module):
         for lin in (self.connector.wq, self.connector.wk, self.connector.wv, self.connector.wo,
                     self.connector.w1, self.connector.w3):
             nn.init.normal_(lin.weight, std=lin.in_features ** -0.5)  # variance-preserving (fan-in) init
-        nn.init.normal_(self.connector.w2.weight, std=0.25 * c.d_ff ** -0.5)  # features ~7x the embedding (test)
+        nn.init.normal_(self.connector.w2.weight, std=0.25 * c.d_ff ** -0.5)  # features 7-16x the embedding (test)
 
     @staticmethod
     def _init(m):

@@ -144,6 +144,9 @@ def _query(rng, scene, absent_rate):
     return plural(o["shape"]), scene.select(shape=o["shape"])
 
 
+IMAGE_TASKS = ["caption", "qa", "point", "count", "text"]  # stage 1 (text has no image; it keeps the LLM's text)
+
+
 def make_example(task, seed, size=64, n_turns=1, absent_rate=ABSENT_RATE, max_objects=MAX_OBJECTS):
     """Returns dict(task, image (PIL or None), turns [(user, assistant)], gt (ground truth of the first turn)).
     absent_rate: the share of pointing/counting questions whose answer is "There are none." (training may ask
@@ -184,8 +187,7 @@ def make_example(task, seed, size=64, n_turns=1, absent_rate=ABSENT_RATE, max_ob
             q, a = _qa(rng, scene)
             gt = dict(answer=a)
         else:
-            raise ValueError(f"unknown shapes task {task!r}; known: caption, qa, point, count, text, "
-                             f"{', '.join(VIDEO_TASKS + MULTI_TASKS)}")
+            raise ValueError(f"unknown shapes task {task!r}; known: {', '.join(IMAGE_TASKS + VIDEO_TASKS + MULTI_TASKS)}")
         if all(q != t[0] for t in turns):
             turns.append((q, a))
             gts.append(gt)

@@ -56,6 +56,10 @@ def test_roundtrip_and_digits(tok):
     assert [tok.decode([i]).strip() for i in digit_ids] == list("4536121000")
     # the BPE learned something: the shapes vocabulary is compressed
     assert len(tok.encode("Describe this image.")) < len("Describe this image.") / 2
+    # ... and it was trained on the pieces tiktoken cuts (PAT_STR): a shapes word and its leading space are
+    # one token (with the space split off, every word cost two), and so are the chat roles
+    assert [tok.decode([i]) for i in tok.encode("Point to the red circles")] == ["Point", " to", " the", " red", " circles"]
+    assert [tok.decode([i]) for i in tok.encode("assistant\n")] == ["assistant", "\n"]
 
 
 def _write_tiktoken(path, ranks):

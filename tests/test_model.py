@@ -220,7 +220,7 @@ def test_kv_cache_generation_equals_full_forward(tok, cfg):
         for p in m.llm.parameters():
             if p.ndim == 2:
                 p.mul_(6.0)
-    specs = (("point", 11), ("text", 12), ("qa", 13))
+    specs = (("point", 11), ("text", 14), ("qa", 13))
     b = prompt_batch(tok, cfg, specs)
     assert len(set(b["attention_mask"].sum(1).tolist())) == 3  # three prompt lengths: padding is exercised
     N = 10
@@ -265,11 +265,12 @@ def test_image_feature_scale_at_init(tok, make_cfg, default_dims):
         emb = m.llm.embed_tokens(torch.tensor([tok.im_patch]))[0]
     assert feats.shape == (int((b["input_ids"] == tok.im_patch).sum()), c.d_model)
     # The lower bound is the point (features ~1e-3 of the embedding leave the LLM blind, DESIGN.md 6); with the
-    # ViT's LeCun init the features start ~7x the embedding (RMSNorm rescales the sum), the upper bound is loose
+    # ViT's LeCun init the features start 7-16x the embedding (init seeds 0-5; RMSNorm rescales the sum), so the
+    # upper bound only catches a runaway scale
     ratio = float(feats.norm(dim=-1).mean() / emb.norm())
-    assert 0.3 <= ratio <= 10, ratio
+    assert 0.3 <= ratio <= 30, ratio
     ratio2 = float(feats.norm(dim=-1).mean() / m.llm.embed.weight.detach().norm(dim=-1).mean())
-    assert 0.3 <= ratio2 <= 10, ratio2
+    assert 0.3 <= ratio2 <= 30, ratio2
     assert float(feats.std(0).mean()) > 0.05 * float(feats.norm(dim=-1).mean() / math.sqrt(c.d_model))  # varies
 
 
