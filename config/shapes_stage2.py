@@ -10,7 +10,7 @@ mixture = {"image": (0.3, {"caption": 1.0, "qa": 1.0, "point": 1.0, "count": 1.0
            "multi_image": (0.05, {"multi_qa": 1.0, "multi_point": 1.0}),
            "text": (0.05, {"text": 1.0})}
 packing = True
-seq_len = 512              # a shapes video example is 190-400 tokens (6-11 frames of ~15 tokens, a track answer)
+seq_len = 512              # a shapes video example is 114-372 tokens (6-11 frames of ~15 tokens, a track answer)
 batch_size = 8
 max_images_per_row = 32
 turns_per_image = 1
