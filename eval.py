@@ -146,7 +146,7 @@ def evaluate_shapes(model, tok, cfg, n_prompts=500, tasks=("point", "count", "qa
     (example, answer) pairs."""
     import shapes
     from data import collate, encode_example, parse_points
-    max_objects = max_objects or shapes.MAX_OBJECTS
+    max_objects = shapes.MAX_OBJECTS if max_objects is None else max_objects  # 0 is an error, not 'default'
     model.eval()
     dev = next(model.parameters()).device
     metrics, records = {}, []

@@ -113,6 +113,8 @@ def test_evaluate_shapes_oracle_scores_one(tok, cfg):
     assert all(t.endswith("<|im_start|>assistant\n") for t in last)  # the prompt stops before the answer
     assert shapes.POINT_PROMPT.format(label=records[0][1].split("Point to the ")[1].split("\n")[0]) == records[0][1]
     assert float(b["pixel_values"].std()) > 0.1  # real scenes
+    with pytest.raises(ValueError, match="max_objects"):  # 0 is an error, not the default 1..6
+        ev.evaluate_shapes(m, tok, cfg, n_prompts=2, tasks=("point",), max_objects=0)
 
 
 def test_evaluate_shapes_wrong_answers_and_blind(tok, cfg):
