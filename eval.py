@@ -191,6 +191,8 @@ def evaluate_shapes(model, tok, cfg, n_prompts=500, tasks=("point", "count", "qa
     return metrics, records
 
 
+# the tasks evaluate_shapes can score: F1 for points and tracks, exact count, exact answer for short-answer QA
+SCORED_TASKS = ("point", "count", "qa", "video_point", "video_count", "track", "video_qa", "subtitle_qa", "multi_qa")
 METRIC_NAMES = {"point": "pointing_f1", "count": "count_acc", "qa": "qa_acc", "video_point": "video_pointing_f1",
                 "track": "tracking_f1", "video_count": "video_count_acc"}
 
@@ -213,13 +215,15 @@ def blind_example(ex):
 
 
 def question_kind(task, question, reference):
-    """A finer key than the task, for breakdowns: QA by question template, pointing/counting by how many
-    objects the reference answer holds (0 = "There are none.")."""
+    """A finer key than the task, for breakdowns: QA by question template, pointing/counting/tracking by how many
+    objects the reference answer holds (0 = "There are none.": these score 1 for a "none", so an image-blind
+    model that always says "none" already scores their share of the prompts, ~0.2)."""
     if task == "qa":
         return "qa: " + (" ".join(question.split()[:3]) if not question.startswith("Is there") else "Is there ...")
-    if task in ("point", "count"):
+    if task in ("point", "count", "video_point", "video_count", "track"):
         from data import parse_points
-        n = len(parse_points(reference))
+        pts = parse_points(reference)  # video answers: (t, id, x, y) per point; one id per object
+        n = len({p[1] for p in pts}) if task.startswith(("video", "track")) else len(pts)
         return f"{task}: {n if n < 4 else '4+'} objects"
     return task
 
@@ -232,25 +236,35 @@ def breakdown(records):
     return {k: (len(v), float(np.mean(v))) for k, v in sorted(by.items())}
 
 
-if __name__ == "__main__":
-    # python eval.py --ckpt out/shapes_stage1/ckpt.pt [--prompts 500] [--blind]: held-out metrics of a checkpoint,
-    # then the same scores broken down by question kind (what the model can and cannot do yet)
+def main(argv=None):
+    """python eval.py --ckpt out/shapes_stage1/ckpt.pt [--prompts 500] [--blind] [--tasks point,track,...]:
+    held-out metrics of a checkpoint, then the same scores broken down by question kind (what the model can
+    and cannot do yet). Returns (metrics, records)."""
     import argparse
     import sample
+    import shapes
     ap = argparse.ArgumentParser()
     ap.add_argument("--ckpt", default="out/shapes_stage1/ckpt.pt")
     ap.add_argument("--prompts", type=int, default=500)
     ap.add_argument("--blind", action="store_true", help="blank images: the image-blind baseline")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    import shapes
     n_max = shapes.MAX_OBJECTS
     ap.add_argument("--max_objects", type=int, default=n_max, choices=range(1, n_max + 1), metavar=f"1..{n_max}",
                     help="image scenes of at most this many objects (1: the read-out alone, no choice to make)")
-    a = ap.parse_args()
+    ap.add_argument("--tasks", default="point,count,qa", help="comma-separated, of: " + ",".join(SCORED_TASKS))
+    a = ap.parse_args(argv)
+    tasks = tuple(t for t in a.tasks.split(",") if t)
+    if not tasks or any(t not in SCORED_TASKS for t in tasks):
+        ap.error(f"--tasks {a.tasks!r}: each must be one of {', '.join(SCORED_TASKS)}")
     model, tok, mc = sample.load_model(a.ckpt)
     ac = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if a.dtype == "bfloat16" else None
-    metrics, records = evaluate_shapes(model, tok, mc, n_prompts=a.prompts, blind=a.blind, autocast=ac,
-                                       max_objects=a.max_objects)
+    metrics, records = evaluate_shapes(model, tok, mc, n_prompts=a.prompts, tasks=tasks, blind=a.blind,
+                                       autocast=ac, max_objects=a.max_objects)
     print(", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
     for kind, (n, s) in breakdown(records).items():
         print(f"  {kind:<28} n={n:4d}  score {s:.3f}")
+    return metrics, records
+
+
+if __name__ == "__main__":
+    main()

@@ -86,7 +86,7 @@ bidir_vision = True
 # optimizer: AdamW as Molmo2 (betas 0.9/0.95, eps 1e-6, no weight decay, clip 1.0)
 lr = 1e-3                       # the LLM's peak LR; the other two groups are multiples of it
 lr_connector_mult = 10.0        # Molmo2 pretraining: connector 2e-4 / LLM 2e-5 = 10x
-lr_vit_mult = 0.3               # Molmo2 pretraining: ViT 6e-6 / LLM 2e-5 = 0.3x
+lr_vit_mult = 0.3               # Molmo2 pretraining: ViT 6e-6 / LLM 2e-5 = 0.3x; 0 freezes the ViT (no grads)
 warmup_steps = 100
 max_steps = 2000
 min_lr_frac = 0.1               # cosine decays to 10% of peak (Molmo2 alpha_f = 0.1)
@@ -331,7 +331,8 @@ def main(argv=()):
     for key, allowed in CHOICES.items():  # keys that take one of a few words: a typo stops here, named
         if cfg[key] not in allowed:
             raise SystemExit(f"config key {key!r} must be one of {allowed}, got {cfg[key]!r}")
-    for key, least in (("vit_pretrain_steps", 0), ("vit_pretrain_batch", 1)):
+    for key, least in (("vit_pretrain_steps", 0), ("vit_pretrain_batch", 1), ("lr_vit_mult", 0),
+                       ("lr_connector_mult", 0)):
         if cfg[key] < least:
             raise SystemExit(f"config key {key!r} must be >= {least}, got {cfg[key]!r}")
     if not 0.0 <= C.absent_rate <= 1.0:
@@ -340,6 +341,10 @@ def main(argv=()):
         if task not in C.task_weights or not isinstance(m, (int, float)) or m <= 0:
             raise SystemExit(f"first_token_mults[{task!r}] = {m!r}: keys must be tasks of task_weights "
                              f"({', '.join(sorted(C.task_weights))}) and values positive numbers")
+    from eval import SCORED_TASKS
+    bad = [t for t in C.eval_tasks if t not in SCORED_TASKS]  # found now, not at the first eval minutes later
+    if bad:
+        raise SystemExit(f"eval_tasks: {bad} cannot be scored; scored tasks are {', '.join(SCORED_TASKS)}")
     import data
     import mixing
     from model import Molmo2, ModelConfig
@@ -415,6 +420,10 @@ def main(argv=()):
             print(f"initialised weights from {C.init_from}")
     if C.vit_pretrain_steps and C.init_from == "scratch":  # a resumed or initialised run has its ViT already
         pretrain_vit(model, C, dev, autocast)
+    if C.lr_vit_mult == 0:  # a frozen ViT: no gradients through it at all, not just a zero LR. In stage 2 its
+        # backward is a third of the step: ~150 frames and images x 64 patches = 9.7k ViT tokens per 4k LLM tokens
+        for p in model.vit.parameters():
+            p.requires_grad_(False)
     model.attn_impl = C.attn_impl
     fwd = torch.compile(model) if C.compile else model
     os.makedirs(C.out_dir, exist_ok=True)

@@ -149,6 +149,20 @@ def test_breakdown_by_question_kind():
             ("qa", "What colour is the circle?", "blue", "red", 0.0),
             ("qa", "Is there a red star?", "no", "no", 1.0),
             ("point", "Point to the stars", "x", "There are none.", 0.0),
-            ("point", "Point to the stars", "x", '<points coords="1 1 100 100 2 200 200">stars</points>', 0.5)]
+            ("point", "Point to the stars", "x", '<points coords="1 1 100 100 2 200 200">stars</points>', 0.5),
+            # video answers carry (t, id, x, y): a track's objects are its distinct ids, not its points
+            ("track", "Track the stars.", "x", '<tracks coords="0.0 1 100 100;0.5 1 200 100;0.5 2 500 500">s</tracks>',
+             0.4),
+            ("track", "Track the stars.", "x", "There are none.", 1.0)]
     assert breakdown(recs) == {"point: 0 objects": (1, 0.0), "point: 2 objects": (1, 0.5),
-                               "qa: Is there ...": (1, 1.0), "qa: What colour is": (2, 0.5)}
+                               "qa: Is there ...": (1, 1.0), "qa: What colour is": (2, 0.5),
+                               "track: 0 objects": (1, 1.0), "track: 2 objects": (1, 0.4)}
+
+
+def test_eval_cli_rejects_unscorable_tasks_and_missing_checkpoints(capsys, tmp_path):
+    import eval as ev
+    with pytest.raises(SystemExit):
+        ev.main(["--tasks", "track,caption"])
+    assert "--tasks 'track,caption': each must be one of point, count, qa" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="checkpoint not found: .*nope.pt"):
+        ev.main(["--ckpt", str(tmp_path / "nope.pt"), "--tasks", "track"])

@@ -142,6 +142,34 @@ def test_optimizer_groups_and_schedule(trained):
     assert (g["betas"], g["eps"], g["weight_decay"]) == ((0.9, 0.95), 1e-6, 0.0)
 
 
+
+
+def test_eval_cli_on_a_checkpoint(trained, capsys):
+    # eval.py on video tasks: their metrics, and the breakdown by how many objects the reference holds
+    import eval as ev
+    _, out = trained
+    metrics, records = ev.main(["--ckpt", os.path.join(out, "ckpt.pt"), "--prompts", "3", "--tasks", "track,point",
+                                "--dtype", "float32"])
+    assert set(metrics) == {"tracking_f1", "pointing_f1"} and len(records) == 6
+    kinds = {ev.question_kind(t, q, ref) for t, q, _, ref, _ in records}
+    assert all(k.startswith(("track: ", "point: ")) and k.endswith(" objects") for k in kinds)
+    assert "tracking_f1" in capsys.readouterr().out
+
+def test_lr_vit_mult_zero_freezes_the_vit(trained, tmp_path):
+    # lr_vit_mult=0: no gradients are computed for the ViT (its backward is a third of a stage-2 step), so its
+    # weights are the initial ones bit for bit and Adam holds no state for them; the rest trains
+    _, src = trained
+    init = os.path.join(src, "ckpt.pt")
+    train.main(run_args(tmp_path, max_steps=3, lr_vit_mult=0.0, init_from=init))
+    before = torch.load(init, map_location="cpu", weights_only=False)
+    after = torch.load(os.path.join(tmp_path, "ckpt.pt"), map_location="cpu", weights_only=False)
+    vit = [k for k in before["model"] if k.startswith("vit.")]
+    assert vit and all(torch.equal(before["model"][k], after["model"][k]) for k in vit)
+    assert not torch.equal(before["model"]["llm.embed.weight"], after["model"]["llm.embed.weight"])
+    groups = {g["name"]: g["params"] for g in after["optimizer"]["param_groups"]}
+    assert groups["vit"] and not any(i in after["optimizer"]["state"] for i in groups["vit"])
+    assert all(i in after["optimizer"]["state"] for i in groups["llm"])
+
 def test_sample_from_checkpoint(trained, tmp_path, capsys):
     _, out = trained
     png = tmp_path / "s.png"
@@ -315,3 +343,9 @@ def test_sqrt_mixture_with_missing_sizes_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="mixture: .*group 'a'"):
         train.main(run_args(tmp_path, max_steps=1, mixing_rule="sqrt", mixture={"a": (1.0, {"x": 1.0, "y": 1.0})},
                             dataset_sizes={"x": 100}))
+
+
+def test_eval_tasks_must_be_scorable(tmp_path):
+    # caught before training, not at the first eval minutes later
+    with pytest.raises(SystemExit, match=r"eval_tasks: \['caption'\] cannot be scored; scored tasks are point"):
+        train.main(run_args(tmp_path, max_steps=1, eval_tasks=("track", "caption")))
