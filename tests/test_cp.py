@@ -1,0 +1,125 @@
+"""Context-parallel building blocks (cp_attention.py), in one process: the local kernels against autograd and
+SDPA, the LSE merge, the exactness of the ring backward, and the sharding layouts."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cp_attention as cp
+
+
+def qkv(b=2, h=4, hkv=2, lq=12, lk=12, d=8, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, h, lq, d, generator=g, dtype=dtype), torch.randn(b, hkv, lk, d, generator=g, dtype=dtype),
+            torch.randn(b, hkv, lk, d, generator=g, dtype=dtype))
+
+
+def sdpa(q, k, v, causal):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("hkv", [4, 2, 1])
+@pytest.mark.parametrize("impl", ["reference", "auto"])
+def test_local_kernels_match_sdpa_logsumexp_and_autograd(causal, hkv, impl):
+    q, k, v = qkv(hkv=hkv)
+    out, lse = cp.local_attn_fwd(q, k, v, causal, impl=impl)
+    assert torch.allclose(out, sdpa(q, k, v, causal), atol=1e-12, rtol=0)
+    s = (q @ k.repeat_interleave(4 // hkv, 1).transpose(-1, -2)) / 8 ** 0.5
+    if causal:
+        s = s.masked_fill(torch.ones(12, 12, dtype=torch.bool).triu(1), float("-inf"))
+    assert lse.shape == (2, 4, 12) and torch.allclose(lse, s.logsumexp(-1), atol=1e-12, rtol=0)
+    # backward from (out, lse) against autograd through SDPA; dk, dv at the kv-head count (GQA copies summed)
+    dout = torch.randn_like(out)
+    grads = cp.local_attn_bwd(dout, q, k, v, out, lse, causal, impl=impl)
+    qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+    sdpa(qq, kk, vv, causal).backward(dout)
+    for got, want in zip(grads, (qq.grad, kk.grad, vv.grad)):
+        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-11, rtol=0)
+
+
+def test_causal_block_must_be_square():
+    q, k, v = qkv(lq=6, lk=12)
+    with pytest.raises(ValueError, match="only square"):
+        cp.reference_attn_fwd(q, k, v, causal=True)
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        cp.local_attn_fwd(*qkv(h=4, hkv=3))
+    q, k, v = qkv()
+    out, lse = cp.local_attn_fwd(q, k, v)
+    with pytest.raises(ValueError, match="impl must be 'auto' or 'reference', got 'flash'"):
+        cp.local_attn_bwd(out, q, k, v, out, lse, impl="flash")
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+def test_merging_kv_blocks_gives_full_attention(dtype, tol):
+    # ring attention's forward: attend to each kv block on its own, merge by LSE; a fully masked block (lse -inf)
+    # and huge scores (an exp that would overflow) must not spoil it
+    q, k, v = qkv(lk=18, dtype=dtype)
+    q = q * 30  # scores near 100: a plain exp() of them overflows fp32; the LSE form never exponentiates > 0
+    want, want_lse = cp.reference_attn_fwd(q, k, v)
+    out = lse = None
+    for kb, vb in zip(k.chunk(3, 2), v.chunk(3, 2)):
+        out, lse = cp.merge_partials(out, lse, *cp.local_attn_fwd(q, kb, vb))
+    empty_out, empty_lse = torch.zeros_like(out), torch.full_like(lse, float("-inf"))
+    out, lse = cp.merge_partials(out, lse, empty_out, empty_lse)
+    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert torch.isfinite(out).all() and torch.allclose(out, want, atol=tol * 10, rtol=tol)
+    assert torch.allclose(lse, want_lse, atol=0, rtol=tol)
+    both_empty, _ = cp.merge_partials(empty_out, empty_lse, empty_out, empty_lse)
+    assert torch.equal(both_empty, empty_out)
+
+
+def test_ring_backward_from_the_final_out_and_lse_is_exact():
+    # the key fact of the ring backward: per-block gradients computed with the FINAL (merged) out and lse add up to
+    # the full gradients: dq summed over kv blocks, and each kv block's dk, dv are its own slice
+    q, k, v = qkv(lk=18)
+    out, lse = cp.reference_attn_fwd(q, k, v)
+    dout = torch.randn_like(out)
+    dq_full, dk_full, dv_full = cp.reference_attn_bwd(dout, q, k, v, out, lse)
+    dq = torch.zeros_like(q)
+    for i, (kb, vb) in enumerate(zip(k.chunk(3, 2), v.chunk(3, 2))):
+        dqb, dkb, dvb = cp.local_attn_bwd(dout, q, kb, vb, out, lse)
+        dq += dqb
+        assert torch.allclose(dkb, dk_full[:, :, 6 * i:6 * i + 6], atol=1e-12, rtol=0)
+        assert torch.allclose(dvb, dv_full[:, :, 6 * i:6 * i + 6], atol=1e-12, rtol=0)
+    assert torch.allclose(dq, dq_full, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_shard_unshard_round_trip_and_positions(world, layout):
+    L = 48
+    x = torch.arange(2 * L).view(2, L)
+    shards = [cp.shard_sequence(x, r, world, dim=1, layout=layout) for r in range(world)]
+    assert all(s.shape == (2, L // world) for s in shards)
+    assert torch.equal(cp.unshard_sequence(shards, dim=1, layout=layout), x)
+    assert sorted(torch.cat([cp.positions_for_shard(L, r, world, layout) for r in range(world)]).tolist()) == \
+        list(range(L))
+    c = L // (2 * world)
+    if layout == "zigzag":  # rank r holds chunks r and 2W-1-r
+        for r in range(world):
+            want = list(range(r * c, (r + 1) * c)) + list(range((2 * world - 1 - r) * c, (2 * world - r) * c))
+            assert cp.positions_for_shard(L, r, world, layout).tolist() == want
+    q = torch.randn(1, 2, L, 4)  # q/k/v shard along dim 2
+    assert torch.equal(cp.unshard_sequence([cp.shard_sequence(q, r, world, 2, layout) for r in range(world)], 2,
+                                           layout), q)
+
+
+def test_zigzag_balances_causal_work():
+    # under a causal mask, query i attends to i + 1 keys: zigzag gives every rank the same total, contiguous does not
+    L, W = 48, 4
+    work = {lay: [int((cp.positions_for_shard(L, r, W, lay) + 1).sum()) for r in range(W)]
+            for lay in ("contiguous", "zigzag")}
+    assert len(set(work["zigzag"])) == 1 and sum(work["zigzag"]) == L * (L + 1) // 2
+    assert max(work["contiguous"]) > 3 * min(work["contiguous"])
+
+
+def test_bad_lengths_and_padding():
+    x = torch.arange(10)[None]
+    with pytest.raises(ValueError, match="length 10 does not split over 3 ranks in the zigzag layout.*multiple of 6"):
+        cp.shard_sequence(x, 0, 3)
+    with pytest.raises(ValueError, match="layout must be"):
+        cp.shard_sequence(x, 0, 2, layout="stripe")
+    padded = cp.pad_to_multiple(x, 6, dim=1, value=-100)  # labels: pad with the ignore index
+    assert padded.shape == (1, 12) and padded[0, 10:].tolist() == [-100, -100]
+    assert cp.shard_sequence(padded, 2, 3).tolist() == [[4, 5, 6, 7]]
+    assert cp.pad_to_multiple(x, 5) is x
