@@ -6,14 +6,15 @@ over W ranks (the cp group) and attention, the one layer that mixes positions, i
 will hold both schemes the design names: ring attention (K/V blocks passed around the ring, partial results
 merged by their log-sum-exp) and Ulysses (all-to-all from sequence shards to head shards and back).
 
-This first part is what both schemes stand on, all testable in one process:
+What is here so far:
   - the local kernel interface: attention on one (q block, kv block) pair that also returns the log-sum-exp (LSE)
     of each query row, forward and backward (local_attn_fwd / local_attn_bwd), with a pure-PyTorch reference;
   - the LSE merge of partial results (merge_partials), the heart of ring attention's forward;
-  - the exactness of the ring backward: each block's gradients computed from the FINAL out and LSE add up to the
-    full gradients (tests/test_cp.py checks it);
-  - sharding helpers: contiguous and zigzag layouts, their inverse, positions, and a pad helper.
-Still to come (same issue): the ring autograd.Function over torch.distributed, Ulysses, and the training loop.
+  - sharding helpers: contiguous and zigzag layouts, their inverse, positions, and a pad helper;
+  - ring attention over torch.distributed (ring_attention: plain ring or zigzag, causal or not, MHA or GQA), whose
+    backward rests on one fact: each block's gradients computed from the FINAL out and LSE add up to the full
+    gradients (tests/test_cp.py checks it in one process, then the whole ring over 1-4 gloo processes).
+Still to come (same issue): per-example masks in the ring, Ulysses, and the training loop under torchrun.
 
 Shapes follow SDPA: q [B, H, Lq, D], k and v [B, Hkv, Lk, D] (GQA: H % Hkv == 0), lse [B, H, Lq] in fp32
 (fp64 for fp64 inputs).
@@ -21,6 +22,7 @@ Shapes follow SDPA: q [B, H, Lq, D], k and v [B, Hkv, Lk, D] (GQA: H % Hkv == 0)
 import math
 
 import torch
+import torch.distributed as dist
 
 # ---------------------------------------------------------------------------------------------------------
 # the local kernel: one (q block, kv block) pair -> (out, lse), and its backward
@@ -189,3 +191,108 @@ def pad_to_multiple(x, multiple, dim=1, value=0):
     shape = list(x.shape)
     shape[dim] = extra
     return torch.cat([x, x.new_full(shape, value)], dim=dim)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ring attention: each rank keeps its queries; the K/V blocks travel round the ring of W ranks
+
+def _ring_pass(t, group):
+    """Start sending t to the next rank of the ring and receiving the previous rank's t: (requests, buffer).
+    One packed contiguous buffer per pass (K and V together), so one send and one receive per step."""
+    w, r = dist.get_world_size(group), dist.get_rank(group)
+    nxt, prv = (dist.get_global_rank(group, (r + i) % w) if group is not None else (r + i) % w for i in (1, -1))
+    buf = torch.empty_like(t)
+    return dist.batch_isend_irecv([dist.P2POp(dist.isend, t, nxt, group), dist.P2POp(dist.irecv, buf, prv, group)]), buf
+
+
+def _blocks(step, src, rank, causal, layout, n):
+    """The (query rows, key rows, causal) blocks that rank `rank` computes against the K/V of rank `src`, for n local
+    tokens. Masked-out blocks are never computed; only the diagonal block (step 0, the rank's own K/V) is causal,
+    and it is square, with positions increasing along the local sequence in both layouts.
+      contiguous (rank r holds chunk r): src < r: all of it is in the past; src > r: all in the future, skipped.
+        Rank W-1 does W blocks of work and rank 0 one: unbalanced.
+      zigzag (rank r holds chunks r and 2W-1-r, each n/2 tokens): src < r: every query sees the first half of src's
+        K/V (chunk src, in the past) and none of the second (chunk 2W-1-src, in the future of both query chunks);
+        src > r: only the second query half (chunk 2W-1-r) sees src's K/V, all of it. Every rank does the same work."""
+    every, h = slice(None), n // 2
+    if not causal:
+        return [(every, every, False)]
+    if step == 0:
+        return [(every, every, True)]
+    if layout == "contiguous":
+        return [(every, every, False)] if src < rank else []
+    return [(every, slice(0, h), False)] if src < rank else [(slice(h, None), every, False)]
+
+
+class _RingAttention(torch.autograd.Function):
+    """Forward: W steps; at each, attend the local queries to the K/V block in hand while the next block is already
+    on its way (isend/irecv started before the compute: the transfer overlaps it), and merge the partial result
+    into (out, lse) by the LSE (merge_partials, fp32). Backward: the same W steps again; each block's gradients come
+    from the FINAL out and lse (exact: see reference_attn_bwd); dq stays here, while the block's dK/dV accumulator
+    (fp32) travels the ring with the block and reaches its owner after W passes."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, group, causal, layout, scale, impl):
+        w, r = dist.get_world_size(group), dist.get_rank(group)
+        n = q.shape[2]
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        out = torch.zeros(q.shape, dtype=acc, device=q.device)
+        lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
+        kv = torch.stack([k, v]).contiguous()                      # [2, B, Hkv, n, D]: one buffer to pass
+        for step in range(w):
+            src = (r - step) % w
+            reqs, nxt = _ring_pass(kv, group) if step + 1 < w else ([], None)
+            for qs, ks, c in _blocks(step, src, r, causal, layout, n):
+                o_b, l_b = local_attn_fwd(q[:, :, qs].contiguous(), kv[0][:, :, ks].contiguous(),
+                                          kv[1][:, :, ks].contiguous(), c, scale, impl)
+                out[:, :, qs], lse[:, :, qs] = merge_partials(out[:, :, qs], lse[:, :, qs], o_b, l_b)
+            for req in reqs:
+                req.wait()
+            kv = nxt if nxt is not None else kv
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (group, causal, layout, scale, impl)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        group, causal, layout, scale, impl = ctx.args
+        w, r = dist.get_world_size(group), dist.get_rank(group)
+        n, acc = q.shape[2], lse.dtype
+        dout = dout.contiguous()
+        lse_k = lse.float() if q.dtype != torch.float64 else lse  # the CPU flash op wants fp32 (fp64) LSE
+        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+        kv = torch.stack([k, v]).contiguous()
+        dkv = torch.zeros(kv.shape, dtype=acc, device=q.device)  # the accumulator of the block in hand
+        for step in range(w):
+            src = (r - step) % w
+            reqs, nxt = _ring_pass(kv, group) if step + 1 < w else ([], None)
+            for qs, ks, c in _blocks(step, src, r, causal, layout, n):
+                dq_b, dk_b, dv_b = local_attn_bwd(dout[:, :, qs].contiguous(), q[:, :, qs].contiguous(),
+                                                  kv[0][:, :, ks].contiguous(), kv[1][:, :, ks].contiguous(),
+                                                  out[:, :, qs].contiguous(), lse_k[:, :, qs].contiguous(), c,
+                                                  scale, impl)
+                dq[:, :, qs] += dq_b
+                dkv[0][:, :, ks] += dk_b
+                dkv[1][:, :, ks] += dv_b
+            for req in reqs:
+                req.wait()
+            kv = nxt if nxt is not None else kv
+            if w > 1:  # hand the accumulator on with its block; after W passes each rank holds its own block's
+                reqs, dkv_in = _ring_pass(dkv, group)
+                for req in reqs:
+                    req.wait()
+                dkv = dkv_in
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None
+
+
+def ring_attention(q, k, v, group=None, causal=True, layout="zigzag", scale=None, impl="auto"):
+    """Attention over a sequence sharded across the ranks of `group` (shard_sequence with the same layout): q
+    [B, H, n, D], k and v [B, Hkv, n, D] are this rank's n tokens; returns this rank's output [B, H, n, D], equal
+    to the matching shard of full attention (tests/test_cp.py, W = 1..4). K/V travel at the kv-head count (GQA
+    sends Hkv heads, not H). Differentiable in q, k and v."""
+    _chunks_of(0, 1, layout)  # validates the layout name
+    if causal and layout == "zigzag" and q.shape[2] % 2:
+        raise ValueError(f"zigzag: the local length {q.shape[2]} must be even (two chunks per rank)")
+    return _RingAttention.apply(q, k, v, group, causal, layout, scale, impl)
