@@ -14,7 +14,9 @@ What is here so far:
   - ring attention over torch.distributed (ring_attention: plain ring or zigzag, causal or not, MHA or GQA), whose
     backward rests on one fact: each block's gradients computed from the FINAL out and LSE add up to the full
     gradients (tests/test_cp.py checks it in one process, then the whole ring over 1-4 gloo processes).
-Still to come (same issue): per-example masks in the ring, Ulysses, and the training loop under torchrun.
+  - Ulysses (ulysses_attention: all-to-all from sequence shards to head shards, full-sequence attention on
+    H/W heads, all-to-all back), sharing the local kernels with the ring.
+Still to come (same issue): per-example masks, and the training loop under torchrun.
 
 Shapes follow SDPA: q [B, H, Lq, D], k and v [B, Hkv, Lk, D] (GQA: H % Hkv == 0), lse [B, H, Lq] in fp32
 (fp64 for fp64 inputs).
@@ -296,3 +298,76 @@ def ring_attention(q, k, v, group=None, causal=True, layout="zigzag", scale=None
     if causal and layout == "zigzag" and q.shape[2] % 2:
         raise ValueError(f"zigzag: the local length {q.shape[2]} must be even (two chunks per rank)")
     return _RingAttention.apply(q, k, v, group, causal, layout, scale, impl)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Ulysses: swap sequence sharding for head sharding, attend over the whole sequence, swap back
+
+class _LocalAttention(torch.autograd.Function):
+    """local_attn_fwd / local_attn_bwd as one differentiable op: the kernels the ring uses, for Ulysses."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, impl):
+        out, lse = local_attn_fwd(q, k, v, causal, scale, impl)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (causal, scale, impl)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        return (*local_attn_bwd(dout.contiguous(), q, k, v, out, lse, *ctx.args), None, None, None)
+
+
+def _seq_to_heads(x, group):
+    """[B, H, n, D] (this rank's n tokens, all heads) -> [B, H/W, W*n, D] (all tokens, this rank's H/W heads).
+    Head group j is sent to rank j; what comes back from rank i is its n tokens of our heads, and rank order is
+    sequence order (the contiguous layout)."""
+    w = dist.get_world_size(group)
+    b, h, n, d = x.shape
+    send = x.reshape(b, w, h // w, n, d).transpose(0, 1).contiguous()   # [W, B, H/W, n, D], block j -> rank j
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)                     # recv[i]: rank i's tokens, our heads
+    return recv.permute(1, 2, 0, 3, 4).reshape(b, h // w, w * n, d)
+
+
+def _heads_to_seq(x, group):
+    """The inverse: [B, H/W, W*n, D] -> [B, H, n, D]."""
+    w = dist.get_world_size(group)
+    b, hw, L, d = x.shape
+    send = x.reshape(b, hw, w, L // w, d).permute(2, 0, 1, 3, 4).contiguous()  # [W, B, H/W, n, D], tokens of rank j
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)                     # recv[i]: our tokens, rank i's heads
+    return recv.transpose(0, 1).reshape(b, w * hw, L // w, d)
+
+
+class _AllToAll(torch.autograd.Function):
+    """An all-to-all is a permutation of the data across ranks, so its gradient is the inverse permutation."""
+
+    @staticmethod
+    def forward(ctx, x, group, to_heads):
+        ctx.args = (group, to_heads)
+        return _seq_to_heads(x, group) if to_heads else _heads_to_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        group, to_heads = ctx.args
+        return (_heads_to_seq if to_heads else _seq_to_heads)(g.contiguous(), group), None, None
+
+
+def ulysses_attention(q, k, v, group=None, causal=True, scale=None, impl="auto"):
+    """Attention over a sequence sharded contiguously across `group` (shard_sequence(..., layout='contiguous')):
+    q [B, H, n, D], k and v [B, Hkv, n, D] -> this rank's output [B, H, n, D]. Two all-to-alls each way: each rank
+    attends with H/W of the heads over the whole sequence, so any mask that a single process can apply works
+    unchanged (Molmo2 uses Ulysses for this reason). Contiguous layout only: zigzag shards would arrive out of
+    order and break the causal mask. GQA: kv heads are split like the query heads when W divides Hkv; otherwise
+    each kv head is first repeated for its query heads (H of them; autograd sums the copies' gradients)."""
+    w = dist.get_world_size(group)
+    h, hkv = q.shape[1], k.shape[1]
+    if h % w:
+        raise ValueError(f"Ulysses splits heads over ranks: {h} query heads do not split over {w} ranks")
+    if hkv % w:
+        k, v = _expand_kv(k, h), _expand_kv(v, h)
+    q, k, v = (_AllToAll.apply(t.contiguous(), group, True) for t in (q, k, v))
+    out = _LocalAttention.apply(q, k, v, causal, scale, impl)          # [B, H/W, L, D]
+    return _AllToAll.apply(out.contiguous(), group, False)

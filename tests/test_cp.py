@@ -133,9 +133,28 @@ def test_bad_lengths_and_padding():
 # ---------------------------------------------------------------------------------------------------------
 # ring attention over real process groups (gloo, spawned processes)
 
+# fp64 with the reference kernel, fp32 and bf16 with the CPU flash op; bf16's bound (None) is twice the error of
+# the same attention in bf16 on one device, plus 1e-3, both against fp64
+DTYPES = ((torch.float64, "reference", 1e-10), (torch.float32, "auto", 1e-5), (torch.bfloat16, "auto", None))
 RING_CASES = [(layout, causal, hkv, dtype, impl, tol)
               for layout in ("contiguous", "zigzag") for causal in (True, False) for hkv in (4, 2)
-              for dtype, impl, tol in ((torch.float64, "reference", 1e-10), (torch.float32, "auto", 1e-5))]
+              for dtype, impl, tol in DTYPES]
+
+
+def _bounds(tol, q, k, v, g, causal, want):
+    """The error allowed for (out, dq, dk, dv): tol, or for bf16 (tol None) 2x the single-device bf16 error + 1e-3."""
+    if tol is not None:
+        return [tol] * 4
+    qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+    out, lse = cp.local_attn_fwd(qb, kb, vb, causal)
+    single = [out, *cp.local_attn_bwd(g.bfloat16(), qb, kb, vb, out, lse, causal)]
+    return [2 * (s.double() - w.detach()).abs().max().item() + 1e-3 for s, w in zip(single, want)]
+
+
+def _compare(rank, world, layout, got, want, bounds, what):
+    for name, gt, wt, bound in zip(("out", "dq", "dk", "dv"), got, want, bounds):
+        err = (gt.double() - cp.shard_sequence(wt.detach(), rank, world, 2, layout)).abs().max().item()
+        assert err <= bound, f"{what} {name}: max |diff| {err:.2e} > {bound:.2e}"
 
 
 def _ring_worker(rank, world, init_file):
@@ -151,19 +170,48 @@ def _ring_worker(rank, world, init_file):
             local = [cp.shard_sequence(t, rank, world, 2, layout).to(dtype).requires_grad_() for t in (q, k, v)]
             o = cp.ring_attention(*local, causal=causal, layout=layout, impl=impl)
             (o * cp.shard_sequence(g, rank, world, 2, layout).to(dtype)).sum().backward()
-            for name, got, want in [("out", o, out)] + [("d" + n, loc.grad, ful.grad)
-                                                         for n, loc, ful in zip("qkv", local, full)]:
-                err = (got.double() - cp.shard_sequence(want.detach(), rank, world, 2, layout)).abs().max().item()
-                assert err <= tol, (f"W={world} rank {rank} {layout} causal={causal} H/Hkv=4/{hkv} {dtype} "
-                                    f"{name}: max |diff| {err:.2e} > {tol}")
+            want = [out] + [t.grad for t in full]
+            _compare(rank, world, layout, [o] + [t.grad for t in local], want, _bounds(tol, q, k, v, g, causal, want),
+                     f"ring W={world} rank {rank} {layout} causal={causal} H/Hkv=4/{hkv} {dtype}")
+        _ulysses_checks(rank, world)
     finally:
         dist.destroy_process_group()
 
 
+def _ulysses_checks(rank, world):
+    # the all-to-all: placement (rank j gets head group j of the whole sequence) and round trip
+    x = torch.randn(2, 4, 48, 8, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    if 4 % world:
+        with pytest.raises(ValueError, match=f"4 query heads do not split over {world} ranks"):
+            cp.ulysses_attention(*qkv(lq=16, lk=16))
+        return
+    local = cp.shard_sequence(x, rank, world, 2, "contiguous")
+    heads = cp._seq_to_heads(local, None)
+    hw = 4 // world
+    assert torch.equal(heads, x[:, rank * hw:(rank + 1) * hw])
+    assert torch.equal(cp._heads_to_seq(heads, None), local)
+    for i, (causal, hkv, (dtype, impl, tol)) in enumerate(
+            (c, h, d) for c in (True, False) for h in (4, 2, 1) for d in DTYPES):
+        # hkv 1 (and 2 with W=4): fewer kv heads than ranks, so they are repeated first
+        q, k, v = qkv(b=2, h=4, hkv=hkv, lq=48, lk=48, d=8, seed=50 + i)
+        g = torch.randn(q.shape, generator=torch.Generator().manual_seed(150 + i), dtype=torch.float64)
+        full = [t.clone().requires_grad_() for t in (q, k, v)]
+        out, _ = cp.reference_attn_fwd(*full, causal=causal)
+        (out * g).sum().backward()
+        loc = [cp.shard_sequence(t, rank, world, 2, "contiguous").to(dtype).requires_grad_() for t in (q, k, v)]
+        o = cp.ulysses_attention(*loc, causal=causal, impl=impl)
+        (o * cp.shard_sequence(g, rank, world, 2, "contiguous").to(dtype)).sum().backward()
+        want = [out] + [t.grad for t in full]
+        _compare(rank, world, "contiguous", [o] + [t.grad for t in loc], want, _bounds(tol, q, k, v, g, causal, want),
+                 f"Ulysses W={world} rank {rank} causal={causal} H/Hkv=4/{hkv} {dtype}")
+
+
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_ring_attention_equals_full_attention(world, tmp_path):
-    # plain ring and zigzag, causal and not, MHA and GQA, fp64 (reference kernel, 1e-10) and fp32 (CPU flash op,
-    # 1e-5): each rank's output and dq/dk/dv equal its shard of full attention's. A deadlock fails in 120 s.
+def test_ring_and_ulysses_attention_equal_full_attention(world, tmp_path):
+    # ring (plain and zigzag) and Ulysses, causal and not, MHA and GQA, fp64 (reference kernel, 1e-10), fp32 (CPU
+    # flash op, 1e-5) and bf16 (2x the one-device bf16 error + 1e-3): each rank's output and dq/dk/dv equal its
+    # shard of full attention's; Ulysses' all-to-all places head groups and round-trips exactly (W = 3: 4 heads do
+    # not split, a clear error). A deadlock fails in 120 s.
     ctx = torch.multiprocessing.start_processes(_ring_worker, args=(world, str(tmp_path / "init")), nprocs=world,
                                                 join=False, start_method="spawn")
     deadline = time.time() + 120
