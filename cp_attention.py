@@ -16,7 +16,7 @@ What is here so far:
     gradients (tests/test_cp.py checks it in one process, then the whole ring over 1-4 gloo processes).
   - Ulysses (ulysses_attention: all-to-all from sequence shards to head shards, full-sequence attention on
     H/W heads, all-to-all back), sharing the local kernels with the ring.
-Still to come (same issue): per-example masks, and the training loop under torchrun.
+Still to come (same issue): per-example masks in the ring, and the training loop under torchrun.
 
 Shapes follow SDPA: q [B, H, Lq, D], k and v [B, Hkv, Lk, D] (GQA: H % Hkv == 0), lse [B, H, Lq] in fp32
 (fp64 for fp64 inputs).
@@ -49,10 +49,13 @@ def _check(q, k, v):
         raise ValueError(f"GQA: query heads ({q.shape[1]}) must be a multiple of kv heads ({k.shape[1]})")
 
 
-def _scores(q, k, causal, scale):
+def _scores(q, k, causal, scale, mask=None):
     """S = scale * q k^T [B, H, Lq, Lk], causal positions above the diagonal at -inf (square blocks only: a causal
-    block in ring attention is always a rank's own block, where query i may see keys 0..i)."""
+    block in ring attention is always a rank's own block, where query i may see keys 0..i), and where the bool mask
+    [B, 1 or H, Lq, Lk] is False (True = may attend, SDPA's convention; model.attention_mask_4d makes Molmo2's)."""
     s = torch.matmul(q, _expand_kv(k, q.shape[1]).transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
     if causal:
         lq, lk = s.shape[-2:]
         if lq != lk:
@@ -61,18 +64,18 @@ def _scores(q, k, causal, scale):
     return s
 
 
-def reference_attn_fwd(q, k, v, causal=False, scale=None):
+def reference_attn_fwd(q, k, v, causal=False, scale=None, mask=None):
     """Pure PyTorch, explicit scores: the fp64 reference for every test. Returns (out, lse)."""
     _check(q, k, v)
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    s = _scores(q, k, causal, scale)
+    s = _scores(q, k, causal, scale, mask)
     lse = torch.logsumexp(s, dim=-1)                                    # [B, H, Lq]
     p = torch.exp(s - lse[..., None]).nan_to_num(0.0)                   # a fully masked row: p = 0, out = 0
     out = torch.matmul(p, _expand_kv(v, q.shape[1]))
     return out, lse
 
 
-def reference_attn_bwd(dout, q, k, v, out, lse, causal=False, scale=None):
+def reference_attn_bwd(dout, q, k, v, out, lse, causal=False, scale=None, mask=None):
     """FlashAttention-2's backward from (out, lse), explicit: P = exp(S - lse) is the softmax, D = rowsum(dO * O),
     dV = P^T dO, dP = dO V^T, dS = P * (dP - D), dQ = scale * dS K, dK = scale * dS^T Q.
     When out and lse are the FINAL ones of the whole row (all kv blocks merged), P here is the true slice of the
@@ -80,7 +83,7 @@ def reference_attn_bwd(dout, q, k, v, out, lse, causal=False, scale=None):
     block's dK, dV are its own exact gradients: the ring backward rests on this (tested)."""
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     h, hkv = q.shape[1], k.shape[1]
-    s = _scores(q, k, causal, scale)
+    s = _scores(q, k, causal, scale, mask)
     p = torch.exp(s - lse[..., None].to(s.dtype)).nan_to_num(0.0)     # [B, H, Lq, Lk]
     d = (dout * out).sum(-1, keepdim=True)                              # [B, H, Lq, 1]
     dv = torch.matmul(p.transpose(-1, -2), dout)
@@ -97,7 +100,13 @@ def _cpu_op(q, impl):
     return impl == "auto" and q.device.type == "cpu"
 
 
-def local_attn_fwd(q, k, v, causal=False, scale=None, impl="auto"):
+def _additive(mask, dtype):
+    """The CPU flash op takes the mask as an additive bias in q's dtype: 0 where allowed, -inf where not."""
+    return None if mask is None else torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask,
+                                                                                                      float("-inf"))
+
+
+def local_attn_fwd(q, k, v, causal=False, scale=None, impl="auto", mask=None):
     """The kernel both CP schemes call on their local blocks: (out [B, H, Lq, D], lse [B, H, Lq]).
     impl 'auto': the CPU flash op (torch's own, which returns the LSE; fp32 LSE for fp32/bf16 inputs) on CPU,
     the reference elsewhere for now (CUDA flash kernels come with the GPU check of this issue); 'reference'."""
@@ -105,19 +114,20 @@ def local_attn_fwd(q, k, v, causal=False, scale=None, impl="auto"):
     if _cpu_op(q, impl):
         h = q.shape[1]
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, _expand_kv(k, h), _expand_kv(v, h), 0.0, causal, scale=scale)
-    return reference_attn_fwd(q, k, v, causal, scale)
+            q, _expand_kv(k, h), _expand_kv(v, h), 0.0, causal, attn_mask=_additive(mask, q.dtype), scale=scale)
+    return reference_attn_fwd(q, k, v, causal, scale, mask)
 
 
-def local_attn_bwd(dout, q, k, v, out, lse, causal=False, scale=None, impl="auto"):
+def local_attn_bwd(dout, q, k, v, out, lse, causal=False, scale=None, impl="auto", mask=None):
     """(dq, dk, dv) of one block from the given out and lse (the final ones, in ring attention). dk, dv come back
     at the kv-head count: the GQA copies' gradients are summed."""
     if _cpu_op(q, impl):
         h, hkv = q.shape[1], k.shape[1]
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout, q, _expand_kv(k, h), _expand_kv(v, h), out, lse, 0.0, causal, scale=scale)
+            dout, q, _expand_kv(k, h), _expand_kv(v, h), out, lse, 0.0, causal, attn_mask=_additive(mask, q.dtype),
+            scale=scale)
         return dq, _sum_kv_grad(dk, hkv), _sum_kv_grad(dv, hkv)
-    return reference_attn_bwd(dout, q, k, v, out, lse, causal, scale)
+    return reference_attn_bwd(dout, q, k, v, out, lse, causal, scale, mask)
 
 
 def merge_partials(out, lse, out_b, lse_b):
@@ -307,16 +317,16 @@ class _LocalAttention(torch.autograd.Function):
     """local_attn_fwd / local_attn_bwd as one differentiable op: the kernels the ring uses, for Ulysses."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, impl):
-        out, lse = local_attn_fwd(q, k, v, causal, scale, impl)
+    def forward(ctx, q, k, v, causal, scale, impl, mask):
+        out, lse = local_attn_fwd(q, k, v, causal, scale, impl, mask)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (causal, scale, impl)
+        ctx.args = (causal, scale, impl, mask)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        return (*local_attn_bwd(dout.contiguous(), q, k, v, out, lse, *ctx.args), None, None, None)
+        return (*local_attn_bwd(dout.contiguous(), q, k, v, out, lse, *ctx.args), None, None, None, None)
 
 
 def _seq_to_heads(x, group):
@@ -355,13 +365,16 @@ class _AllToAll(torch.autograd.Function):
         return (_heads_to_seq if to_heads else _seq_to_heads)(g.contiguous(), group), None, None
 
 
-def ulysses_attention(q, k, v, group=None, causal=True, scale=None, impl="auto"):
+def ulysses_attention(q, k, v, group=None, causal=True, scale=None, impl="auto", mask=None):
     """Attention over a sequence sharded contiguously across `group` (shard_sequence(..., layout='contiguous')):
     q [B, H, n, D], k and v [B, Hkv, n, D] -> this rank's output [B, H, n, D]. Two all-to-alls each way: each rank
     attends with H/W of the heads over the whole sequence, so any mask that a single process can apply works
     unchanged (Molmo2 uses Ulysses for this reason). Contiguous layout only: zigzag shards would arrive out of
     order and break the causal mask. GQA: kv heads are split like the query heads when W divides Hkv; otherwise
-    each kv head is first repeated for its query heads (H of them; autograd sums the copies' gradients)."""
+    each kv head is first repeated for its query heads (H of them; autograd sums the copies' gradients).
+    mask: bool [B, 1, L, L] over the WHOLE sequence (True = may attend), e.g. model.attention_mask_4d of the global
+    doc ids and vision flags, which every rank has (the sequence is built whole, then sharded): Molmo2's
+    per-example, vision-bidirectional mask, here exactly as on one device."""
     w = dist.get_world_size(group)
     h, hkv = q.shape[1], k.shape[1]
     if h % w:
@@ -369,5 +382,5 @@ def ulysses_attention(q, k, v, group=None, causal=True, scale=None, impl="auto")
     if hkv % w:
         k, v = _expand_kv(k, h), _expand_kv(v, h)
     q, k, v = (_AllToAll.apply(t.contiguous(), group, True) for t in (q, k, v))
-    out = _LocalAttention.apply(q, k, v, causal, scale, impl)          # [B, H/W, L, D]
+    out = _LocalAttention.apply(q, k, v, causal, scale, impl, mask)    # [B, H/W, L, D]
     return _AllToAll.apply(out.contiguous(), group, False)

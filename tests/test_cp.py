@@ -42,6 +42,31 @@ def test_local_kernels_match_sdpa_logsumexp_and_autograd(causal, hkv, impl):
         assert got.shape == want.shape and torch.allclose(got, want, atol=1e-11, rtol=0)
 
 
+
+def model_mask(L=48):
+    """Molmo2's mask from model.py: two packed examples and padding in row 0, one example in row 1, vision tokens
+    bidirectional within their example."""
+    from model import attention_mask_4d
+    doc = torch.zeros(2, L, dtype=torch.long)
+    doc[0, :20], doc[0, 20:41], doc[1] = 1, 2, 1
+    vis = torch.zeros(2, L, dtype=torch.bool)
+    vis[0, 3:9], vis[0, 24:30], vis[1, 10:22] = True, True, True
+    return attention_mask_4d(doc, vis, bidir=True)
+
+
+@pytest.mark.parametrize("impl", ["reference", "auto"])
+def test_local_kernels_take_the_models_mask(impl):
+    q, k, v = qkv(lq=48, lk=48)
+    m = model_mask()
+    out, lse = cp.local_attn_fwd(q, k, v, impl=impl, mask=m)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True)
+    assert torch.allclose(out, want, atol=1e-12, rtol=0)
+    dout = torch.randn_like(out)
+    qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+    F.scaled_dot_product_attention(qq, kk, vv, attn_mask=m, enable_gqa=True).backward(dout)
+    for got, w in zip(cp.local_attn_bwd(dout, q, k, v, out, lse, impl=impl, mask=m), (qq.grad, kk.grad, vv.grad)):
+        assert torch.allclose(got, w, atol=1e-11, rtol=0)
+
 def test_causal_block_must_be_square():
     q, k, v = qkv(lq=6, lk=12)
     with pytest.raises(ValueError, match="only square"):
@@ -141,13 +166,13 @@ RING_CASES = [(layout, causal, hkv, dtype, impl, tol)
               for dtype, impl, tol in DTYPES]
 
 
-def _bounds(tol, q, k, v, g, causal, want):
+def _bounds(tol, q, k, v, g, causal, want, mask=None):
     """The error allowed for (out, dq, dk, dv): tol, or for bf16 (tol None) 2x the single-device bf16 error + 1e-3."""
     if tol is not None:
         return [tol] * 4
     qb, kb, vb = (t.bfloat16() for t in (q, k, v))
-    out, lse = cp.local_attn_fwd(qb, kb, vb, causal)
-    single = [out, *cp.local_attn_bwd(g.bfloat16(), qb, kb, vb, out, lse, causal)]
+    out, lse = cp.local_attn_fwd(qb, kb, vb, causal, mask=mask)
+    single = [out, *cp.local_attn_bwd(g.bfloat16(), qb, kb, vb, out, lse, causal, mask=mask)]
     return [2 * (s.double() - w.detach()).abs().max().item() + 1e-3 for s, w in zip(single, want)]
 
 
@@ -191,27 +216,32 @@ def _ulysses_checks(rank, world):
     assert torch.equal(heads, x[:, rank * hw:(rank + 1) * hw])
     assert torch.equal(cp._heads_to_seq(heads, None), local)
     for i, (causal, hkv, (dtype, impl, tol)) in enumerate(
-            (c, h, d) for c in (True, False) for h in (4, 2, 1) for d in DTYPES):
+            (c, h, d) for c in (True, False, "model") for h in (4, 2, 1) for d in DTYPES):
+        # causal="model": Molmo2's own mask (packed examples, padding, bidirectional vision), given whole
         # hkv 1 (and 2 with W=4): fewer kv heads than ranks, so they are repeated first
         q, k, v = qkv(b=2, h=4, hkv=hkv, lq=48, lk=48, d=8, seed=50 + i)
         g = torch.randn(q.shape, generator=torch.Generator().manual_seed(150 + i), dtype=torch.float64)
+        mask = model_mask() if causal == "model" else None
+        causal = causal is True
         full = [t.clone().requires_grad_() for t in (q, k, v)]
-        out, _ = cp.reference_attn_fwd(*full, causal=causal)
+        out, _ = cp.reference_attn_fwd(*full, causal=causal, mask=mask)
         (out * g).sum().backward()
         loc = [cp.shard_sequence(t, rank, world, 2, "contiguous").to(dtype).requires_grad_() for t in (q, k, v)]
-        o = cp.ulysses_attention(*loc, causal=causal, impl=impl)
+        o = cp.ulysses_attention(*loc, causal=causal, impl=impl, mask=mask)
         (o * cp.shard_sequence(g, rank, world, 2, "contiguous").to(dtype)).sum().backward()
         want = [out] + [t.grad for t in full]
-        _compare(rank, world, "contiguous", [o] + [t.grad for t in loc], want, _bounds(tol, q, k, v, g, causal, want),
-                 f"Ulysses W={world} rank {rank} causal={causal} H/Hkv=4/{hkv} {dtype}")
+        _compare(rank, world, "contiguous", [o] + [t.grad for t in loc], want,
+                 _bounds(tol, q, k, v, g, causal, want, mask),
+                 f"Ulysses W={world} rank {rank} causal={causal} mask={mask is not None} H/Hkv=4/{hkv} {dtype}")
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_ring_and_ulysses_attention_equal_full_attention(world, tmp_path):
     # ring (plain and zigzag) and Ulysses, causal and not, MHA and GQA, fp64 (reference kernel, 1e-10), fp32 (CPU
     # flash op, 1e-5) and bf16 (2x the one-device bf16 error + 1e-3): each rank's output and dq/dk/dv equal its
-    # shard of full attention's; Ulysses' all-to-all places head groups and round-trips exactly (W = 3: 4 heads do
-    # not split, a clear error). A deadlock fails in 120 s.
+    # shard of full attention's; Ulysses also under Molmo2's full mask (packed examples, padding, bidirectional
+    # vision); its all-to-all places head groups and round-trips exactly (W = 3: 4 heads do not split, a clear
+    # error). A deadlock fails in 120 s.
     ctx = torch.multiprocessing.start_processes(_ring_worker, args=(world, str(tmp_path / "init")), nprocs=world,
                                                 join=False, start_method="spawn")
     deadline = time.time() + 120
