@@ -11,12 +11,13 @@ What is here so far:
     of each query row, forward and backward (local_attn_fwd / local_attn_bwd), with a pure-PyTorch reference;
   - the LSE merge of partial results (merge_partials), the heart of ring attention's forward;
   - sharding helpers: contiguous and zigzag layouts, their inverse, positions, and a pad helper;
-  - ring attention over torch.distributed (ring_attention: plain ring or zigzag, causal or not, MHA or GQA), whose
+  - ring attention over torch.distributed (ring_attention: plain ring or zigzag, causal or not, MHA or GQA, any
+    mask given whole: per-example causal with the causal saving, bidirectional vision without it), whose
     backward rests on one fact: each block's gradients computed from the FINAL out and LSE add up to the full
     gradients (tests/test_cp.py checks it in one process, then the whole ring over 1-4 gloo processes).
   - Ulysses (ulysses_attention: all-to-all from sequence shards to head shards, full-sequence attention on
     H/W heads, all-to-all back), sharing the local kernels with the ring.
-Still to come (same issue): per-example masks in the ring, and the training loop under torchrun.
+Still to come (same issue): the training loop under torchrun.
 
 Shapes follow SDPA: q [B, H, Lq, D], k and v [B, Hkv, Lk, D] (GQA: H % Hkv == 0), lse [B, H, Lq] in fp32
 (fp64 for fp64 inputs).
@@ -236,6 +237,18 @@ def _blocks(step, src, rank, causal, layout, n):
     return [(every, slice(0, h), False)] if src < rank else [(slice(h, None), every, False)]
 
 
+def _block_mask(mask, pos_q, pos_k, qs, ks, causal):
+    """This block's slice of the global mask [B, 1, L, L] (None: no mask): rows at the queries' global positions,
+    columns at the keys'. A causal (diagonal) block gets the causal triangle folded in, since the kernels take
+    one or the other."""
+    if mask is None:
+        return None
+    mb = mask[:, :, pos_q[qs]][:, :, :, pos_k[ks]]
+    if causal:
+        mb = mb & torch.ones(mb.shape[-2:], dtype=torch.bool, device=mb.device).tril()
+    return mb
+
+
 class _RingAttention(torch.autograd.Function):
     """Forward: W steps; at each, attend the local queries to the K/V block in hand while the next block is already
     on its way (isend/irecv started before the compute: the transfer overlaps it), and merge the partial result
@@ -244,9 +257,10 @@ class _RingAttention(torch.autograd.Function):
     (fp32) travels the ring with the block and reaches its owner after W passes."""
 
     @staticmethod
-    def forward(ctx, q, k, v, group, causal, layout, scale, impl):
+    def forward(ctx, q, k, v, group, causal, layout, scale, impl, mask):
         w, r = dist.get_world_size(group), dist.get_rank(group)
         n = q.shape[2]
+        pos = [positions_for_shard(n * w, i, w, layout, q.device) for i in range(w)]  # each rank's global positions
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         out = torch.zeros(q.shape, dtype=acc, device=q.device)
         lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
@@ -255,21 +269,26 @@ class _RingAttention(torch.autograd.Function):
             src = (r - step) % w
             reqs, nxt = _ring_pass(kv, group) if step + 1 < w else ([], None)
             for qs, ks, c in _blocks(step, src, r, causal, layout, n):
+                mb = _block_mask(mask, pos[r], pos[src], qs, ks, c)
+                if mb is not None and not mb.any():
+                    continue                                        # e.g. another example's tokens: nothing to see
                 o_b, l_b = local_attn_fwd(q[:, :, qs].contiguous(), kv[0][:, :, ks].contiguous(),
-                                          kv[1][:, :, ks].contiguous(), c, scale, impl)
+                                          kv[1][:, :, ks].contiguous(), c and mb is None, scale, impl, mb)
+                if mb is not None:  # a row that sees no key of this block adds nothing (the CPU op says lse 0)
+                    l_b = l_b.masked_fill(~mb.any(-1), float("-inf"))
                 out[:, :, qs], lse[:, :, qs] = merge_partials(out[:, :, qs], lse[:, :, qs], o_b, l_b)
             for req in reqs:
                 req.wait()
             kv = nxt if nxt is not None else kv
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (group, causal, layout, scale, impl)
+        ctx.args = (group, causal, layout, scale, impl, mask, pos)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        group, causal, layout, scale, impl = ctx.args
+        group, causal, layout, scale, impl, mask, pos = ctx.args
         w, r = dist.get_world_size(group), dist.get_rank(group)
         n, acc = q.shape[2], lse.dtype
         dout = dout.contiguous()
@@ -281,10 +300,13 @@ class _RingAttention(torch.autograd.Function):
             src = (r - step) % w
             reqs, nxt = _ring_pass(kv, group) if step + 1 < w else ([], None)
             for qs, ks, c in _blocks(step, src, r, causal, layout, n):
+                mb = _block_mask(mask, pos[r], pos[src], qs, ks, c)
+                if mb is not None and not mb.any():
+                    continue
                 dq_b, dk_b, dv_b = local_attn_bwd(dout[:, :, qs].contiguous(), q[:, :, qs].contiguous(),
                                                   kv[0][:, :, ks].contiguous(), kv[1][:, :, ks].contiguous(),
-                                                  out[:, :, qs].contiguous(), lse_k[:, :, qs].contiguous(), c,
-                                                  scale, impl)
+                                                  out[:, :, qs].contiguous(), lse_k[:, :, qs].contiguous(),
+                                                  c and mb is None, scale, impl, mb)
                 dq[:, :, qs] += dq_b
                 dkv[0][:, :, ks] += dk_b
                 dkv[1][:, :, ks] += dv_b
@@ -296,18 +318,23 @@ class _RingAttention(torch.autograd.Function):
                 for req in reqs:
                     req.wait()
                 dkv = dkv_in
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None, None
 
 
-def ring_attention(q, k, v, group=None, causal=True, layout="zigzag", scale=None, impl="auto"):
+def ring_attention(q, k, v, group=None, causal=True, layout="zigzag", scale=None, impl="auto", mask=None):
     """Attention over a sequence sharded across the ranks of `group` (shard_sequence with the same layout): q
     [B, H, n, D], k and v [B, Hkv, n, D] are this rank's n tokens; returns this rank's output [B, H, n, D], equal
     to the matching shard of full attention (tests/test_cp.py, W = 1..4). K/V travel at the kv-head count (GQA
-    sends Hkv heads, not H). Differentiable in q, k and v."""
+    sends Hkv heads, not H). Differentiable in q, k and v.
+    mask: bool [B, 1, L, L] over the WHOLE sequence (True = may attend; every rank has it: the sequence is built whole,
+    then sharded), sliced per block at the global positions. With causal=True it must open no future key (Molmo2's
+    per-example causal mask: model.attention_mask_4d(..., bidir=False)), since future blocks are skipped. A mask that
+    does (bidirectional vision tokens) needs causal=False: every block is then computed under its slice, exact but
+    without the causal saving. Blocks the mask empties are skipped."""
     _chunks_of(0, 1, layout)  # validates the layout name
     if causal and layout == "zigzag" and q.shape[2] % 2:
         raise ValueError(f"zigzag: the local length {q.shape[2]} must be even (two chunks per rank)")
-    return _RingAttention.apply(q, k, v, group, causal, layout, scale, impl)
+    return _RingAttention.apply(q, k, v, group, causal, layout, scale, impl, mask)
 
 
 # ---------------------------------------------------------------------------------------------------------

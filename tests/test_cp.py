@@ -43,15 +43,15 @@ def test_local_kernels_match_sdpa_logsumexp_and_autograd(causal, hkv, impl):
 
 
 
-def model_mask(L=48):
-    """Molmo2's mask from model.py: two packed examples and padding in row 0, one example in row 1, vision tokens
-    bidirectional within their example."""
+def model_mask(L=48, bidir=True):
+    """Molmo2's mask from model.py: two packed examples and padding in row 0, one example in row 1, causal, with
+    vision tokens bidirectional within their example when bidir."""
     from model import attention_mask_4d
     doc = torch.zeros(2, L, dtype=torch.long)
     doc[0, :20], doc[0, 20:41], doc[1] = 1, 2, 1
     vis = torch.zeros(2, L, dtype=torch.bool)
     vis[0, 3:9], vis[0, 24:30], vis[1, 10:22] = True, True, True
-    return attention_mask_4d(doc, vis, bidir=True)
+    return attention_mask_4d(doc, vis, bidir=bidir)
 
 
 @pytest.mark.parametrize("impl", ["reference", "auto"])
@@ -161,9 +161,12 @@ def test_bad_lengths_and_padding():
 # fp64 with the reference kernel, fp32 and bf16 with the CPU flash op; bf16's bound (None) is twice the error of
 # the same attention in bf16 on one device, plus 1e-3, both against fp64
 DTYPES = ((torch.float64, "reference", 1e-10), (torch.float32, "auto", 1e-5), (torch.bfloat16, "auto", None))
-RING_CASES = [(layout, causal, hkv, dtype, impl, tol)
-              for layout in ("contiguous", "zigzag") for causal in (True, False) for hkv in (4, 2)
-              for dtype, impl, tol in DTYPES]
+# masks: none; Molmo2's per-example causal mask (causal blocks skipped); its full mask with bidirectional vision
+# (causal=False: every block computed under its slice)
+RING_CASES = [(layout, causal, mask, hkv, dtype, impl, tol)
+              for layout in ("contiguous", "zigzag")
+              for causal, mask in ((True, None), (False, None), (True, "per-example"), (False, "full"))
+              for hkv in (4, 2) for dtype, impl, tol in DTYPES]
 
 
 def _bounds(tol, q, k, v, g, causal, want, mask=None):
@@ -186,18 +189,20 @@ def _ring_worker(rank, world, init_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
     try:
-        for i, (layout, causal, hkv, dtype, impl, tol) in enumerate(RING_CASES):
+        for i, (layout, causal, mask_kind, hkv, dtype, impl, tol) in enumerate(RING_CASES):
+            mask = None if mask_kind is None else model_mask(bidir=mask_kind == "full")
             q, k, v = qkv(b=2, h=4, hkv=hkv, lq=48, lk=48, d=8, seed=i)  # the same full tensors on every rank
             g = torch.randn(q.shape, generator=torch.Generator().manual_seed(100 + i), dtype=torch.float64)
             full = [t.clone().requires_grad_() for t in (q, k, v)]
-            out, _ = cp.reference_attn_fwd(*full, causal=causal)          # fp64 full attention, autograd
+            out, _ = cp.reference_attn_fwd(*full, causal=causal, mask=mask)  # fp64 full attention, autograd
             (out * g).sum().backward()
             local = [cp.shard_sequence(t, rank, world, 2, layout).to(dtype).requires_grad_() for t in (q, k, v)]
-            o = cp.ring_attention(*local, causal=causal, layout=layout, impl=impl)
+            o = cp.ring_attention(*local, causal=causal, layout=layout, impl=impl, mask=mask)
             (o * cp.shard_sequence(g, rank, world, 2, layout).to(dtype)).sum().backward()
             want = [out] + [t.grad for t in full]
-            _compare(rank, world, layout, [o] + [t.grad for t in local], want, _bounds(tol, q, k, v, g, causal, want),
-                     f"ring W={world} rank {rank} {layout} causal={causal} H/Hkv=4/{hkv} {dtype}")
+            _compare(rank, world, layout, [o] + [t.grad for t in local], want,
+                     _bounds(tol, q, k, v, g, causal, want, mask),
+                     f"ring W={world} rank {rank} {layout} causal={causal} mask={mask_kind} H/Hkv=4/{hkv} {dtype}")
         _ulysses_checks(rank, world)
     finally:
         dist.destroy_process_group()
@@ -237,11 +242,11 @@ def _ulysses_checks(rank, world):
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_ring_and_ulysses_attention_equal_full_attention(world, tmp_path):
-    # ring (plain and zigzag) and Ulysses, causal and not, MHA and GQA, fp64 (reference kernel, 1e-10), fp32 (CPU
-    # flash op, 1e-5) and bf16 (2x the one-device bf16 error + 1e-3): each rank's output and dq/dk/dv equal its
-    # shard of full attention's; Ulysses also under Molmo2's full mask (packed examples, padding, bidirectional
-    # vision); its all-to-all places head groups and round-trips exactly (W = 3: 4 heads do not split, a clear
-    # error). A deadlock fails in 120 s.
+    # ring (plain and zigzag) and Ulysses, causal and not, MHA and GQA, with and without Molmo2's masks (packed
+    # examples, padding, bidirectional vision), fp64 (reference kernel, 1e-10), fp32 (CPU flash op, 1e-5) and bf16
+    # (2x the one-device bf16 error + 1e-3): each rank's output and dq/dk/dv equal its shard of full attention's;
+    # Ulysses' all-to-all places head groups and round-trips exactly (W = 3: 4 heads do not split, a clear error).
+    # A deadlock fails in 120 s.
     ctx = torch.multiprocessing.start_processes(_ring_worker, args=(world, str(tmp_path / "init")), nprocs=world,
                                                 join=False, start_method="spawn")
     deadline = time.time() + 120
