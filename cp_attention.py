@@ -330,7 +330,8 @@ def ring_attention(q, k, v, group=None, causal=True, layout="zigzag", scale=None
     then sharded), sliced per block at the global positions. With causal=True it must open no future key (Molmo2's
     per-example causal mask: model.attention_mask_4d(..., bidir=False)), since future blocks are skipped. A mask that
     does (bidirectional vision tokens) needs causal=False: every block is then computed under its slice, exact but
-    without the causal saving. Blocks the mask empties are skipped."""
+    without the causal saving. Blocks the mask empties are skipped. A dense L x L mask is fine at shapes scale, not
+    at stage 3's 36,864 tokens (1.4 GB a row): there the block masks are to be built from doc ids and vision flags."""
     _chunks_of(0, 1, layout)  # validates the layout name
     if causal and layout == "zigzag" and q.shape[2] % 2:
         raise ValueError(f"zigzag: the local length {q.shape[2]} must be even (two chunks per rank)")
