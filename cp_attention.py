@@ -239,14 +239,23 @@ def _blocks(step, src, rank, causal, layout, n):
 
 def _block_mask(mask, pos_q, pos_k, qs, ks, causal):
     """This block's slice of the global mask [B, 1, L, L] (None: no mask): rows at the queries' global positions,
-    columns at the keys'. A causal (diagonal) block gets the causal triangle folded in, since the kernels take
-    one or the other."""
+    columns at the keys'. A causal (diagonal) block gets the causal triangle folded in."""
     if mask is None:
         return None
     mb = mask[:, :, pos_q[qs]][:, :, :, pos_k[ks]]
     if causal:
         mb = mb & torch.ones(mb.shape[-2:], dtype=torch.bool, device=mb.device).tril()
     return mb
+
+
+def _ring_blocks(step, src, rank, causal, layout, n, mask, pos):
+    """The blocks to compute at one ring step, with their masks: (query rows, key rows, causal flag for the kernel,
+    block mask or None). Forward and backward walk exactly the same blocks. Blocks the mask empties are dropped;
+    with a mask, the causal triangle is folded into it (the kernels take one or the other)."""
+    for qs, ks, c in _blocks(step, src, rank, causal, layout, n):
+        mb = _block_mask(mask, pos[rank], pos[src], qs, ks, c)
+        if mb is None or mb.any():  # e.g. another example's tokens only: nothing to see, nothing to compute
+            yield qs, ks, c and mb is None, mb
 
 
 class _RingAttention(torch.autograd.Function):
@@ -268,12 +277,9 @@ class _RingAttention(torch.autograd.Function):
         for step in range(w):
             src = (r - step) % w
             reqs, nxt = _ring_pass(kv, group) if step + 1 < w else ([], None)
-            for qs, ks, c in _blocks(step, src, r, causal, layout, n):
-                mb = _block_mask(mask, pos[r], pos[src], qs, ks, c)
-                if mb is not None and not mb.any():
-                    continue                                        # e.g. another example's tokens: nothing to see
+            for qs, ks, c, mb in _ring_blocks(step, src, r, causal, layout, n, mask, pos):
                 o_b, l_b = local_attn_fwd(q[:, :, qs].contiguous(), kv[0][:, :, ks].contiguous(),
-                                          kv[1][:, :, ks].contiguous(), c and mb is None, scale, impl, mb)
+                                          kv[1][:, :, ks].contiguous(), c, scale, impl, mb)
                 if mb is not None:  # a row that sees no key of this block adds nothing (the CPU op says lse 0)
                     l_b = l_b.masked_fill(~mb.any(-1), float("-inf"))
                 out[:, :, qs], lse[:, :, qs] = merge_partials(out[:, :, qs], lse[:, :, qs], o_b, l_b)
@@ -299,14 +305,11 @@ class _RingAttention(torch.autograd.Function):
         for step in range(w):
             src = (r - step) % w
             reqs, nxt = _ring_pass(kv, group) if step + 1 < w else ([], None)
-            for qs, ks, c in _blocks(step, src, r, causal, layout, n):
-                mb = _block_mask(mask, pos[r], pos[src], qs, ks, c)
-                if mb is not None and not mb.any():
-                    continue
+            for qs, ks, c, mb in _ring_blocks(step, src, r, causal, layout, n, mask, pos):
                 dq_b, dk_b, dv_b = local_attn_bwd(dout[:, :, qs].contiguous(), q[:, :, qs].contiguous(),
                                                   kv[0][:, :, ks].contiguous(), kv[1][:, :, ks].contiguous(),
-                                                  out[:, :, qs].contiguous(), lse_k[:, :, qs].contiguous(),
-                                                  c and mb is None, scale, impl, mb)
+                                                  out[:, :, qs].contiguous(), lse_k[:, :, qs].contiguous(), c,
+                                                  scale, impl, mb)
                 dq[:, :, qs] += dq_b
                 dkv[0][:, :, ks] += dk_b
                 dkv[1][:, :, ks] += dv_b

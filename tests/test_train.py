@@ -142,8 +142,6 @@ def test_optimizer_groups_and_schedule(trained):
     assert (g["betas"], g["eps"], g["weight_decay"]) == ((0.9, 0.95), 1e-6, 0.0)
 
 
-
-
 def test_eval_cli_on_a_checkpoint(trained, capsys):
     # eval.py on video tasks: their metrics, and the breakdown by how many objects the reference holds
     import eval as ev
@@ -154,6 +152,7 @@ def test_eval_cli_on_a_checkpoint(trained, capsys):
     kinds = {ev.question_kind(t, q, ref) for t, q, _, ref, _ in records}
     assert all(k.startswith(("track: ", "point: ")) and k.endswith(" objects") for k in kinds)
     assert "tracking_f1" in capsys.readouterr().out
+
 
 def test_lr_vit_mult_zero_freezes_the_vit(trained, tmp_path):
     # lr_vit_mult=0: no gradients are computed for the ViT (its backward is a third of a stage-2 step), so its
@@ -169,6 +168,7 @@ def test_lr_vit_mult_zero_freezes_the_vit(trained, tmp_path):
     groups = {g["name"]: g["params"] for g in after["optimizer"]["param_groups"]}
     assert groups["vit"] and not any(i in after["optimizer"]["state"] for i in groups["vit"])
     assert all(i in after["optimizer"]["state"] for i in groups["llm"])
+
 
 def test_sample_from_checkpoint(trained, tmp_path, capsys):
     _, out = trained
@@ -322,8 +322,9 @@ def test_choice_keys_fail_early_naming_the_key(tmp_path, key, bad):
     assert not os.path.exists(tmp_path / "ckpt.pt")  # stopped before any work
 
 
-@pytest.mark.parametrize("key,bad", [("vit_pretrain_steps", -1), ("vit_pretrain_batch", 0)])
-def test_vit_pretraining_keys_are_checked(tmp_path, key, bad):
+@pytest.mark.parametrize("key,bad", [("vit_pretrain_steps", -1), ("vit_pretrain_batch", 0), ("lr_vit_mult", -0.5),
+                                     ("lr_connector_mult", -1.0)])
+def test_bounded_numeric_keys_are_checked(tmp_path, key, bad):
     with pytest.raises(SystemExit, match=rf"'{key}' must be >= .*{bad}"):
         train.main(run_args(tmp_path, max_steps=1, **{key: bad}))
 
