@@ -17,7 +17,8 @@ What is here so far:
     gradients (tests/test_cp.py checks it in one process, then the whole ring over 1-4 gloo processes).
   - Ulysses (ulysses_attention: all-to-all from sequence shards to head shards, full-sequence attention on
     H/W heads, all-to-all back), sharing the local kernels with the ring.
-Still to come (same issue): the training loop under torchrun.
+  - ContextParallel / CPAttention: what the model (model.Molmo2.hidden) uses to shard a sequence and attend
+    across the cp group in training (train.py under torchrun, cp > 1).
 
 Shapes follow SDPA: q [B, H, Lq, D], k and v [B, Hkv, Lk, D] (GQA: H % Hkv == 0), lse [B, H, Lq] in fp32
 (fp64 for fp64 inputs).
@@ -237,12 +238,20 @@ def _blocks(step, src, rank, causal, layout, n):
     return [(every, slice(0, h), False)] if src < rank else [(slice(h, None), every, False)]
 
 
+def mask_rows_cols(mask, rows, cols):
+    """The mask at global query positions `rows` and key positions `cols`: [B, 1, len(rows), len(cols)] bool.
+    mask is a dense [B, 1, L, L] tensor (shapes scale) or a function (rows, cols) -> that block, which builds only
+    the block from per-token facts (model.attention_mask_block: doc ids and vision flags). At stage 3's 36,864
+    tokens the dense mask is 1.4 GB a row; a block is what one kernel call needs."""
+    return mask(rows, cols) if callable(mask) else mask[:, :, rows][:, :, :, cols]
+
+
 def _block_mask(mask, pos_q, pos_k, qs, ks, causal):
-    """This block's slice of the global mask [B, 1, L, L] (None: no mask): rows at the queries' global positions,
-    columns at the keys'. A causal (diagonal) block gets the causal triangle folded in."""
+    """This block's mask (None: no mask): rows at the queries' global positions, columns at the keys'.
+    A causal (diagonal) block gets the causal triangle folded in."""
     if mask is None:
         return None
-    mb = mask[:, :, pos_q[qs]][:, :, :, pos_k[ks]]
+    mb = mask_rows_cols(mask, pos_q[qs], pos_k[ks])
     if causal:
         mb = mb & torch.ones(mb.shape[-2:], dtype=torch.bool, device=mb.device).tril()
     return mb
@@ -333,8 +342,9 @@ def ring_attention(q, k, v, group=None, causal=True, layout="zigzag", scale=None
     then sharded), sliced per block at the global positions. With causal=True it must open no future key (Molmo2's
     per-example causal mask: model.attention_mask_4d(..., bidir=False)), since future blocks are skipped. A mask that
     does (bidirectional vision tokens) needs causal=False: every block is then computed under its slice, exact but
-    without the causal saving. Blocks the mask empties are skipped. A dense L x L mask is fine at shapes scale, not
-    at stage 3's 36,864 tokens (1.4 GB a row): there the block masks are to be built from doc ids and vision flags."""
+    without the causal saving. Blocks the mask empties are skipped. The mask may also be a function (rows, cols) ->
+    block (mask_rows_cols): a dense L x L mask is fine at shapes scale, not at stage 3's 36,864 tokens (1.4 GB a
+    row), where the model passes model.attention_mask_block over its doc ids and vision flags instead."""
     _chunks_of(0, 1, layout)  # validates the layout name
     if causal and layout == "zigzag" and q.shape[2] % 2:
         raise ValueError(f"zigzag: the local length {q.shape[2]} must be even (two chunks per rank)")
@@ -344,20 +354,49 @@ def ring_attention(q, k, v, group=None, causal=True, layout="zigzag", scale=None
 # ---------------------------------------------------------------------------------------------------------
 # Ulysses: swap sequence sharding for head sharding, attend over the whole sequence, swap back
 
+ULYSSES_Q_CHUNK = 4096  # query rows per kernel call when the mask is a function: [B, 1, 4096, L] bool at a time
+
+
 class _LocalAttention(torch.autograd.Function):
-    """local_attn_fwd / local_attn_bwd as one differentiable op: the kernels the ring uses, for Ulysses."""
+    """local_attn_fwd / local_attn_bwd as one differentiable op: the kernels the ring uses, for Ulysses.
+    With a mask function the query rows go through in chunks, each with its own [chunk, L] slice of the mask:
+    query rows are independent in attention (each row's softmax is over the keys), so no merge is needed."""
 
     @staticmethod
     def forward(ctx, q, k, v, causal, scale, impl, mask):
-        out, lse = local_attn_fwd(q, k, v, causal, scale, impl, mask)
+        L = q.shape[2]
+        step = ULYSSES_Q_CHUNK if callable(mask) else L
+        if causal and step < L:  # a causal chunk would not be square; the mask function carries the causality
+            raise ValueError("ulysses_attention: with a mask function pass causal=False (the mask is causal)")
+        cols = torch.arange(L, device=q.device)
+        outs, lses = [], []
+        for i in range(0, L, step):
+            m = mask_rows_cols(mask, cols[i:i + step], cols) if mask is not None else None
+            o, l = local_attn_fwd(q[:, :, i:i + step].contiguous(), k, v, causal, scale, impl, m)
+            outs.append(o)
+            lses.append(l)
+        out, lse = torch.cat(outs, 2), torch.cat(lses, 2)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (causal, scale, impl, mask)
+        ctx.args = (causal, scale, impl, mask, step)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        return (*local_attn_bwd(dout.contiguous(), q, k, v, out, lse, *ctx.args), None, None, None, None)
+        causal, scale, impl, mask, step = ctx.args
+        L, dout = q.shape[2], dout.contiguous()
+        cols = torch.arange(L, device=q.device)
+        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k, dtype=lse.dtype), torch.zeros_like(v, dtype=lse.dtype)
+        for i in range(0, L, step):
+            r = slice(i, i + step)
+            m = mask_rows_cols(mask, cols[r], cols) if mask is not None else None
+            dq_c, dk_c, dv_c = local_attn_bwd(dout[:, :, r].contiguous(), q[:, :, r].contiguous(), k, v,
+                                              out[:, :, r].contiguous(), lse[:, :, r].contiguous(), causal, scale,
+                                              impl, m)
+            dq[:, :, r] = dq_c
+            dk += dk_c
+            dv += dv_c
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
 def _seq_to_heads(x, group):
@@ -405,7 +444,8 @@ def ulysses_attention(q, k, v, group=None, causal=True, scale=None, impl="auto",
     each kv head is first repeated for its query heads (H of them; autograd sums the copies' gradients).
     mask: bool [B, 1, L, L] over the WHOLE sequence (True = may attend), e.g. model.attention_mask_4d of the global
     doc ids and vision flags, which every rank has (the sequence is built whole, then sharded): Molmo2's
-    per-example, vision-bidirectional mask, here exactly as on one device."""
+    per-example, vision-bidirectional mask, here exactly as on one device. Or a function (rows, cols) -> block
+    (mask_rows_cols): the query rows then go ULYSSES_Q_CHUNK at a time (pass causal=False; the mask is causal)."""
     w = dist.get_world_size(group)
     h, hkv = q.shape[1], k.shape[1]
     if h % w:
@@ -415,3 +455,52 @@ def ulysses_attention(q, k, v, group=None, causal=True, scale=None, impl="auto",
     q, k, v = (_AllToAll.apply(t.contiguous(), group, True) for t in (q, k, v))
     out = _LocalAttention.apply(q, k, v, causal, scale, impl, mask)    # [B, H/W, L, D]
     return _AllToAll.apply(out.contiguous(), group, False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the model's side: what a cp group means for one forward (model.Molmo2.hidden uses it)
+
+class ContextParallel:
+    """Context parallelism as the model sees it: a cp group and a scheme. mode 'ring': zigzag ring attention
+    (balanced causal work); 'ulysses': all-to-all over heads (contiguous shards; needs n_head % W == 0).
+    The model builds the WHOLE sequence on every cp rank (text embeddings and vision features: the ranks of a
+    cp group hold the same batch), then keeps its shard of every per-token tensor (shard): embeddings,
+    positions, labels (already shifted by collate) and loss weights, all by the same permutation, padded
+    first to a length the layout splits (pad: doc id 0, loss weight 0: never attended to, never in the loss)."""
+
+    def __init__(self, group, mode="ring", impl="auto"):
+        if mode not in ("ring", "ulysses"):
+            raise ValueError(f"cp mode must be 'ring' or 'ulysses', got {mode!r}")
+        self.group, self.mode, self.impl = group, mode, impl
+        self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        self.layout = "zigzag" if mode == "ring" else "contiguous"
+
+    def padded_len(self, n):
+        m = 2 * self.world if self.layout == "zigzag" else self.world
+        return -(-n // m) * m
+
+    def shard(self, x, value=0, dim=1):
+        """Pad x along dim to padded_len, then keep this rank's tokens."""
+        x = pad_to_multiple(x, self.padded_len(x.shape[dim]), dim, value)
+        return shard_sequence(x, self.rank, self.world, dim, self.layout)
+
+    def attention(self, mask, causal):
+        """The attention of every layer of one forward, with the mask of the whole (padded) sequence: a dense
+        tensor or a function (rows, cols) -> block (mask_rows_cols). causal: True when the mask opens no future
+        key (the ring then skips future blocks); False with bidirectional vision tokens."""
+        return CPAttention(self, mask, causal)
+
+
+class CPAttention:
+    """Called by model.attend in place of a mask: q, k, v are this rank's shard, [B, H, n, D] / [B, Hkv, n, D]."""
+
+    def __init__(self, cp, mask, causal):
+        self.cp, self.mask, self.causal = cp, mask, causal
+
+    def __call__(self, q, k, v):
+        cp = self.cp
+        if cp.mode == "ring":
+            return ring_attention(q, k, v, cp.group, self.causal, cp.layout, impl=cp.impl, mask=self.mask)
+        # Ulysses attends to whole rows: the mask carries the causality (a chunked causal flag would misalign)
+        return ulysses_attention(q, k, v, cp.group, causal=self.causal and self.mask is None, impl=cp.impl,
+                                 mask=self.mask)

@@ -139,7 +139,8 @@ def normalize_answer(s):
 
 @torch.no_grad()
 def evaluate_shapes(model, tok, cfg, n_prompts=500, tasks=("point", "count", "qa"), batch_size=100,
-                    blind=False, autocast=None, first_seed=0, max_new_tokens=96, max_objects=None):
+                    blind=False, autocast=None, first_seed=0, max_new_tokens=96, max_objects=None,
+                    video_frames=None):
     """Held-out shapes evaluation (seeds [first_seed, first_seed + n) of the eval range, which training never
     uses). blind=True replaces every image by a blank one: the image-blind baseline. max_objects (None: the
     world's 1..6): smaller image scenes, a diagnostic (shapes.make_example). Returns metrics and the raw
@@ -147,13 +148,14 @@ def evaluate_shapes(model, tok, cfg, n_prompts=500, tasks=("point", "count", "qa
     import shapes
     from data import collate, encode_example, parse_points
     max_objects = shapes.MAX_OBJECTS if max_objects is None else max_objects  # 0 is an error, not 'default'
+    video_frames = shapes.VIDEO_FRAMES if video_frames is None else video_frames
     model.eval()
     dev = next(model.parameters()).device
     metrics, records = {}, []
     for task in tasks:
         scores = []
         for s0 in range(first_seed, first_seed + n_prompts, batch_size):
-            exs = [shapes.make_example(task, s, cfg.image_size, max_objects=max_objects)
+            exs = [shapes.make_example(task, s, cfg.image_size, max_objects=max_objects, video_frames=video_frames)
                    for s in range(s0, min(s0 + batch_size, first_seed + n_prompts))]
             encs = []
             for ex in exs:
@@ -167,7 +169,9 @@ def evaluate_shapes(model, tok, cfg, n_prompts=500, tasks=("point", "count", "qa
             batch = collate(encs, tok.pad, 10 ** 9, left_pad=True)
             batch = {k: v.to(dev) for k, v in batch.items()}
             with autocast() if autocast else torch.autocast(dev.type, enabled=False):
-                outs = model.generate(batch, max_new_tokens * (4 if task == "track" else 1), stop_id=tok.chat_end)
+                # a track lists a point per frame: its budget grows with the longest video (4x at 11 frames)
+                n = max_new_tokens * (-(-4 * video_frames[1] // 11) if task == "track" else 1)
+                outs = model.generate(batch, n, stop_id=tok.chat_end)
             for ex, ids in zip(exs, outs):
                 ans = tok.decode(ids)
                 gt = ex["gt"]
@@ -252,14 +256,21 @@ def main(argv=None):
     ap.add_argument("--max_objects", type=int, default=n_max, choices=range(1, n_max + 1), metavar=f"1..{n_max}",
                     help="image scenes of at most this many objects (1: the read-out alone, no choice to make)")
     ap.add_argument("--tasks", default="point,count,qa", help="comma-separated, of: " + ",".join(SCORED_TASKS))
+    ap.add_argument("--video_frames", default="", help="lo,hi: frames per video scene (default: shapes.VIDEO_FRAMES, "
+                                                        "6,11; config/shapes_stage3.py trains on 12,20)")
     a = ap.parse_args(argv)
+    try:
+        frames = tuple(int(x) for x in a.video_frames.split(",")) if a.video_frames else shapes.VIDEO_FRAMES
+        assert len(frames) == 2 and 2 <= frames[0] <= frames[1]
+    except (ValueError, AssertionError):
+        ap.error(f"--video_frames {a.video_frames!r}: give lo,hi with 2 <= lo <= hi, e.g. 12,20")
     tasks = tuple(t for t in a.tasks.split(",") if t)
     if not tasks or any(t not in SCORED_TASKS for t in tasks):
         ap.error(f"--tasks {a.tasks!r}: each must be one of {', '.join(SCORED_TASKS)}")
     model, tok, mc = sample.load_model(a.ckpt)
     ac = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if a.dtype == "bfloat16" else None
     metrics, records = evaluate_shapes(model, tok, mc, n_prompts=a.prompts, tasks=tasks, blind=a.blind,
-                                       autocast=ac, max_objects=a.max_objects)
+                                       autocast=ac, max_objects=a.max_objects, video_frames=frames)
     print(", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
     for kind, (n, s) in breakdown(records).items():
         print(f"  {kind:<28} n={n:4d}  score {s:.3f}")

@@ -7,6 +7,7 @@ The Molmo2 architecture, whole, in one file (molmo2_reference.md section 1):
 
 Module names follow Molmo2's roles (vit / connector / llm) so a plain name map can load real checkpoints.
 """
+import functools
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -16,6 +17,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from torch.utils.checkpoint import checkpoint
+
+from cp_attention import CPAttention
 
 try:  # optional fast path: flash-attn on CUDA (detected, never required)
     from flash_attn import flash_attn_func
@@ -68,7 +72,10 @@ def compute_dtype(t):
 def attend(q, k, v, mask):
     """q (B, H, Tq, hd); k, v (B, Hkv, Tk, hd). mask: (B, 1, Tq, Tk) bool (True = may attend), a FlexAttention
     BlockMask (the same mask, evaluated block by block), or None = plain causal.
-    GQA: kv heads are shared by groups of query heads (enable_gqa avoids materialising the repeat)."""
+    GQA: kv heads are shared by groups of query heads (enable_gqa avoids materialising the repeat).
+    Under context parallelism mask is a cp_attention.CPAttention: attention across the cp group (ring / Ulysses)."""
+    if isinstance(mask, CPAttention):
+        return mask(q, k, v)
     gqa = k.shape[1] != q.shape[1]
     if isinstance(mask, BlockMask):
         return flex_attention_fn(q.is_cuda)(q, k, v, block_mask=mask, enable_gqa=gqa)
@@ -287,19 +294,26 @@ class LLM(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 # The VLM
 
-def attention_mask_4d(doc_ids, is_vision, bidir):
-    """(B, T) document ids (1, 2, ... for the examples packed in a row, 0 = padding) and vision-token flags ->
-    (B, 1, T, T) bool, True = query may attend to key. A query sees only keys of its own example (Molmo2's
-    subsegment ids; without this, packed examples read each other: nanoVLM #201): causally, and when bidir,
-    every vision token of its example both ways (Molmo2 bi_directional_attn="image_tokens"). The diagonal
-    stays open so a pad query row is never empty (an all-False row would make softmax NaN)."""
-    B, T = doc_ids.shape
-    dev = doc_ids.device
-    same = (doc_ids[:, :, None] == doc_ids[:, None, :]) & (doc_ids[:, None, :] > 0)    # (B, T, T)
-    ok = torch.ones(T, T, dtype=torch.bool, device=dev).tril()[None]
+def attention_mask_block(doc_ids, is_vision, bidir, rows, cols):
+    """Molmo2's mask at query positions `rows` (n,) and key positions `cols` (m,) of a row: (B, 1, n, m) bool,
+    True = query may attend to key. doc_ids (B, T): 1, 2, ... for the examples packed in a row, 0 = padding;
+    is_vision (B, T): vision-token flags. A query sees only keys of its own example (Molmo2's subsegment ids;
+    without this, packed examples read each other: nanoVLM #201): causally, and when bidir, every vision token of
+    its example both ways (Molmo2 bi_directional_attn="image_tokens"). The diagonal stays open so a pad query row
+    is never empty (an all-False row would make softmax NaN). Context parallelism asks for one block at a time
+    (cp_attention.mask_rows_cols): at 36,864 tokens the whole mask would be 1.4 GB a row."""
+    dq, dk = doc_ids[:, rows], doc_ids[:, cols]
+    same = (dq[:, :, None] == dk[:, None, :]) & (dk[:, None, :] > 0)                  # (B, n, m)
+    ok = (rows[:, None] >= cols[None, :])[None]
     if bidir:
-        ok = ok | (is_vision[:, :, None] & is_vision[:, None, :])
-    return ((same & ok) | torch.eye(T, dtype=torch.bool, device=dev)[None])[:, None]
+        ok = ok | (is_vision[:, rows][:, :, None] & is_vision[:, cols][:, None, :])
+    return ((same & ok) | (rows[:, None] == cols[None, :])[None])[:, None]
+
+
+def attention_mask_4d(doc_ids, is_vision, bidir):
+    """The whole mask, (B, 1, T, T): attention_mask_block over every position."""
+    idx = torch.arange(doc_ids.shape[1], device=doc_ids.device)
+    return attention_mask_block(doc_ids, is_vision, bidir, idx, idx)
 
 
 def flex_block_mask(doc_ids, is_vision, bidir):
@@ -321,6 +335,8 @@ class Molmo2(nn.Module):
         super().__init__()
         self.c = c
         self.attn_impl = "sdpa"  # 'sdpa': dense bool mask (the reference), 'flex': FlexAttention BlockMask
+        self.cp = None           # a cp_attention.ContextParallel: split each sequence over a cp group (training)
+        self.act_ckpt = False    # activation checkpointing: keep each LLM block's input only, recompute in backward
         self.vit = ViT(c)
         self.connector = Connector(c)
         self.llm = LLM(c)
@@ -385,6 +401,8 @@ class Molmo2(nn.Module):
         return x
 
     def hidden(self, batch, positions=None, caches=None):
+        """Final hidden states (B, T, d); under context parallelism (self.cp, training) this rank's shard of
+        them, (B, T_pad / W, d), in the order cp.shard gives every per-token tensor."""
         ids = batch["input_ids"]
         x = self.embed_inputs(ids, batch.get("pixel_values"), batch.get("image_mask"), batch.get("pool_idx"))
         am = batch["attention_mask"]
@@ -392,24 +410,50 @@ class Molmo2(nn.Module):
         if positions is None:  # collate's (restarting per packed example), else count only real tokens
             positions = batch["position_ids"] if "position_ids" in batch else (am.long().cumsum(1) - 1).clamp(min=0)
         is_vision = ids >= self.c.base_vocab
-        if self.attn_impl == "flex":
+        cp = self.cp if caches is None else None
+        if cp is not None:
+            # Context parallelism (seed stage 3: "Split long sequence across multiple GPUs"). The whole sequence
+            # was embedded above, vision features included, identically on every rank of the cp group; from here
+            # each rank keeps its shard (zigzag for the ring, contiguous for Ulysses) of the embeddings and the
+            # positions; the mask stays global, as a function of the padded doc ids and vision flags that each
+            # attention block evaluates at its own (query, key) positions.
+            # The vision encoder is not split across the cp ranks: each encodes every image of the batch, and the
+            # features of the other ranks' tokens get no gradient there (the gradient all-reduce over dp x cp sums
+            # the ranks' parts). Splitting the frames and all-gathering the features (LongVILA's MM-SP) would cut
+            # the ViT's time by W at the price of a differentiable all-gather; at stage 3 (384 frames a video) it
+            # is the next saving to make; here it would only complicate the one path that must be exact.
+            T = cp.padded_len(ids.shape[1])
+            pad = lambda t, v: F.pad(t, (0, T - t.shape[1]), value=v)
+            doc, is_vision = pad(doc, 0), pad(is_vision, False)
+            mask = cp.attention(functools.partial(attention_mask_block, doc, is_vision, self.c.bidir_vision),
+                                causal=not self.c.bidir_vision)  # bidirectional vision opens future keys
+            x, positions = cp.shard(x), cp.shard(positions)
+        elif self.attn_impl == "flex":
             mask = flex_block_mask(doc, is_vision, self.c.bidir_vision)
         else:
             mask = attention_mask_4d(doc, is_vision, self.c.bidir_vision)
         cos, sin = self.llm.rope_tables(positions, compute_dtype(x))
         for i, blk in enumerate(self.llm.blocks):
-            x = blk(x, cos, sin, mask, None if caches is None else caches[i])
+            if self.act_ckpt and caches is None and torch.is_grad_enabled():
+                # keep only the block's input; its activations are recomputed in the backward (non-reentrant:
+                # works with autocast and with the ring's autograd Function, whose messages simply run again)
+                x = checkpoint(blk, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = blk(x, cos, sin, mask, None if caches is None else caches[i])
         return self.llm.norm(x)
 
     def forward(self, batch):
-        """Returns (loss_sum, weight_sum): sum(w * CE) and sum(w) over this micro-batch. The caller divides
-        by the weight sum of the *global* batch (all micro-batches, all ranks), so the gradient is the same
-        however the batch is split (Molmo2 BatchDivisor.global_batch)."""
+        """Returns (loss_sum, weight_sum): sum(w * CE) and sum(w) over this micro-batch (under context
+        parallelism: over this rank's shard of it). The caller divides by the weight sum of the *global* batch
+        (all micro-batches, all ranks), so the gradient is the same however the batch is split (Molmo2
+        BatchDivisor.global_batch)."""
         h = self.hidden(batch)
-        w = batch["loss_weights"]
+        w, labels = batch["loss_weights"], batch["labels"]
+        if self.cp is not None:  # labels were shifted by collate, so sharding keeps each (token, next token) pair
+            w, labels = self.cp.shard(w, 0.0), self.cp.shard(labels, -1)
         sel = w > 0                                  # logits only where there is loss (response_logits_only)
         logits = self.llm.head(h[sel]).float()       # (N_loss, V), CE in fp32
-        ce = F.cross_entropy(logits, batch["labels"][sel], reduction="none")
+        ce = F.cross_entropy(logits, labels[sel], reduction="none")
         return (ce * w[sel]).sum(), w[sel].sum()
 
     def logits(self, batch):

@@ -41,6 +41,7 @@ POINT_PROMPT = "Point to the {label}\nPlease say 'There are none.' if it is not 
 COUNT_PROMPT = "How many {label} are there?"
 NONE_ANSWER = "There are none."
 MAX_OBJECTS = 6  # scenes hold 1..MAX_OBJECTS objects (the difficulty floor: 1 to 6)
+VIDEO_FRAMES = (6, 11)  # frames per video scene, both ends included, at 2 fps (config/shapes_stage3.py: longer)
 ABSENT_RATE = 0.2  # share of pointing/counting queries about something absent; the held-out eval always uses it
 
 
@@ -147,7 +148,8 @@ def _query(rng, scene, absent_rate):
 IMAGE_TASKS = ["caption", "qa", "point", "count", "text"]  # stage 1 (text has no image; it keeps the LLM's text)
 
 
-def make_example(task, seed, size=64, n_turns=1, absent_rate=ABSENT_RATE, max_objects=MAX_OBJECTS):
+def make_example(task, seed, size=64, n_turns=1, absent_rate=ABSENT_RATE, max_objects=MAX_OBJECTS,
+                 video_frames=VIDEO_FRAMES):
     """Returns dict(task, image (PIL or None), turns [(user, assistant)], gt (ground truth of the first turn)).
     absent_rate: the share of pointing/counting questions whose answer is "There are none." (training may ask
     more of them, train.absent_rate; evaluation keeps the default). A smaller max_objects draws smaller image
@@ -156,9 +158,10 @@ def make_example(task, seed, size=64, n_turns=1, absent_rate=ABSENT_RATE, max_ob
 
     n_turns > 1 asks several different questions of the same task about the same scene, as one multi-turn
     conversation: the image is encoded once for all of them, the way Molmo2 groups the annotations of one
-    image into one sequence (message trees, molmo2_reference.md 4.5). Captions have one turn."""
+    image into one sequence (message trees, molmo2_reference.md 4.5). Captions have one turn.
+    video_frames (lo, hi): the frame count range of video scenes (2 fps: (6, 11) is 2.5-5 s)."""
     if task in VIDEO_TASKS:
-        return make_video_example(task, seed, size, n_turns)
+        return make_video_example(task, seed, size, n_turns, video_frames=video_frames)
     if task in MULTI_TASKS:
         return make_multi_example(task, seed, size, n_turns)
     rng = random.Random(f"{task}:{seed}")  # str seeds hash with sha512: stable across runs and machines
@@ -325,10 +328,13 @@ class VideoScene:
         return next(((i, t) for i, (t, _, m) in enumerate(self.frames) if k in m), None)
 
 
-def make_video_scene(rng, size=64, n_min=1, n_max=3):
+def make_video_scene(rng, size=64, n_min=1, n_max=3, frames=VIDEO_FRAMES):
     """1..3 objects, each moving right/left/up/down at constant speed and bouncing off the borders; about a
-    third enter after the start and a third leave before the end. 6..11 frames at 2 fps (2.5-5 s)."""
-    n_frames = rng.randint(6, 11)
+    third enter after the start and a third leave before the end. frames[0]..frames[1] frames at 2 fps (6..11:
+    2.5-5 s)."""
+    if not 2 <= frames[0] <= frames[1]:
+        raise ValueError(f"video_frames must be (lo, hi) with 2 <= lo <= hi, got {frames!r}")
+    n_frames = rng.randint(*frames)
     times = [i / VIDEO_FPS for i in range(n_frames)]
     duration = times[-1]
     objects = []
@@ -442,14 +448,14 @@ def _mask_point(m):
     return float(cx), float(cy)
 
 
-def make_video_example(task, seed, size=64, n_turns=1, video_dir=None):
+def make_video_example(task, seed, size=64, n_turns=1, video_dir=None, video_frames=VIDEO_FRAMES):
     """A video example: dict(task, video, turns, gt[, subtitles]). video is dict(frames, times) rendered in
     memory, or, with video_dir, the path of an mp4 written there through PyAV (the file path of real data:
     decoded back by data.load_video at the same 2 fps grid, so the answers hold for both)."""
     import os
     from data import write_video
     rng = random.Random(f"{task}:{seed}")
-    scene = make_video_scene(rng, size)
+    scene = make_video_scene(rng, size, frames=video_frames)
     turns, gts = [], []
     for _ in range(4 * n_turns):
         q, a, gt = _video_answer(task, rng, scene, size)

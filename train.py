@@ -5,17 +5,25 @@ The one training loop, for every stage. nanoGPT-shaped: the defaults below are p
     python train.py config/shapes_stage1.py                  # the CPU demo: stage 1 on the shapes world
     python train.py config/shapes_stage1.py --max_steps=100  # any global can be overridden
     python train.py config/stage1.py --dry_run=True          # build the real-scale model, print, stop
+    torchrun --nproc_per_node=2 train.py config/shapes_stage3.py  # stage 3: each sequence split over 2 ranks
+
+Under torchrun the ranks form a (dp x cp) device mesh: dp groups see different examples, the cp ranks of a dp
+group split the same sequences (context parallelism, cp_attention.py). Gradients are reduced over all dp x cp
+ranks by DDP, or FSDP2 (fsdp=True) shards parameters, gradients and Adam state over them.
 """
 import ast
+import builtins
 import math
 import os
 import random
 import sys
 import time
 from contextlib import nullcontext
+from datetime import timedelta
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 # ---------------------------------------------------------------------------------------------------------
 # defaults: a small model on the shapes world (config/*.py set up each stage); every one can be overridden
@@ -48,6 +56,7 @@ first_token_mults = {}          # task -> x weight on its answers' first token (
 tokenizer = "shapes-bpe"        # 'shapes-bpe' (trained offline, here), a .tiktoken path, or a cached name
 absent_rate = 0.2               # shapes: share of training point/count questions about absent objects (eval: 0.2)
 turns_per_image = 1             # questions per image in one sequence (>1: the image is encoded once for all)
+video_frames = (6, 11)          # shapes videos: frames per video, lo..hi at 2 fps (stage 3 shapes: longer)
 max_frames = 128                # video: Molmo2 samples 2 fps up to this many frames (seed: 128 stage 2, 384 stage 3)
 video_fps = 2.0                 # video: Molmo2's sampling rate (seed: "Sample frames at 2 fps")
 seq_len = 256                   # max tokens per row (4,096 in the seed's stage 1)
@@ -102,6 +111,11 @@ compile = False                 # torch.compile the model (measured: no gain for
 attn_impl = "sdpa"              # 'sdpa': dense bool mask (reference) | 'flex': FlexAttention BlockMask (CUDA)
 threads = 0                     # CPU threads for torch; 0 = torch's default
 seed = 1337
+# scale-out, under torchrun (README "GPU nodes"): world = dp x cp ranks
+cp = 1                          # context-parallel degree: ranks that split one sequence (stage 3); dp = world / cp
+cp_mode = "ring"                # 'ring': zigzag ring attention | 'ulysses': all-to-all over heads (Molmo2's choice)
+fsdp = False                    # FSDP2: shard params, grads and Adam state over all ranks (else DDP replicates them)
+act_ckpt = False                # activation checkpointing of the LLM blocks: recompute in backward, save memory
 # ---------------------------------------------------------------------------------------------------------
 CONFIG_KEYS = [k for k, v in list(globals().items())
                if not k.startswith("_") and isinstance(v, (int, float, bool, str, dict, tuple, list))]
@@ -111,7 +125,7 @@ MODEL_KEYS = ["image_size", "patch_size", "vit_width", "vit_depth", "vit_heads",
 
 
 CHOICES = {"mixing_rule": ("fixed", "sqrt"), "loss_weighting": ("task", "root"), "attn_impl": ("sdpa", "flex"),
-           "dtype": ("bfloat16", "float16", "float32")}
+           "dtype": ("bfloat16", "float16", "float32"), "cp_mode": ("ring", "ulysses")}
 
 
 def configure(argv, defaults):
@@ -189,28 +203,99 @@ def save_checkpoint(path, obj):
     os.replace(tmp, path)
 
 
-def accumulate(fwd, batches, autocast=nullcontext):
-    """Forward + backward over the micro-batches of one optimizer step; returns the step's loss.
+def accumulate(fwd, batches, autocast=nullcontext, D=None, no_sync=None):
+    """Forward + backward over the micro-batches of one optimizer step; returns the step's loss (this rank's part
+    of it under torchrun: the parts add up to the loss over all ranks).
     The loss is sum(w * CE) / sum(w) over the whole optimizer batch (Molmo2 BatchDivisor.global_batch):
     every micro-batch's sum(w * CE) is divided by the GLOBAL weight sum (known before any forward: weights are
-    data), never by its own, and (under torchrun) that sum is all-reduced over the data-parallel ranks.
+    data), never by its own; under torchrun that sum is all-reduced over the dp group (the cp ranks of a dp group
+    hold the same whole batch, so the cp group must not add it again), and every rank's loss is its tokens' part.
     Dividing each micro-batch's mean by grad_accum instead (nanoVLM, nanochat) makes the gradient depend on
-    how the batch was split; here 1x8, 2x4 and 8x1 give the same step (tests/test_train.py)."""
+    how the batch was split; here 1x8, 2x4 and 8x1 give the same step (tests/test_train.py), and so do 1 rank
+    and 2 (tests/test_dist.py).
+    D: the distributed layout (setup_distributed). DDP and FSDP2 AVERAGE gradients over the world's ranks, while
+    the global loss is the SUM of the ranks' parts: each part is scaled by the world size, so the average is the
+    sum. no_sync: DDP's context that skips the all-reduce, for every micro-batch but the last."""
     wsum = sum(b["loss_weights"].sum() for b in batches).float()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(wsum)
+    if D is not None and D.world > 1:
+        dist.all_reduce(wsum, group=D.dp_group)
     if wsum <= 0:
         raise ValueError("optimizer batch has no loss tokens (every loss weight is 0)")
+    scale = D.world if D is not None else 1
     total = 0.0
-    for b in batches:
-        with autocast():
+    for i, b in enumerate(batches):
+        with (no_sync() if no_sync and i + 1 < len(batches) else nullcontext()), autocast():
             loss_sum, _ = fwd(b)
-        loss = loss_sum / wsum
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss.item()}")
-        loss.backward()
+            loss = loss_sum / wsum
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {loss.item()}")
+            (loss * scale).backward()
         total += loss.item()
     return total
+
+
+class Dist:
+    """The layout of the run: rank, world = dp x cp, this rank's place in the mesh and its process groups.
+    One process (plain python): world 1, no groups."""
+    rank, world, local_rank, dp, cp, dp_rank, cp_rank, dp_group, cp_group = 0, 1, 0, 1, 1, 0, 0, None, None
+
+
+def setup_distributed(C, dev_type):
+    """Under torchrun (RANK in the environment): the process group (NCCL on CUDA, gloo on CPU) and a 2-D device
+    mesh (dp, cp), cp the inner dimension so a cp group sits on neighbouring ranks (one node, the fast links,
+    for the ring's and the all-to-all's traffic every layer). Returns a Dist."""
+    D = Dist()
+    if "RANK" not in os.environ:
+        if C.cp != 1:
+            raise SystemExit(f"cp={C.cp} splits each sequence over {C.cp} processes: launch with torchrun "
+                             f"--nproc_per_node={C.cp} (or a multiple of it)")
+        return D
+    from torch.distributed.device_mesh import init_device_mesh
+    if not dist.is_initialized():  # (a test may have set it up already)
+        dist.init_process_group("nccl" if dev_type == "cuda" else "gloo", timeout=timedelta(minutes=60))
+    D.rank, D.world, D.local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+    if C.cp < 1 or D.world % C.cp:
+        raise SystemExit(f"cp={C.cp} must divide the number of processes ({D.world})")
+    D.cp, D.dp = C.cp, D.world // C.cp
+    mesh = init_device_mesh(dev_type, (D.dp, D.cp), mesh_dim_names=("dp", "cp"))
+    D.dp_rank, D.cp_rank = mesh.get_local_rank("dp"), mesh.get_local_rank("cp")
+    D.dp_group, D.cp_group = mesh["dp"].get_group(), mesh["cp"].get_group()
+    return D
+
+
+def wrap_model(model, C, D, dev):
+    """The module the training loop calls. One process: the model. torchrun: DDP (parameters replicated,
+    gradients all-reduced over every rank, dp x cp: the cp ranks hold different tokens' gradients too), or
+    FSDP2 (fsdp=True: fully_shard on each ViT block, each LLM block, then the rest, over all ranks; a block's
+    parameters are all-gathered just before its forward and backward, gradients reduce-scattered after)."""
+    if D.world == 1:
+        return model
+    if C.fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        mesh = init_device_mesh(dev.type, (D.world,))
+        for blk in list(model.vit.blocks) + list(model.llm.blocks):
+            fully_shard(blk, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
+    # find_unused_parameters: a micro-batch of text only leaves the ViT and connector out of the graph
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None,
+                                                     find_unused_parameters=True)
+
+
+def full_state(model, opt, D):
+    """(model state, optimizer state) whole, as one process would have them, on rank 0 (CPU): the same
+    checkpoint from 1 process, DDP or FSDP2 (torch.distributed.checkpoint gathers the shards). A collective
+    under FSDP2: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    o = StateDictOptions(full_state_dict=True, cpu_offload=D.world > 1)
+    return get_model_state_dict(model, options=o), get_optimizer_state_dict(model, opt, options=o)
+
+
+def load_optimizer(model, opt, state):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
 
 
 def mixture_of(C):
@@ -223,30 +308,37 @@ def mixture_of(C):
         raise SystemExit(f"mixture: {e}") from None
 
 
-def batch_source(C, tok, mconf, sampler, dev):
+def batch_source(C, tok, mconf, sampler, dev, D=Dist()):
     """The training stream: returns (get_batch, packer). get_batch() makes one micro-batch of C.batch_size
-    rows, each one example, or (C.packing) as many whole examples as fit seq_len and max_images_per_row."""
+    rows, each one example, or (C.packing) as many whole examples as fit seq_len and max_images_per_row.
+    Under torchrun every rank runs the same sampler (same seed) and dp rank d keeps every dp-th example key from
+    offset d: the dp groups see disjoint examples, the global stream is the one-process stream whatever dp is,
+    and the cp ranks of a dp group build the same batch (keys are cheap; only kept examples are rendered)."""
     import data
     import shapes
 
     def encode(key):  # (task, index) -> encoded example; the shapes world is procedural, index = scene seed
         task, idx = key
         ex = shapes.make_example(task, shapes.TRAIN_SEED_OFFSET + idx, mconf.image_size, C.turns_per_image,
-                                 C.absent_rate)
+                                 C.absent_rate, video_frames=C.video_frames)
         return data.encode_example(ex, tok, mconf, C.task_weights, C.loss_weighting, C.root_flat_weights,
                                    C.max_frames, C.video_fps, C.seq_len, C.first_token_mults.get(task, 1.0))
 
-    packer = data.Packer(sampler.draw, encode, C.seq_len, C.max_images_per_row, C.pack_buffer)
+    def draw():
+        keys = [sampler.draw() for _ in range(D.dp)]
+        return keys[D.dp_rank]
+
+    packer = data.Packer(draw, encode, C.seq_len, C.max_images_per_row, C.pack_buffer)
 
     def get_batch():
-        rows = packer.rows(C.batch_size) if C.packing else [encode(sampler.draw()) for _ in range(C.batch_size)]
+        rows = packer.rows(C.batch_size) if C.packing else [encode(draw()) for _ in range(C.batch_size)]
         b = data.collate(rows, tok.pad, C.seq_len)
         b["n_examples"] = sum(len(r) if isinstance(r, list) else 1 for r in rows)
         return {k: v.to(dev) if torch.is_tensor(v) else v for k, v in b.items()}
     return get_batch, packer
 
 
-def pretrain_vit(model, C, dev, autocast):
+def pretrain_vit(model, C, dev, autocast, print=print):
     """Pretrain the ViT and the connector before stage 1: the shapes world's stand-in for the SigLIP2 checkpoint
     Molmo2 starts from. Returns the per-step losses and the held-out figures: centre_acc (the share of windows
     holding an object's centre whose pair is named right) and centre_err_px (that centre's mean error).
@@ -325,6 +417,9 @@ def fmt_time(s):
     return f"{int(s // 3600)}:{int(s % 3600 // 60):02d}:{int(s % 60):02d}"
 
 
+builtins_print = builtins.print
+
+
 def main(argv=()):
     cfg = configure(argv, {k: globals()[k] for k in CONFIG_KEYS})
     C = type("Config", (), cfg)  # attribute access: C.lr
@@ -351,6 +446,11 @@ def main(argv=()):
 
     dev = torch.device("cuda" if C.device == "auto" and torch.cuda.is_available() else
                        ("cpu" if C.device == "auto" else C.device))
+    D = setup_distributed(C, dev.type)
+    if dev.type == "cuda" and D.world > 1:  # one GPU per process
+        dev = torch.device("cuda", D.local_rank)
+        torch.cuda.set_device(dev)
+    print = builtins_print if D.rank == 0 else (lambda *a, **k: None)  # rank 0 speaks for the run
     if C.threads:
         torch.set_num_threads(C.threads)
     torch.manual_seed(C.seed)
@@ -398,51 +498,94 @@ def main(argv=()):
         raise SystemExit(f"dataset={C.dataset!r}: only the built-in 'shapes' world has a reader so far (PixMo / "
                          f"Molmo2 readers arrive with the real-datasets issue); use --dry_run=True to inspect the model")
     model.to(dev)
+    if D.world > 1:
+        print(f"torchrun: {D.world} processes = dp {D.dp} x cp {D.cp}"
+              + (f" ({C.cp_mode} attention)" if D.cp > 1 else "") + f", {'FSDP2' if C.fsdp else 'DDP'}, "
+              f"{dist.get_backend()}; global batch {D.dp * C.batch_size * C.grad_accum} rows")
 
-    groups = model.param_groups()
-    mults = {"llm": 1.0, "connector": C.lr_connector_mult, "vit": C.lr_vit_mult}
-    opt = torch.optim.AdamW([dict(params=groups[k], name=k, peak=C.lr * mults[k]) for k in groups],
-                            lr=C.lr, betas=(C.beta1, C.beta2), eps=C.adam_eps, weight_decay=C.weight_decay)
     sampler = mixing.MixtureSampler(weights, sizes, seed=C.seed)
     step, history = 0, dict(step=[], loss=[], evals=[])
-    if ckpt:
+    if ckpt:  # weights before wrapping: DDP broadcasts them, FSDP2 shards them
         model.load_state_dict(ckpt["model"])
-        if C.init_from == "resume":  # full state: optimizer, step, RNG, sampler, curve so far
-            opt.load_state_dict(ckpt["optimizer"])
-            step = ckpt["step"]
-            sampler.load_state(ckpt["sampler"])
-            history = ckpt["history"]
-            torch.set_rng_state(ckpt["rng"]["torch"])
-            random.setstate(ckpt["rng"]["python"])
-            np.random.set_state(ckpt["rng"]["numpy"])
-            print(f"resumed from {C.out_dir} at step {step}")
-        else:
+        if C.init_from != "resume":
             print(f"initialised weights from {C.init_from}")
     if C.vit_pretrain_steps and C.init_from == "scratch":  # a resumed or initialised run has its ViT already
-        pretrain_vit(model, C, dev, autocast)
+        pretrain_vit(model, C, dev, autocast, print)
     if C.lr_vit_mult == 0:  # a frozen ViT: no gradients through it at all, not just a zero LR. In stage 2 its
         # backward is a third of the step: ~150 frames and images x 64 patches = 9.7k ViT tokens per 4k LLM tokens
         for p in model.vit.parameters():
             p.requires_grad_(False)
     model.attn_impl = C.attn_impl
-    fwd = torch.compile(model) if C.compile else model
+    model.act_ckpt = C.act_ckpt
+    if D.cp > 1:
+        from cp_attention import ContextParallel
+        if C.cp_mode == "ulysses" and mconf.n_head % D.cp:
+            raise SystemExit(f"cp_mode='ulysses' splits the {mconf.n_head} heads over cp={D.cp} ranks: it must divide")
+        model.cp = ContextParallel(D.cp_group, C.cp_mode)
+    wrapped = wrap_model(model, C, D, dev)  # FSDP2 swaps the parameters for sharded ones: the optimizer comes after
+    no_sync = wrapped.no_sync if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) else None
+    groups = model.param_groups()
+    mults = {"llm": 1.0, "connector": C.lr_connector_mult, "vit": C.lr_vit_mult}
+    opt = torch.optim.AdamW([dict(params=groups[k], name=k, peak=C.lr * mults[k]) for k in groups],
+                            lr=C.lr, betas=(C.beta1, C.beta2), eps=C.adam_eps, weight_decay=C.weight_decay)
+    if C.init_from == "resume":  # full state: optimizer, step, RNG, sampler, curve so far
+        load_optimizer(model, opt, ckpt["optimizer"])
+        step = ckpt["step"]
+        sampler.load_state(ckpt["sampler"])
+        history = ckpt["history"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        random.setstate(ckpt["rng"]["python"])
+        np.random.set_state(ckpt["rng"]["numpy"])
+        print(f"resumed from {C.out_dir} at step {step}")
+    fwd = torch.compile(wrapped) if C.compile else wrapped
     os.makedirs(C.out_dir, exist_ok=True)
 
-    get_batch, packer = batch_source(C, tok, mconf, sampler, dev)
-    if C.init_from == "resume":
-        packer.load_state(ckpt["packer"])  # the examples buffered at the checkpoint, re-made from their keys
+    get_batch, packer = batch_source(C, tok, mconf, sampler, dev, D)
+    if C.init_from == "resume":  # the examples buffered at the checkpoint, re-made from their keys (one per rank)
+        states = ckpt["packers"]
+        if len(states) != D.world:
+            raise SystemExit(f"resume: the checkpoint was written by {len(states)} process(es), this run has "
+                             f"{D.world}; resume with the same number (or start a new run with init_from=PATH)")
+        packer.load_state(states[D.rank])
 
     def checkpoint():
-        save_checkpoint(os.path.join(C.out_dir, "ckpt.pt"), dict(
-            model=model.state_dict(), optimizer=opt.state_dict(), step=step, config=cfg,
-            model_config=mc, tokenizer=tok.state(), sampler=sampler.state(), packer=packer.state(),
-            history=history,
-            rng=dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state())))
+        msd, osd = full_state(model, opt, D)  # every rank takes part (FSDP2 gathers); rank 0 writes
+        packers = [packer.state()]
+        if D.world > 1:
+            packers = [None] * D.world
+            dist.all_gather_object(packers, packer.state())
+        if D.rank == 0:
+            save_checkpoint(os.path.join(C.out_dir, "ckpt.pt"), dict(
+                model=msd, optimizer=osd, step=step, config=cfg,
+                model_config=mc, tokenizer=tok.state(), sampler=sampler.state(),
+                packers=packers, history=history,
+                rng=dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state())))
 
     def run_eval(n, blind=False):  # -> (metrics, records [(task, question, answer, reference, score)])
+        """Rank 0 evaluates the whole model, single-process (no cp), with every CPU thread of the node's ranks;
+        the others wait. Under FSDP2 the full weights are gathered into a plain copy first."""
         from eval import evaluate_shapes
-        return evaluate_shapes(model, tok, mconf, n_prompts=n, tasks=C.eval_tasks, blind=blind,
-                               autocast=autocast if pt_dtype != torch.float32 else None)
+        res, ev = None, model
+        if C.fsdp and D.world > 1:
+            msd, _ = full_state(model, opt, D)
+            if D.rank == 0:
+                ev = Molmo2(mconf).to(dev)
+                ev.load_state_dict(msd)
+        if D.rank == 0:
+            ev.cp, threads = None, torch.get_num_threads()
+            torch.set_num_threads(threads * int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+            try:
+                res = evaluate_shapes(ev, tok, mconf, n_prompts=n, tasks=C.eval_tasks, blind=blind,
+                                      autocast=autocast if pt_dtype != torch.float32 else None,
+                                      video_frames=C.video_frames)
+            finally:
+                ev.cp = model.cp if ev is model else None
+                torch.set_num_threads(threads)
+        if D.world > 1:
+            box = [res]
+            dist.broadcast_object_list(box, src=0)  # every rank gets the figures (and waits for them)
+            res = box[0]
+        return res
 
     peak = peak_flops(dev, pt_dtype)
     t0 = time.time()
@@ -456,15 +599,19 @@ def main(argv=()):
             g["lr"] = lr_at(step, g["peak"], C.warmup_steps, C.max_steps, C.min_lr_frac)
         batches = [get_batch() for _ in range(C.grad_accum)]
         try:
-            loss_total = accumulate(fwd, batches, autocast)
+            loss_total = accumulate(fwd, batches, autocast, D, no_sync)
         except FloatingPointError as e:
             raise SystemExit(f"{e} at step {step}; last checkpoint is in {C.out_dir}") from None
+        if D.world > 1:  # the ranks' parts -> the global batch loss (for the log; the gradients are reduced already)
+            t = torch.tensor(loss_total, dtype=torch.float64)
+            dist.all_reduce(t)
+            loss_total = t.item()
         for b in batches:
             tot["tokens"] += int(b["attention_mask"].sum())
             tot["cells"] += b["attention_mask"].numel()
             tot["examples"] += b["n_examples"]
             tot["flops"] += model.flops(b)
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), C.grad_clip)
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), C.grad_clip)  # over DTensors too (FSDP2)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
@@ -514,6 +661,8 @@ def main(argv=()):
         checkpoint()
         plot_curve(history, os.path.join(C.out_dir, "curve.png"))
     print(f"done in {fmt_time(time.time() - t0)}; checkpoint {os.path.join(C.out_dir, 'ckpt.pt')}")
+    if D.world > 1:
+        dist.destroy_process_group()
     return result
 
 

@@ -43,14 +43,18 @@ def test_local_kernels_match_sdpa_logsumexp_and_autograd(causal, hkv, impl):
 
 
 
-def model_mask(L=48, bidir=True):
+def model_mask(L=48, bidir=True, function=False):
     """Molmo2's mask from model.py: two packed examples and padding in row 0, one example in row 1, causal, with
-    vision tokens bidirectional within their example when bidir."""
-    from model import attention_mask_4d
+    vision tokens bidirectional within their example when bidir. function=True: the same mask as the function
+    (rows, cols) -> block that the model hands to context parallelism (model.attention_mask_block)."""
+    import functools
+    from model import attention_mask_4d, attention_mask_block
     doc = torch.zeros(2, L, dtype=torch.long)
     doc[0, :20], doc[0, 20:41], doc[1] = 1, 2, 1
     vis = torch.zeros(2, L, dtype=torch.bool)
     vis[0, 3:9], vis[0, 24:30], vis[1, 10:22] = True, True, True
+    if function:
+        return functools.partial(attention_mask_block, doc, vis, bidir)
     return attention_mask_4d(doc, vis, bidir=bidir)
 
 
@@ -204,6 +208,7 @@ def _ring_worker(rank, world, init_file):
                      _bounds(tol, q, k, v, g, causal, want, mask),
                      f"ring W={world} rank {rank} {layout} causal={causal} mask={mask_kind} H/Hkv=4/{hkv} {dtype}")
         _ulysses_checks(rank, world)
+        _mask_function_checks(rank, world)
     finally:
         dist.destroy_process_group()
 
@@ -238,6 +243,31 @@ def _ulysses_checks(rank, world):
         _compare(rank, world, "contiguous", [o] + [t.grad for t in loc], want,
                  _bounds(tol, q, k, v, g, causal, want, mask),
                  f"Ulysses W={world} rank {rank} causal={causal} mask={mask is not None} H/Hkv=4/{hkv} {dtype}")
+
+
+def _mask_function_checks(rank, world):
+    """The model's mask as a function (rows, cols) -> block, as training passes it, gives what the dense mask gives:
+    ring (zigzag, per-example causal and bidirectional vision) and Ulysses with its query rows in chunks of 16."""
+    cases = [("ring", True, False), ("ring", False, True)] + ([("ulysses", False, True)] if 4 % world == 0 else [])
+    for i, (mode, causal, bidir) in enumerate(cases):
+        q, k, v = qkv(b=2, h=4, hkv=2, lq=48, lk=48, d=8, seed=300 + i)
+        g = torch.randn(q.shape, generator=torch.Generator().manual_seed(400 + i), dtype=torch.float64)
+        layout = "zigzag" if mode == "ring" else "contiguous"
+        res = []
+        for mask in (model_mask(bidir=bidir), model_mask(bidir=bidir, function=True)):
+            loc = [cp.shard_sequence(t, rank, world, 2, layout).requires_grad_() for t in (q, k, v)]
+            if mode == "ring":
+                o = cp.ring_attention(*loc, causal=causal, layout=layout, impl="reference", mask=mask)
+            else:
+                chunk, cp.ULYSSES_Q_CHUNK = cp.ULYSSES_Q_CHUNK, 16
+                try:
+                    o = cp.ulysses_attention(*loc, causal=False, impl="reference", mask=mask)
+                finally:
+                    cp.ULYSSES_Q_CHUNK = chunk
+            (o * cp.shard_sequence(g, rank, world, 2, layout)).sum().backward()
+            res.append([o] + [t.grad for t in loc])
+        for name, a, b in zip(("out", "dq", "dk", "dv"), *res):
+            assert (a - b).abs().max().item() <= 1e-12, f"{mode} W={world}: mask function != dense mask ({name})"
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])

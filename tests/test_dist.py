@@ -1,0 +1,164 @@
+"""Training under torchrun, checked against one process: a context-parallel step (ring and Ulysses) and a DDP step
+give the one-process loss and gradients; whole runs (cp = 2 with DDP and FSDP2, dp = 2) give the one-process
+losses; a resumed FSDP2 + cp run equals the uninterrupted one. Ranks are spawned processes on gloo (the CPU
+backend), each run bounded by a timeout so a deadlock fails fast."""
+import os
+import socket
+import time
+import types
+from contextlib import nullcontext
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import train
+from conftest import TINY
+
+TIMEOUT = 120
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _as_rank(rank, world, port):
+    """The environment torchrun gives each process (train.setup_distributed reads it)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+
+
+def _spawn(fn, world, *args):
+    ctx = torch.multiprocessing.start_processes(fn, args=(world, _free_port(), *args), nprocs=world, join=False,
+                                                start_method="spawn")
+    deadline = time.time() + TIMEOUT
+    while not ctx.join(timeout=1):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.terminate()
+            pytest.fail(f"{world} ranks did not finish in {TIMEOUT} s (deadlock?)")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one training step: loss and gradients
+
+def _model_and_batches(rank=0, world=1):
+    """A tiny model and two packed micro-batches (video, images, text; padding), the same in every process.
+    world > 1: each micro-batch keeps its rows rank, rank + world, ... (data parallelism)."""
+    import data
+    import shapes
+    from model import Molmo2, ModelConfig
+    tok = data.build_tokenizer()
+    cfg = ModelConfig(**dict(TINY, base_vocab=tok.base_vocab, n_extra=tok.n_extra, im_patch_id=tok.im_patch))
+    tw = {"track": 2.0, "video_qa": 1.0, "point": 2.0, "caption": 1.0, "text": 0.5}
+    specs = [("track", 1), ("point", 2), ("text", 3), ("video_qa", 4), ("caption", 5), ("track", 6)]
+    encs = [data.encode_example(shapes.make_example(t, s, cfg.image_size), tok, cfg, tw) for t, s in specs]
+    micro = [[[encs[0], encs[1]], [encs[2]]], [[encs[3], encs[4]], [encs[5]]]]  # ragged rows: padding
+    batches = [data.collate(rows[rank::world], tok.pad, 10 ** 6) for rows in micro]
+    torch.manual_seed(0)
+    return Molmo2(cfg).float(), batches
+
+
+def _one_process_step():
+    model, batches = _model_and_batches()
+    loss = train.accumulate(model, batches)
+    return loss, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _step_worker(rank, world, port, cp_mode, out):
+    _as_rank(rank, world, port)
+    C = types.SimpleNamespace(cp=world if cp_mode else 1, fsdp=False)
+    D = train.setup_distributed(C, "cpu")
+    try:
+        if cp_mode:  # every rank holds the whole batch; the model keeps this rank's shard of each sequence
+            from cp_attention import ContextParallel
+            model, batches = _model_and_batches()
+            model.cp = ContextParallel(D.cp_group, cp_mode)
+        else:  # data parallel: each rank its own rows
+            model, batches = _model_and_batches(rank, world)
+        wrapped = train.wrap_model(model, C, D, torch.device("cpu"))
+        loss = torch.tensor(train.accumulate(wrapped, batches, nullcontext, D, wrapped.no_sync), dtype=torch.float64)
+        dist.all_reduce(loss)  # the ranks' parts -> the global loss
+        if rank == 0:
+            torch.save(dict(loss=loss.item(), grads={n: p.grad for n, p in model.named_parameters()}), out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("mode", ["ring", "ulysses", None])
+def test_two_rank_step_equals_one_process(mode, tmp_path):
+    """cp = 2 (ring: zigzag shards, the mask given as a function, bidirectional vision so every block is computed
+    under its slice; Ulysses: heads split) and dp = 2 (mode None: DDP, each rank half the rows): the global loss
+    and every parameter's gradient equal one process's on the whole batch (fp32: 1e-5)."""
+    want_loss, want = _one_process_step()
+    out = tmp_path / "res.pt"
+    _spawn(_step_worker, 2, mode, str(out))
+    got = torch.load(out)
+    assert got["loss"] == pytest.approx(want_loss, abs=1e-5)
+    for n, g in want.items():
+        err = (got["grads"][n] - g).abs().max().item()
+        assert err <= 1e-5, f"{mode}: gradient of {n} differs by {err:.2e}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# whole runs of train.main
+
+MIX = {"image": (0.5, {"caption": 1.0, "point": 1.0}), "video": (0.5, {"track": 1.0, "video_qa": 1.0})}
+
+
+def _args(out_dir, **kw):
+    a = dict(TINY, batch_size=4, final_eval_prompts=0, eval_interval=100000, dtype="float32", log_interval=1000,
+             warmup_steps=2, lr=3e-3, device="cpu", max_steps=3, packing=True, seq_len=512, max_images_per_row=32,
+             mixture=MIX, threads=1, out_dir=str(out_dir))
+    a.update(kw)
+    return [f"--{k}={v!r}" if not isinstance(v, str) else f"--{k}={v}" for k, v in a.items()]
+
+
+def _main_worker(rank, world, port, argv, out):
+    _as_rank(rank, world, port)
+    res = train.main(argv)
+    if rank == 0:
+        torch.save(res["losses"], out)
+
+
+def _run2(argv, tmp_path):
+    out = tmp_path / f"losses{time.time_ns()}.pt"
+    _spawn(_main_worker, 2, argv, str(out))
+    return torch.load(out)
+
+
+def test_torchrun_runs_equal_one_process(tmp_path):
+    """train.main on 2 ranks: cp = 2 under DDP (ring) and under FSDP2 (Ulysses, activation checkpointing) give the
+    one-process losses of the same packed batches, step by step; dp = 2 with 4 rows each gives the one-process
+    losses at 8 rows (the ranks take alternate examples of the one stream)."""
+    want = train.main(_args(tmp_path / "one"))["losses"]
+    ring = _run2(_args(tmp_path / "ring", cp=2), tmp_path)
+    fsdp = _run2(_args(tmp_path / "fsdp", cp=2, cp_mode="ulysses", fsdp=True, act_ckpt=True), tmp_path)
+    assert len(want) == len(ring) == len(fsdp) == 3
+    for got in (ring, fsdp):
+        assert max(abs(a - b) for a, b in zip(got, want)) < 1e-5, (got, want)
+    want8 = train.main(_args(tmp_path / "one8", packing=False, batch_size=8))["losses"]
+    dp = _run2(_args(tmp_path / "dp", packing=False, batch_size=4), tmp_path)
+    assert max(abs(a - b) for a, b in zip(dp, want8)) < 1e-5, (dp, want8)
+
+
+def test_fsdp_cp_resume_is_exact(tmp_path):
+    """FSDP2 + cp = 2: stop after step 2 (checkpoint gathered whole on rank 0), resume on 2 ranks: the same losses as
+    the uninterrupted run; the checkpoint is a plain one-process one (its weights load into a bare model)."""
+    kw = dict(cp=2, fsdp=True, max_steps=4)
+    a = _run2(_args(tmp_path / "A", **kw), tmp_path)
+    _run2(_args(tmp_path / "B", stop_at=2, **kw), tmp_path)
+    b = _run2(_args(tmp_path / "B", init_from="resume", **kw), tmp_path)
+    assert len(a) == len(b) == 4 and max(abs(x - y) for x, y in zip(a, b)) < 1e-6, (a, b)
+    ck = torch.load(tmp_path / "B" / "ckpt.pt", weights_only=False)
+    from model import Molmo2, ModelConfig
+    Molmo2(ModelConfig(**ck["model_config"])).load_state_dict(ck["model"])  # full, unsharded tensors
+    assert len(ck["packers"]) == 2 and ck["step"] == 4
+
+
+def test_cp_needs_torchrun(tmp_path):
+    with pytest.raises(SystemExit, match="torchrun --nproc_per_node=2"):
+        train.main(_args(tmp_path, cp=2))
