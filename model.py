@@ -142,6 +142,7 @@ class ViT(nn.Module):
         # (DESIGN.md section 6, cause 3). Pretrained SigLIP weights simply overwrite it.
         self.pos_embed = nn.Parameter(0.5 * sincos_2d(g, g, c.vit_width))
         self.blocks = nn.ModuleList(ViTBlock(c) for _ in range(c.vit_built))
+        self.act_ckpt = False  # activation checkpointing (train.py act_ckpt): each block recomputed in backward
 
     def patchify(self, x):
         """(N, 3, H, W) -> (N, (H/p)*(W/p), p*p*3): row-major patches, each flattened as (py, px, rgb) like
@@ -155,7 +156,8 @@ class ViT(nn.Module):
         x = self.patch_embed(self.patchify(pixels)) + self.pos_embed
         hidden = []
         for blk in self.blocks:
-            x = blk(x)
+            # checkpointed: only the block's input is kept (stage 3: 1,536 frames x 256 patches per micro-batch)
+            x = checkpoint(blk, x, use_reentrant=False) if self.act_ckpt and torch.is_grad_enabled() else blk(x)
             hidden.append(x)  # hidden[i] = output of block i
         pick = [self.c.vit_depth + l if l < 0 else l for l in self.c.vit_layers]
         return torch.cat([hidden[i] for i in pick], dim=-1)  # concatenated on channels, in the listed order

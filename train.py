@@ -246,7 +246,7 @@ def setup_distributed(C, dev_type):
     for the ring's and the all-to-all's traffic every layer). Returns a Dist."""
     D = Dist()
     if "RANK" not in os.environ:
-        if C.cp != 1:
+        if C.cp != 1 and not C.dry_run:  # (a dry run only builds the model)
             raise SystemExit(f"cp={C.cp} splits each sequence over {C.cp} processes: launch with torchrun "
                              f"--nproc_per_node={C.cp} (or a multiple of it)")
         return D
@@ -516,7 +516,7 @@ def main(argv=()):
         for p in model.vit.parameters():
             p.requires_grad_(False)
     model.attn_impl = C.attn_impl
-    model.act_ckpt = C.act_ckpt
+    model.act_ckpt = model.vit.act_ckpt = C.act_ckpt  # the LLM's blocks and the ViT's
     if D.cp > 1:
         from cp_attention import ContextParallel
         if C.cp_mode == "ulysses" and mconf.n_head % D.cp:
@@ -572,14 +572,15 @@ def main(argv=()):
                 ev = Molmo2(mconf).to(dev)
                 ev.load_state_dict(msd)
         if D.rank == 0:
-            ev.cp, threads = None, torch.get_num_threads()
+            cp, threads = ev.cp, torch.get_num_threads()
+            ev.cp = None  # one process: whole sequences
             torch.set_num_threads(threads * int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
             try:
                 res = evaluate_shapes(ev, tok, mconf, n_prompts=n, tasks=C.eval_tasks, blind=blind,
                                       autocast=autocast if pt_dtype != torch.float32 else None,
                                       video_frames=C.video_frames)
             finally:
-                ev.cp = model.cp if ev is model else None
+                ev.cp = cp
                 torch.set_num_threads(threads)
         if D.world > 1:
             box = [res]
@@ -606,11 +607,11 @@ def main(argv=()):
             t = torch.tensor(loss_total, dtype=torch.float64)
             dist.all_reduce(t)
             loss_total = t.item()
-        for b in batches:
-            tot["tokens"] += int(b["attention_mask"].sum())
-            tot["cells"] += b["attention_mask"].numel()
-            tot["examples"] += b["n_examples"]
-            tot["flops"] += model.flops(b)
+        for b in batches:  # whole-run figures: this dp rank's batch x dp (the dp ranks' batches are alike in size)
+            tot["tokens"] += D.dp * int(b["attention_mask"].sum())
+            tot["cells"] += D.dp * b["attention_mask"].numel()
+            tot["examples"] += D.dp * b["n_examples"]
+            tot["flops"] += D.dp * model.flops(b)
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), C.grad_clip)  # over DTensors too (FSDP2)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -625,7 +626,7 @@ def main(argv=()):
             print(f"step {step:5d}/{C.max_steps} | loss {loss_total:.4f} | gnorm {float(gnorm):.2f} | "
                   f"lr {opt.param_groups[-1]['lr']:.2e} | {d['tokens'] / d['seconds']:,.0f} tok/s | "
                   f"non-pad {100 * d['tokens'] / d['cells']:.0f}% | {d['examples'] / d['seconds']:.1f} ex/s | "
-                  f"MFU {100 * d['flops'] / d['seconds'] / peak:.1f}% | elapsed {fmt_time(el)} | ETA {fmt_time(eta)}",
+                  f"MFU {100 * d['flops'] / d['seconds'] / (peak * D.world):.1f}% | elapsed {fmt_time(el)} | ETA {fmt_time(eta)}",
                   flush=True)
             mark = dict(tot)
         if step % C.eval_interval == 0 and step < C.max_steps:

@@ -70,7 +70,7 @@ def _one_process_step():
 
 def _step_worker(rank, world, port, cp_mode, out):
     _as_rank(rank, world, port)
-    C = types.SimpleNamespace(cp=world if cp_mode else 1, fsdp=False)
+    C = types.SimpleNamespace(cp=world if cp_mode else 1, fsdp=False, dry_run=False)
     D = train.setup_distributed(C, "cpu")
     try:
         if cp_mode:  # every rank holds the whole batch; the model keeps this rank's shard of each sequence
@@ -131,11 +131,12 @@ def _run2(argv, tmp_path):
 
 
 def test_torchrun_runs_equal_one_process(tmp_path):
-    """train.main on 2 ranks: cp = 2 under DDP (ring) and under FSDP2 (Ulysses, activation checkpointing) give the
+    """train.main on 2 ranks: cp = 2 under DDP (ring; rank 0 evaluating after every step) and under FSDP2 (Ulysses, activation checkpointing) give the
     one-process losses of the same packed batches, step by step; dp = 2 with 4 rows each gives the one-process
     losses at 8 rows (the ranks take alternate examples of the one stream)."""
-    want = train.main(_args(tmp_path / "one"))["losses"]
-    ring = _run2(_args(tmp_path / "ring", cp=2), tmp_path)
+    ev = dict(eval_interval=1, eval_prompts=1, eval_tasks=("track",))  # rank 0 evaluates mid-run, then cp resumes
+    want = train.main(_args(tmp_path / "one", **ev))["losses"]
+    ring = _run2(_args(tmp_path / "ring", cp=2, **ev), tmp_path)
     fsdp = _run2(_args(tmp_path / "fsdp", cp=2, cp_mode="ulysses", fsdp=True, act_ckpt=True), tmp_path)
     assert len(want) == len(ring) == len(fsdp) == 3
     for got in (ring, fsdp):

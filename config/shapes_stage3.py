@@ -1,0 +1,23 @@
+# Stage 3 (long-context SFT) on the built-in shapes world: each sequence split over 2 processes on a CPU.
+#   torchrun --nproc_per_node=2 train.py config/shapes_stage3.py
+# Starts from the stage-2 shapes checkpoint, on the same mixture (Molmo2's stage 3 keeps stage 2's data, seed:
+# "INPUT DATA (Same as Stage 2)") with videos twice as long, 12-20 frames (6-10 s at 2 fps) instead of 6-11, in
+# rows twice as long; context parallelism (cp = 2, zigzag ring attention) splits every row over the 2 ranks.
+import os  # (modules in a config are not config keys)
+exec(open(os.path.join(os.path.dirname(__file__), "shapes_stage2.py")).read())
+out_dir = "out/shapes_stage3"
+init_from = "out/shapes_stage2/ckpt.pt"   # seed: "Stage2 checkpoint -> feeds into Stage 3"
+cp = 2                     # seed stage 3: "Context Parallelism: Distribute sequence across GPUs"
+cp_mode = "ring"           # zigzag ring; 'ulysses' also works here (4 heads over 2 ranks)
+video_frames = (12, 20)    # longer videos (stage 2: 6-11 frames); a 20-frame track answer is ~300 tokens
+seq_len = 1024             # 2x stage 2's rows (the seed: 4,096 -> 36,864)
+max_images_per_row = 64    # 2x stage 2's vision budget (the seed: 128 -> 384 frames)
+batch_size = 4             # rows per micro-batch, the same 4,096-token micro-batch as stage 2 (8 x 512)
+max_steps = 300
+warmup_steps = 20
+lr = 2e-4                  # below stage 2's 3e-4 (the seed: 5e-5 -> 3e-5)
+threads = 1                # one thread per rank: 2 ranks on 2 cores
+eval_tasks = ("track", "video_point", "video_count", "point")
+eval_interval = 100
+eval_prompts = 50
+final_eval_prompts = 300
