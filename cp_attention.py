@@ -3,16 +3,18 @@ Context parallelism for attention, by hand (issue "Scale out"; ../shared/design/
 
 Stage 3 trains on 36,864-token sequences: one sequence no longer fits one GPU, so it is split along the sequence
 over W ranks (the cp group) and attention, the one layer that mixes positions, is computed across them. This file
-will hold both schemes the design names: ring attention (K/V blocks passed around the ring, partial results
+holds both schemes the design names: ring attention (K/V blocks passed around the ring, partial results
 merged by their log-sum-exp) and Ulysses (all-to-all from sequence shards to head shards and back).
 
-What is here so far:
+In order:
   - the local kernel interface: attention on one (q block, kv block) pair that also returns the log-sum-exp (LSE)
-    of each query row, forward and backward (local_attn_fwd / local_attn_bwd), with a pure-PyTorch reference;
+    of each query row, forward and backward (local_attn_fwd / local_attn_bwd): torch's CPU flash op, and a
+    pure-PyTorch reference (exact; what CUDA runs too for now: the CUDA flash kernels are not wired in yet);
   - the LSE merge of partial results (merge_partials), the heart of ring attention's forward;
   - sharding helpers: contiguous and zigzag layouts, their inverse, positions, and a pad helper;
   - ring attention over torch.distributed (ring_attention: plain ring or zigzag, causal or not, MHA or GQA, any
-    mask given whole: per-example causal with the causal saving, bidirectional vision without it), whose
+    mask given whole or as a function of (rows, cols): per-example causal with the causal saving, bidirectional
+    vision without it), whose
     backward rests on one fact: each block's gradients computed from the FINAL out and LSE add up to the full
     gradients (tests/test_cp.py checks it in one process, then the whole ring over 1-4 gloo processes).
   - Ulysses (ulysses_attention: all-to-all from sequence shards to head shards, full-sequence attention on

@@ -686,14 +686,14 @@ def plot_curve(history, path):
     d.text((pad, 10), f"train loss (blue, log scale) {sm[0]:.2f} -> {sm[-1]:.2f}; held-out metrics (dots, 0 at the "
                       f"bottom, 1 at the top)", fill="black")
     colors = {"pointing_f1": (220, 40, 40), "count_acc": (40, 170, 60), "qa_acc": (150, 60, 190),
-              "tracking_f1": (240, 140, 0), "video_pointing_f1": (0, 160, 200)}
+              "tracking_f1": (240, 140, 0), "video_pointing_f1": (0, 160, 200), "video_count_acc": (0, 90, 30)}
     for e in history["evals"]:
         for key, col in colors.items():
             if key in e:
                 x, y = xs(e["step"]), H - pad - (H - 2 * pad) * e[key]
                 d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=col)
     d.text((pad, H - pad + 8), "step " + str(steps[0]) + " ... " + str(steps[-1]) +
-           "   red: pointing F1, green: count, purple: QA, orange: tracking F1, cyan: video pointing F1",
+           "   red: pointing F1, green: count (dark: video), purple: QA, orange: tracking F1, cyan: video pointing F1",
            fill="black")
     im.save(path)
 

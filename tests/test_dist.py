@@ -147,13 +147,14 @@ def test_torchrun_runs_equal_one_process(tmp_path):
 
 
 def test_fsdp_cp_resume_is_exact(tmp_path):
-    """FSDP2 + cp = 2: stop after step 2 (checkpoint gathered whole on rank 0), resume on 2 ranks: the same losses as
-    the uninterrupted run; the checkpoint is a plain one-process one (its weights load into a bare model)."""
+    """FSDP2 + cp = 2: stop after step 2 (checkpoint gathered whole on rank 0), resume on 2 ranks: the losses of the
+    uninterrupted run (one process: equal to 2 ranks, test above); the checkpoint is a plain one-process one (its
+    weights load into a bare model)."""
     kw = dict(cp=2, fsdp=True, max_steps=4)
-    a = _run2(_args(tmp_path / "A", **kw), tmp_path)
+    a = train.main(_args(tmp_path / "A", **dict(kw, cp=1, fsdp=False)))["losses"]
     _run2(_args(tmp_path / "B", stop_at=2, **kw), tmp_path)
     b = _run2(_args(tmp_path / "B", init_from="resume", **kw), tmp_path)
-    assert len(a) == len(b) == 4 and max(abs(x - y) for x, y in zip(a, b)) < 1e-6, (a, b)
+    assert len(a) == len(b) == 4 and max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (a, b)
     ck = torch.load(tmp_path / "B" / "ckpt.pt", weights_only=False)
     from model import Molmo2, ModelConfig
     Molmo2(ModelConfig(**ck["model_config"])).load_state_dict(ck["model"])  # full, unsharded tensors
