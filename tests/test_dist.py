@@ -164,3 +164,13 @@ def test_fsdp_cp_resume_is_exact(tmp_path):
 def test_cp_needs_torchrun(tmp_path):
     with pytest.raises(SystemExit, match="torchrun --nproc_per_node=2"):
         train.main(_args(tmp_path, cp=2))
+
+
+def test_resume_needs_the_same_number_of_processes(tmp_path):
+    """A checkpoint written by 2 processes (one packer state per rank) cannot resume in 1: a clear error."""
+    train.main(_args(tmp_path, max_steps=2, stop_at=1))
+    ck = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    ck["packers"] = ck["packers"] * 2
+    torch.save(ck, tmp_path / "ckpt.pt")
+    with pytest.raises(SystemExit, match="written by 2 process.es., this run has 1"):
+        train.main(_args(tmp_path, max_steps=2, init_from="resume"))

@@ -166,3 +166,7 @@ def test_eval_cli_rejects_unscorable_tasks_and_missing_checkpoints(capsys, tmp_p
     assert "--tasks 'track,caption': each must be one of point, count, qa" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="checkpoint not found: .*nope.pt"):
         ev.main(["--ckpt", str(tmp_path / "nope.pt"), "--tasks", "track"])
+    for bad in ("12", "20,12", "a,b", "1,4"):  # not lo,hi with 2 <= lo <= hi
+        with pytest.raises(SystemExit):
+            ev.main(["--tasks", "track", "--video_frames", bad])
+        assert f"--video_frames {bad!r}: give lo,hi" in capsys.readouterr().err

@@ -1,4 +1,6 @@
 """Video input (data.py): frame times, PyAV decoding with true timestamps, subtitles, the token layout."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -209,6 +211,18 @@ def test_video_examples_deterministic(task):
         assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(v["frames"], b["video"]["frames"]))
     else:
         assert 2 <= len(a["images"]) <= 3
+
+
+def test_video_length_is_a_parameter():
+    """Stage 3's longer videos (config/shapes_stage3.py): the frame count follows video_frames, the track answer
+    lists every frame the object is on screen, and a range that is not 2 <= lo <= hi is an error naming it."""
+    lens = {len(shapes.make_example("track", s, video_frames=(16, 20))["video"]["frames"]) for s in range(30)}
+    assert lens <= set(range(16, 21)) and len(lens) >= 3
+    ex = shapes.make_example("track", 5, video_frames=(20, 20))
+    assert len(ex["video"]["frames"]) == 20 and ex["turns"][0][1].count(";") >= 5
+    for bad in ((1, 5), (9, 8)):
+        with pytest.raises(ValueError, match=re.escape(f"got {bad!r}")):
+            shapes.make_example("video_qa", 1, video_frames=bad)
 
 
 def test_tracks_and_video_points_match_the_masks():
