@@ -119,14 +119,26 @@ def _args(out_dir, **kw):
 
 def _main_worker(rank, world, port, argv, out):
     _as_rank(rank, world, port)
-    res = train.main(argv)
+    try:
+        res = train.main(argv)
+    except SystemExit as e:  # a config error: hand its message to the test
+        if rank == 0:
+            open(out + ".err", "w").write(str(e))
+        raise
     if rank == 0:
         torch.save(res["losses"], out)
 
 
 def _run2(argv, tmp_path):
+    """train.main(argv) on 2 ranks -> rank 0's losses; a SystemExit in rank 0 is raised here with its message."""
     out = tmp_path / f"losses{time.time_ns()}.pt"
-    _spawn(_main_worker, 2, argv, str(out))
+    try:
+        _spawn(_main_worker, 2, argv, str(out))
+    except Exception:
+        err = f"{out}.err"
+        if os.path.exists(err):
+            raise SystemExit(open(err).read()) from None
+        raise
     return torch.load(out)
 
 
@@ -174,3 +186,11 @@ def test_resume_needs_the_same_number_of_processes(tmp_path):
     torch.save(ck, tmp_path / "ckpt.pt")
     with pytest.raises(SystemExit, match="written by 2 process.es., this run has 1"):
         train.main(_args(tmp_path, max_steps=2, init_from="resume"))
+
+
+def test_cp_layout_errors(tmp_path):
+    """cp must divide the processes; Ulysses must split the heads over the cp ranks."""
+    with pytest.raises(SystemExit, match=r"cp=3 must divide the number of processes \(2\)"):
+        _run2(_args(tmp_path, cp=3), tmp_path)
+    with pytest.raises(SystemExit, match="splits the 3 heads over cp=2 ranks"):
+        _run2(_args(tmp_path, cp=2, cp_mode="ulysses", n_head=3, n_kv_head=1), tmp_path)
