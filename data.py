@@ -20,6 +20,7 @@ import bisect
 import math
 import os
 import re
+import unicodedata
 from collections import Counter
 from functools import lru_cache
 
@@ -93,39 +94,120 @@ def shapes_corpus(n=300):
 class Tokenizer:
     """A tiktoken.Encoding plus Molmo2's special tokens. Ids: [0, n_ranks) BPE tokens, then the chat tokens
     (together: base_vocab, the rows of the LLM's embedding and output head), then the vision tokens
-    (the extra rows). ranks/pat_str are stored in checkpoints so sampling uses the exact same tokenizer."""
+    (the extra rows). A converted tokenizer.json keeps its own special ids (Qwen's <|im_end|> = 151645).
+    The whole state is stored in checkpoints so sampling uses the exact same tokenizer."""
 
-    def __init__(self, ranks, pat_str=PAT_STR, name="shapes-bpe"):
+    def __init__(self, ranks, pat_str=PAT_STR, name="shapes-bpe", specials=None, base_vocab=None, normalize=None):
+        """specials: {token: id} the tokenizer already has (a Qwen tokenizer.json's added tokens: <|im_end|> is
+        151645); the chat tokens missing from it are appended after the BPE ids. base_vocab: the LLM's embedding
+        rows (Qwen3 pads 151,669 ids to 151,936); Molmo2's vision tokens come right after it. normalize: a
+        unicodedata form applied before encoding ('NFC' for Qwen)."""
         self.ranks, self.pat_str, self.name = ranks, pat_str, name
-        n = max(ranks.values()) + 1
-        specials = {t: n + i for i, t in enumerate(CHAT_TOKENS + VISION_TOKENS)}
+        self.given, self.normalize = dict(specials or {}), normalize
+        n = max([*ranks.values(), *self.given.values()]) + 1
+        specials = dict(self.given)
+        for t in CHAT_TOKENS:
+            if t not in specials:
+                specials[t], n = n, n + 1
+        if base_vocab is not None and base_vocab < n:
+            raise ValueError(f"base_vocab {base_vocab} is below the tokenizer's {n} ids")
+        self.base_vocab = n if base_vocab is None else base_vocab
+        specials.update({t: self.base_vocab + i for i, t in enumerate(VISION_TOKENS)})
         self.enc = tiktoken.Encoding(name=name, pat_str=pat_str, mergeable_ranks=ranks, special_tokens=specials)
-        self.base_vocab = n + len(CHAT_TOKENS)
         self.n_extra = len(VISION_TOKENS)
         names = dict(zip(CHAT_TOKENS + VISION_TOKENS,
                          ["endoftext", "chat_start", "chat_end", "im_patch", "im_col", "im_start",
                           "low_res_im_start", "im_end", "frame_start", "frame_end", "image", "video"]))
-        for t, i in specials.items():  # self.im_patch, self.chat_end, ... (<|im_end|> vs <im_end> kept apart)
-            setattr(self, names[t], i)
+        for t, name in names.items():  # self.im_patch, self.chat_end, ... (<|im_end|> vs <im_end> kept apart)
+            setattr(self, name, specials[t])
         self.bos = self.chat_end  # Molmo2/Qwen3: <|im_end|> doubles as BOS
         self.pad = self.endoftext
         self.vision_ids = [specials[t] for t in VISION_TOKENS]
 
     def encode(self, text, allow_special=False):
+        if self.normalize:
+            text = unicodedata.normalize(self.normalize, text)
         return self.enc.encode(text, allowed_special="all") if allow_special else self.enc.encode_ordinary(text)
 
     def decode(self, ids):
         return self.enc.decode(list(ids))
 
     def state(self):
-        return dict(name=self.name, pat_str=self.pat_str, ranks=self.ranks)
+        return dict(name=self.name, pat_str=self.pat_str, ranks=self.ranks, specials=self.given,
+                    base_vocab=self.base_vocab if self.given else None, normalize=self.normalize)
+
+
+def _byte_level_alphabet():
+    """GPT-2's byte-level BPE writes each byte as a printable character (bytes_to_unicode): the printable
+    Latin-1 bytes as themselves, the other 68 shifted to U+0100 upwards. Returns {character: byte}."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    chars, shift = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + shift)] = b
+            shift += 1
+    return chars
+
+
+def tokenizer_from_json(path, base_vocab=None):
+    """A Hugging Face tokenizer.json of the Qwen2/Qwen3 kind (byte-level BPE) -> Tokenizer on tiktoken, so
+    tiktoken stays the one tokenizer at run time. The vocabulary's ids become tiktoken ranks: tiktoken merges
+    the adjacent pair whose merge has the lowest rank, HF applies its merge list in order, and the two agree
+    when every merge's result has a larger id than the merges before it, which is checked here (Qwen's vocab
+    is built that way). The pre-tokenizer's Split regex becomes pat_str; the added special tokens keep their
+    ids; an NFC normalizer is applied before encoding, as HF does."""
+    import json
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"tokenizer file {path!r} not found")
+    with open(path, encoding="utf-8") as f:
+        j = json.load(f)
+    m = j.get("model") or {}
+    if m.get("type") != "BPE" or "vocab" not in m:
+        raise ValueError(f"{path}: not a BPE tokenizer.json (model.type {m.get('type')!r})")
+    alphabet = _byte_level_alphabet()
+    try:
+        ranks = {bytes(alphabet[c] for c in t): i for t, i in m["vocab"].items()}
+    except KeyError as e:
+        raise ValueError(f"{path}: vocabulary entry with {e} outside the byte-level alphabet "
+                         f"(not a byte-level BPE)") from None
+    last = -1
+    for k, merge in enumerate(m.get("merges", [])):
+        a, b = merge.split(" ", 1) if isinstance(merge, str) else merge
+        i = m["vocab"].get(a + b)
+        if i is None or i <= last:
+            raise ValueError(f"{path}: merge {k} ({a!r} + {b!r}) is out of id order: tiktoken's ranks would "
+                             f"merge differently from the merge list")
+        last = i
+    pats = []
+
+    def walk(p):  # the Split regexes of the pre-tokenizer, in order
+        if not p:
+            return
+        if p.get("type") == "Sequence":
+            for q in p["pretokenizers"]:
+                walk(q)
+        elif p.get("type") == "Split":
+            pats.append(p["pattern"].get("Regex") or re.escape(p["pattern"]["String"]))
+    walk(j.get("pre_tokenizer"))
+    if len(pats) != 1:
+        raise ValueError(f"{path}: expected one Split regex in the pre-tokenizer, found {len(pats)}")
+    norm = (j.get("normalizer") or {}).get("type")
+    if norm not in (None, "NFC"):
+        raise ValueError(f"{path}: normalizer {norm!r} is not supported (None or NFC)")
+    specials = {t["content"]: t["id"] for t in j.get("added_tokens", []) if t.get("special")}
+    return Tokenizer(ranks, pats[0], os.path.basename(path), specials, base_vocab, norm)
 
 
 def build_tokenizer(name="shapes-bpe", n_merges=400):
-    """'shapes-bpe' (offline default), a path to a .tiktoken file, or a tiktoken encoding name that is
-    already in tiktoken's local cache. Nothing is downloaded: a missing encoding is a clear error."""
+    """'shapes-bpe' (offline default), a path to a .tiktoken file or a Qwen-style tokenizer.json, or a tiktoken
+    encoding name that is already in tiktoken's local cache. Nothing is downloaded: a missing encoding is a clear
+    error."""
     if name == "shapes-bpe":
         return Tokenizer(train_bpe(shapes_corpus(), n_merges))
+    if name.endswith(".json"):  # a Qwen-style tokenizer.json
+        return tokenizer_from_json(name)
     if name.endswith(".tiktoken"):
         if not os.path.exists(name):
             raise FileNotFoundError(f"tokenizer file {name!r} not found")

@@ -458,3 +458,64 @@ def test_collate_packed_rows(tok, cfg):
     one = data.collate([c], tok.pad, 10 ** 6)
     two = data.collate([[c]], tok.pad, 10 ** 6)
     assert all(torch.equal(one[k], two[k]) for k in one)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a Hugging Face tokenizer.json (Qwen2/Qwen3 kind) converted to tiktoken
+
+QWEN_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"""
+              r"""|\s+(?!\S)|\s+""")  # Qwen2/Qwen3's pre-tokenizer regex (their tokenizer.json)
+
+
+def _hf_qwen_style_tokenizer(path):
+    """A tiny byte-level BPE built like Qwen's: NFC, the Qwen split regex, byte-level, special tokens."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    tk = Tokenizer(models.BPE())
+    tk.normalizer = normalizers.NFC()
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    corpus = ["The quick brown fox jumps over the lazy dog. ", "Café déjà vu, naïve résumé.", "東京は日本の首都です。",
+              "emoji 😀🎉👍 and numbers 12345 67890", "    indented\n\n\ttabs  and   runs", "it's we'll they're"] * 20
+    tk.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=500, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tk.save(str(path))
+    return tk
+
+
+def test_tokenizer_json_converts_to_tiktoken(tmp_path):
+    """The same ids through Hugging Face `tokenizers` and through our tiktoken conversion, on ASCII, accents
+    (composed and decomposed: NFC), CJK, emoji (a ZWJ sequence too), digits, whitespace runs, special tokens and
+    characters the BPE never saw; the special ids are the file's own; the state rebuilds the same tokenizer."""
+    import data
+    hf = _hf_qwen_style_tokenizer(tmp_path / "tokenizer.json")
+    tok = data.build_tokenizer(str(tmp_path / "tokenizer.json"))
+    text = ("<|im_start|>user\nCafé déjà vu? Cafe\u0301 東京は 日本 😀🎉 🐈\u200d⬛ 12345 it's   three  spaces\n\n\t"
+            "tab<|object_ref_start|> Ωμέγα ñ 漢字 \r\n end  <|im_end|>\n")
+    want = hf.encode(text).ids
+    assert tok.encode(text, allow_special=True) == want and len(want) > 60
+    assert tok.decode(want) == hf.decode(want, skip_special_tokens=False)
+    assert (tok.endoftext, tok.chat_start, tok.chat_end) == (0, 1, 2)  # the file's ids, not appended ones
+    assert tok.base_vocab == hf.get_vocab_size() and tok.im_patch == tok.base_vocab  # vision rows follow
+    again = data.Tokenizer(**tok.state())
+    assert again.encode(text, allow_special=True) == want and again.im_patch == tok.im_patch
+
+
+def test_tokenizer_json_errors(tmp_path):
+    import json
+    import data
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        data.build_tokenizer(str(tmp_path / "nope.json"))
+    _hf_qwen_style_tokenizer(tmp_path / "t.json")
+    j = json.loads((tmp_path / "t.json").read_text())
+    merges = j["model"]["merges"]
+    merges[3], merges[4] = merges[4], merges[3]  # a merge list whose order the ids do not follow
+    (tmp_path / "bad.json").write_text(json.dumps(j))
+    with pytest.raises(ValueError, match="merge 4 .* out of id order"):
+        data.tokenizer_from_json(str(tmp_path / "bad.json"))
+    j["model"]["type"] = "Unigram"
+    (tmp_path / "uni.json").write_text(json.dumps(j))
+    with pytest.raises(ValueError, match="not a BPE tokenizer.json"):
+        data.tokenizer_from_json(str(tmp_path / "uni.json"))
