@@ -347,6 +347,37 @@ def image_tokens(tok, rows, cols, col_tokens):
     return [tok.im_start] + row * rows + [tok.im_end]
 
 
+def select_tiling(h, w, window, max_crops):
+    """Molmo2's select_tiling: the (rows, cols) grid of high-res crops (rows * cols <= max_crops) whose windows
+    of `window` px cover an h x w image with the least up-scaling, or, when every grid has to shrink the image,
+    the least down-scaling. Ties go to fewer crops, then fewer rows."""
+    grids = sorted(((r, c) for r in range(1, max_crops + 1) for c in range(1, max_crops + 1) if r * c <= max_crops),
+                   key=lambda g: (g[0] * g[1], g[0]))
+    scale = [min(r * window / h, c * window / w) for r, c in grids]
+    up = [x for x in scale if x >= 1]
+    return grids[scale.index(min(up) if up else max(scale))]
+
+
+def multicrop_tokens(tok, height, width, crop=378, patch=14, pool=2, max_crops=8, margins=(4, 4)):
+    """Molmo2's multi-crop image tokens (crop_mode overlap-and-resize-c2, molmo2_reference.md 1.6) for a
+    height x width image, with Molmo2's settings as defaults. Returns (token ids, (rows, cols) of the tiling).
+      global crop  the whole image at crop px: 27 x 27 patches, padded to 28 and pooled 2x2 to 14 x 14 = 196
+                   tokens: <low_res_im_start> + 196 <im_patch> + <im_end> (no column tokens)
+      high-res     crops of crop px overlap by the margins (4 + 4 patches); each keeps its central 19 patches
+                   (266 px). The tiling (select_tiling on the image less the margins) resizes the image to
+                   (266 r + 112, 266 c + 112); dropping the overlaps leaves (19 r + 8) x (19 c + 8) patches,
+                   pooled 2x2 to h x w tokens: <im_start> + h x (w <im_patch> + <im_col>) + <im_end>.
+    (The token layout only, which fixes the sequence budget; cropping the pixels is the real-data issue's next
+    step. This codebase's own images stay one crop, the seed's 224 px.)"""
+    g = crop // patch                      # 27 patches a side
+    keep = g - sum(margins)                # 19 patches kept per crop
+    r, c = select_tiling(height - sum(margins) * patch, width - sum(margins) * patch, keep * patch, max_crops)
+    n = math.ceil(g / pool)                # the global crop's 14 x 14
+    glob = [tok.low_res_im_start] + [tok.im_patch] * (n * n) + [tok.im_end]
+    h, w = math.ceil((keep * r + sum(margins)) / pool), math.ceil((keep * c + sum(margins)) / pool)
+    return glob + image_tokens(tok, h, w, True), (r, c)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Video: PyAV decoding at Molmo2's frame times (reference section 2)
 

@@ -519,3 +519,18 @@ def test_tokenizer_json_errors(tmp_path):
     (tmp_path / "uni.json").write_text(json.dumps(j))
     with pytest.raises(ValueError, match="not a BPE tokenizer.json"):
         data.tokenizer_from_json(str(tmp_path / "uni.json"))
+
+
+def test_multicrop_token_counts_match_molmo2(tok):
+    """Molmo2's worked examples (molmo2_reference.md 1.6; 378 px crops, patch 14, 2x2 pooling, max_crops 8,
+    margins 4): 378 x 378 -> 1 x 1 tiling, 410 tokens (198 + 212); 500 x 1000 (height x width) -> 2 x 4, 1,189
+    (198 + 991); 480 x 640 -> 2 x 2, 752 (198 + 554). A tall image tiles the other way round."""
+    import data
+    for (h, w), grid, total in (((378, 378), (1, 1), 410), ((500, 1000), (2, 4), 1189), ((480, 640), (2, 2), 752),
+                                ((1000, 500), (4, 2), 1208)):
+        ids, got = data.multicrop_tokens(tok, h, w)
+        assert (got, len(ids)) == (grid, total), (h, w)
+        assert ids[:1] == [tok.low_res_im_start] and ids.count(tok.im_end) == 2  # global block, then high-res
+        hi = ids[198:]
+        assert hi[0] == tok.im_start and hi.count(tok.im_col) == -(-(19 * grid[0] + 8) // 2)  # one per token row
+    assert data.select_tiling(5000, 5000, 266, 8) == (2, 2)  # every grid shrinks it: the least, fewest crops
