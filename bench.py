@@ -223,15 +223,21 @@ def plan(argv):
     Every cp rank encodes all the micro-batch's images (model.py: the ViT is not split over the cp group), so the
     visual share does not shrink with cp. Without a config: the three real configs over a few 8-GPU layouts."""
     from model import Molmo2, ModelConfig
-    opts = {"dp": None, "cp": None, "fsdp": None, "act_ckpt": None, "loss_frac": 0.25}
-    rest = []
+    import ast
+    kinds = {"dp": int, "cp": int, "fsdp": bool, "act_ckpt": bool, "loss_frac": float}  # the planner's own flags
+    opts, rest = {"dp": None, "cp": None, "fsdp": None, "act_ckpt": None, "loss_frac": 0.25}, []
     for a in argv:
-        key = a[2:].split("=")[0] if a.startswith("--") else None
-        if key in opts:
-            opts[key] = type(opts[key] if opts[key] is not None else 0)(eval(a.split("=", 1)[1])) \
-                if key != "fsdp" and key != "act_ckpt" else a.split("=", 1)[1] == "True"
-        else:
-            rest.append(a)
+        key, _, val = a[2:].partition("=") if a.startswith("--") else (None, "", "")
+        if key not in kinds:
+            rest.append(a)  # a config file or a train.py --key=value
+            continue
+        try:
+            v = ast.literal_eval(val)
+        except (ValueError, SyntaxError):
+            v = None
+        if not isinstance(v, kinds[key]) and not (kinds[key] is float and type(v) is int):
+            raise SystemExit(f"--plan: --{key} must be {kinds[key].__name__}, got {val!r}")
+        opts[key] = v
     configs = [a for a in rest if not a.startswith("--")] or ["config/stage1.py", "config/stage2.py",
                                                                "config/stage3.py"]
     flags = [a for a in rest if a.startswith("--")]
