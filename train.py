@@ -113,7 +113,7 @@ threads = 0                     # CPU threads for torch; 0 = torch's default
 seed = 1337
 # scale-out, under torchrun (README "GPU nodes"): world = dp x cp ranks
 cp = 1                          # context-parallel degree: ranks that split one sequence (stage 3); dp = world / cp
-cp_mode = "ring"                # 'ring': zigzag ring attention | 'ulysses': all-to-all over heads (Molmo2's choice)
+cp_mode = "ulysses"             # 'ulysses': all-to-all over heads (Molmo2's choice, DESIGN) | 'ring': zigzag ring
 fsdp = False                    # FSDP2: shard params, grads and Adam state over all ranks (else DDP replicates them)
 act_ckpt = False                # activation checkpointing of the LLM blocks: recompute in backward, save memory
 # ---------------------------------------------------------------------------------------------------------

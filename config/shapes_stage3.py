@@ -8,7 +8,8 @@ exec(open(os.path.join(os.path.dirname(__file__), "shapes_stage2.py")).read())
 out_dir = "out/shapes_stage3"
 init_from = "out/shapes_stage2/ckpt.pt"   # seed: "Stage2 checkpoint -> feeds into Stage 3"
 cp = 2                     # seed stage 3: "Context Parallelism: Distribute sequence across GPUs"
-cp_mode = "ring"           # zigzag ring; 'ulysses' also works here (4 heads over 2 ranks)
+cp_mode = "ring"           # zigzag ring, the scheme written for this codebase (the default and config/stage3.py
+                           # use Molmo2's Ulysses; --cp_mode=ulysses works here too: 4 heads over 2 ranks)
 video_frames = (12, 20)    # longer videos (stage 2: 6-11 frames); a 20-frame track answer: 230 tokens on average
 seq_len = 1024             # 2x stage 2's rows (the seed: 4,096 -> 36,864)
 max_images_per_row = 64    # 2x stage 2's vision budget (the seed: 128 -> 384 frames)

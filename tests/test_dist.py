@@ -148,7 +148,7 @@ def test_torchrun_runs_equal_one_process(tmp_path):
     losses at 8 rows (the ranks take alternate examples of the one stream)."""
     ev = dict(eval_interval=1, eval_prompts=1, eval_tasks=("track",))  # rank 0 evaluates mid-run, then cp resumes
     want = train.main(_args(tmp_path / "one", **ev))["losses"]
-    ring = _run2(_args(tmp_path / "ring", cp=2, **ev), tmp_path)
+    ring = _run2(_args(tmp_path / "ring", cp=2, cp_mode="ring", **ev), tmp_path)
     fsdp = _run2(_args(tmp_path / "fsdp", cp=2, cp_mode="ulysses", fsdp=True, act_ckpt=True), tmp_path)
     assert len(want) == len(ring) == len(fsdp) == 3
     for got in (ring, fsdp):
