@@ -237,6 +237,12 @@ def build_tokenizer(name="shapes-bpe", n_merges=400):
 # ----------------------------------------------------------------------------------------------------------
 # Points: Molmo2 html-v2
 
+# Molmo2's prompt templates (GENERAL_PROMPTS_V1, molmo2_reference.md section 3.2), for shapes and real data alike
+POINT_PROMPT = "Point to the {label}\nPlease say 'There are none.' if it is not in the image."
+COUNT_PROMPT = "How many {label} are there?"
+NONE_ANSWER = "There are none."
+COUNT_ANSWER = "Counting the {points} shows a total of {n}."  # Molmo2 counts by pointing, then says the number
+
 def format_points(points, width, height, label, frame="1"):
     """points: [(x_px, y_px)] -> '<points coords="1 1 453 612 2 501 600">label</points>'.
     A single image's frame prefix is always 1 (molmo2_reference.md 3.2)."""
@@ -747,3 +753,149 @@ def collate(rows, pad_id, seq_len, left_pad=False):
     return dict(input_ids=input_ids, attention_mask=doc_ids > 0, labels=labels, loss_weights=loss_w,
                 doc_ids=doc_ids, position_ids=position_ids, pixel_values=pixel_values, image_mask=image_mask,
                 timestamps=timestamps, pool_idx=pool_idx)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Datasets: readers for local copies (molmo2_reference.md section 6). PixMo stores image URLs, not images:
+# users download the media themselves, under media_root, named by media_path. A reader turns each jsonl row
+# into this module's example dicts (as shapes.make_example returns), grouped per image the way Molmo2 groups
+# its annotations into one conversation. Rows that are malformed or whose media is missing are skipped and
+# counted; a file with nothing readable is an error. (Video datasets, parquet: the next readers.)
+
+class MissingMedia(Exception):
+    pass
+
+
+def media_path(media_root, url, ext=".jpg"):
+    """The local file for an image URL: <media_root>/<sha256 of the URL><the URL's extension, else ext>. Hashing
+    the URL (not its basename: thousands of PixMo URLs end in image.jpg) gives one file per URL; a download
+    script names its files with this same function."""
+    import hashlib
+    from urllib.parse import urlparse
+    suffix = os.path.splitext(urlparse(url).path)[1].lower() or ext
+    return os.path.join(media_root, hashlib.sha256(url.encode()).hexdigest() + suffix)
+
+
+def _image_of(rec, media_root):
+    """(path, width, height) of a row's image; MissingMedia if it is not there, ValueError if unreadable."""
+    url = rec["image_url"]
+    if not isinstance(url, str) or not url:
+        raise ValueError(f"image_url must be a non-empty string, got {url!r}")
+    path = media_path(media_root, url)
+    if not os.path.exists(path):
+        raise MissingMedia(f"{url} (expected at {path})")
+    try:
+        with Image.open(path) as im:  # the header only: the size, for the pixel -> 0-1000 point scale
+            w, h = im.size
+    except (UnidentifiedImageError, OSError) as e:
+        raise MissingMedia(f"unreadable image {path}: {e}") from None
+    return path, w, h
+
+
+def _text(rec, key):
+    v = rec[key]
+    if not isinstance(v, str) or not v.strip():
+        raise ValueError(f"{key} must be a non-empty string, got {v!r}")
+    return v
+
+
+def _pixel_points(rec):
+    pts = rec.get("points") or []
+    if not isinstance(pts, list) or not all(isinstance(p, dict) and isinstance(p.get("x"), (int, float))
+                                            and isinstance(p.get("y"), (int, float)) for p in pts):
+        raise ValueError(f"points must be a list of {{x, y}} numbers, got {str(pts)[:80]}")
+    return [(p["x"], p["y"]) for p in pts]
+
+
+def _pixmo_cap(rec, media_root, i):
+    """PixMo-Cap: image_url, caption (the long caption) -> one captioning example per row."""
+    path, _, _ = _image_of(rec, media_root)
+    return ("caption", i), dict(task="caption", image=path, turns=[("Describe this image in detail.",
+                                                                     _text(rec, "caption"))])
+
+
+def _pixmo_points(rec, media_root, i):
+    """PixMo-Points: image_url, label, points (pixels), collection_method -> grouped per image: every label
+    asked of the image is one turn of its conversation; the 'counting' rows ask for the count."""
+    path, w, h = _image_of(rec, media_root)
+    label, pts = _text(rec, "label"), _pixel_points(rec)
+    task = "count" if rec.get("collection_method") == "counting" else "point"
+    ans = format_points(pts, w, h, label) if pts else NONE_ANSWER
+    if task == "count" and pts:
+        ans = COUNT_ANSWER.format(points=ans, n=len(pts))
+    q = (COUNT_PROMPT if task == "count" else POINT_PROMPT).format(label=label)
+    return (task, rec["image_url"]), dict(task=task, image=path, turns=[(q, ans)])
+
+
+def _pixmo_count(rec, media_root, i):
+    """PixMo-Count: image_url, label, count, points (pixels; absent in the eval splits) -> a counting turn,
+    answered by pointing when the points are there, else with the number alone."""
+    path, w, h = _image_of(rec, media_root)
+    label, n, pts = _text(rec, "label"), rec["count"], _pixel_points(rec)
+    if not isinstance(n, int) or n < 0 or (pts and len(pts) != n):
+        raise ValueError(f"count must be a non-negative int matching the points, got {n!r} with {len(pts)} points")
+    ans = NONE_ANSWER if n == 0 else (COUNT_ANSWER.format(points=format_points(pts, w, h, label), n=n) if pts
+                                      else str(n))
+    return ("count", rec["image_url"]), dict(task="count", image=path,
+                                             turns=[(COUNT_PROMPT.format(label=label), ans)])
+
+
+def _tulu(rec, media_root, i):
+    """Tulu-style messages: [{role, content}], user and assistant alternating (a system message is put before
+    the first user message) -> a text-only conversation."""
+    msgs = rec["messages"]
+    if not isinstance(msgs, list) or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in msgs):
+        raise ValueError("messages must be a list of {role, content}")
+    system = [m["content"] for m in msgs if m.get("role") == "system"]
+    rest = [m for m in msgs if m.get("role") != "system"]
+    if len(rest) < 2 or len(rest) % 2 or any(m.get("role") != ("user", "assistant")[j % 2] for j, m in enumerate(rest)):
+        raise ValueError(f"messages must alternate user, assistant: {[m.get('role') for m in msgs]}")
+    turns = [(rest[j]["content"], rest[j + 1]["content"]) for j in range(0, len(rest), 2)]
+    if system:
+        turns[0] = ("\n".join(system) + "\n" + turns[0][0], turns[0][1])
+    return ("text", i), dict(task="text", image=None, turns=turns)
+
+
+READERS = {"pixmo_cap": _pixmo_cap, "pixmo_points": _pixmo_points, "pixmo_count": _pixmo_count, "tulu": _tulu}
+
+
+def read_dataset(name, path, media_root="", log=print):
+    """Read a local jsonl copy of dataset `name` (READERS) -> (examples, counts). Rows grouped per image become
+    one multi-turn example. Malformed rows and missing or unreadable media are skipped and counted, and one
+    summary line per dataset is printed with the first problem of each kind (file:line)."""
+    import json
+    if name not in READERS:
+        raise ValueError(f"no reader for dataset {name!r}; readers: {', '.join(sorted(READERS))}")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"dataset {name}: file not found: {path}")
+    groups, counts, first = {}, Counter(), {}
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                if not isinstance(rec, dict):
+                    raise ValueError("a row must be a JSON object")
+                key, ex = READERS[name](rec, media_root, i)
+            except MissingMedia as e:
+                kind, why = "missing media", str(e)
+            except (ValueError, KeyError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+                kind, why = "malformed", f"{type(e).__name__}: {e}"
+            else:
+                counts["rows"] += 1
+                if key in groups:
+                    groups[key]["turns"] += ex["turns"]
+                else:
+                    groups[key] = ex
+                continue
+            counts[kind] += 1
+            first.setdefault(kind, f"{path}:{i}: {why}")
+    examples = list(groups.values())
+    problems = "; ".join(first.values())
+    if not examples:
+        raise ValueError(f"dataset {name} ({path}): nothing readable ({dict(counts)}); {problems}")
+    log(f"dataset {name}: {len(examples):,} examples from {counts['rows']:,} rows; skipped "
+        f"{counts['malformed']:,} malformed, {counts['missing media']:,} with missing media"
+        + (f" (first: {problems})" if problems else ""))
+    return examples, counts

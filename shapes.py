@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from data import format_groups, format_points, preprocess_image  # html-v2 writer, image normalisation
+from data import (COUNT_ANSWER, COUNT_PROMPT, NONE_ANSWER, POINT_PROMPT,  # Molmo2's prompt templates
+                  format_groups, format_points, preprocess_image)  # html-v2 writer, image normalisation
 
 SHAPES = ["circle", "square", "triangle", "star"]
 COLORS = {  # name -> RGB; far apart so that a 2x2-pixel average already tells them apart
@@ -36,10 +37,6 @@ COLORS = {  # name -> RGB; far apart so that a 2x2-pixel average already tells t
 BACKGROUND = (235, 235, 235)
 TRAIN_SEED_OFFSET = 1_000_000  # eval scenes use seeds [0, 1e6), training scenes [1e6, ...): never the same
 
-# Molmo2's prompt templates (GENERAL_PROMPTS_V1, molmo2_reference.md section 3.2)
-POINT_PROMPT = "Point to the {label}\nPlease say 'There are none.' if it is not in the image."
-COUNT_PROMPT = "How many {label} are there?"
-NONE_ANSWER = "There are none."
 MAX_OBJECTS = 6  # scenes hold 1..MAX_OBJECTS objects (the difficulty floor: 1 to 6)
 VIDEO_FRAMES = (6, 11)  # frames per video scene, both ends included, at 2 fps (config/shapes_stage3.py: longer)
 ABSENT_RATE = 0.2  # share of pointing/counting queries about something absent; the held-out eval always uses it
@@ -183,7 +180,7 @@ def make_example(task, seed, size=64, n_turns=1, absent_rate=ABSENT_RATE, max_ob
                 a = format_points(pts, size, size, label) if objs else NONE_ANSWER
             else:
                 q = COUNT_PROMPT.format(label=label)
-                a = (f"Counting the {format_points(pts, size, size, label)} shows a total of {len(objs)}."
+                a = (COUNT_ANSWER.format(points=format_points(pts, size, size, label), n=len(objs))
                      if objs else NONE_ANSWER)
             gt = dict(points=pts, masks=[o["mask"] for o in objs], count=len(objs), label=label)
         elif task == "qa":
@@ -425,7 +422,7 @@ def _video_answer(task, rng, scene, size):
         if task == "video_point":
             return POINT_PROMPT.format(label=label), text if objs else NONE_ANSWER, gt
         q = f"How many {label} appear in the video?"
-        return q, (f"Counting the {text} shows a total of {len(objs)}." if objs else NONE_ANSWER), gt
+        return q, (COUNT_ANSWER.format(points=text, n=len(objs)) if objs else NONE_ANSWER), gt
     if task == "track":
         groups = []
         for t, _, m in frames:

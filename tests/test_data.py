@@ -534,3 +534,84 @@ def test_multicrop_token_counts_match_molmo2(tok):
         hi = ids[198:]
         assert hi[0] == tok.im_start and hi.count(tok.im_col) == -(-(19 * grid[0] + 8) // 2)  # one per token row
     assert data.select_tiling(5000, 5000, 266, 8) == (2, 2)  # every grid shrinks it: the least, fewest crops
+
+
+# ---------------------------------------------------------------------------------------------------------
+# dataset readers (local copies; molmo2_reference.md section 6)
+
+def _fixture(tmp_path, rows, images):
+    """A jsonl file of raw lines and a media folder: images {url: (w, h) or b'bytes'} saved where media_path
+    says a download script would put them."""
+    import data
+    media = tmp_path / "media"
+    media.mkdir(exist_ok=True)
+    for url, what in images.items():
+        p = data.media_path(str(media), url)
+        if isinstance(what, bytes):
+            open(p, "wb").write(what)
+        else:
+            Image.new("RGB", what, (200, 30, 30)).save(p)
+    f = tmp_path / "rows.jsonl"
+    f.write_text("\n".join(rows) + "\n")
+    return str(f), str(media)
+
+
+def test_pixmo_readers_group_scale_and_skip(tmp_path, tok, cfg):
+    """PixMo-Points rows of one image become one conversation, points scaled from pixels to 0-1000 by the image's
+    own size; 'counting' rows ask for the count; a malformed row (bad JSON, a missing field, points that are not
+    {x, y}) and a row whose image is missing or unreadable are skipped and counted, with the first of each named by
+    file:line; the examples encode."""
+    import json
+    import data
+    u1, u2, u3 = "http://x/a/image.jpg", "http://y/b/image.jpg", "http://z/c.png"
+    rows = [json.dumps(dict(image_url=u1, label="dog", points=[{"x": 50, "y": 25}], collection_method="pointing")),
+            json.dumps(dict(image_url=u1, label="cat", points=[], collection_method="pointing")),
+            json.dumps(dict(image_url=u2, label="cup", points=[{"x": 10, "y": 10}, {"x": 30, "y": 90}],
+                            collection_method="counting")),
+            '{"image_url": "http://x/a/image.jpg", "label": "dog", ',              # bad JSON
+            json.dumps(dict(image_url=u1, points=[])),                                # no label
+            json.dumps(dict(image_url=u1, label="dog", points=[[1, 2]])),            # points not {x, y}
+            json.dumps(dict(image_url="http://gone/x.jpg", label="dog", points=[])),  # image not downloaded
+            json.dumps(dict(image_url=u3, label="dog", points=[]))]                   # unreadable image file
+    path, media = _fixture(tmp_path, rows, {u1: (200, 100), u2: (100, 100), u3: b"not an image"})
+    lines = []
+    exs, counts = data.read_dataset("pixmo_points", path, media, log=lines.append)
+    assert (counts["rows"], counts["malformed"], counts["missing media"]) == (3, 3, 2)
+    assert f"{path}:4: JSONDecodeError" in lines[0] and f"{path}:7: http://gone/x.jpg" in lines[0]
+    point, count = exs
+    assert point["task"] == "point" and [a for _, a in point["turns"]] == [
+        '<points coords="1 1 250 250">dog</points>', "There are none."]  # (50, 25) of 200 x 100
+    assert point["turns"][0][0] == data.POINT_PROMPT.format(label="dog")
+    assert count["turns"] == [(data.COUNT_PROMPT.format(label="cup"),
+                               'Counting the <points coords="1 1 100 100 2 300 900">cup</points> shows a total of 2.')]
+    e = data.encode_example(point, tok, cfg, {"point": 2.0})
+    assert len(e["images"]) == 1 and sum(w > 0 for w in e["loss_weights"]) > 10
+
+
+def test_caption_count_and_text_readers(tmp_path):
+    import json
+    import data
+    u = "http://x/p.jpg"
+    cap = [json.dumps(dict(image_url=u, caption="A red square.", transcripts=[])),
+           json.dumps(dict(image_url=u, caption=""))]                                 # empty caption
+    path, media = _fixture(tmp_path, cap, {u: (64, 64)})
+    exs, counts = data.read_dataset("pixmo_cap", path, media, log=lambda s: None)
+    assert exs == [dict(task="caption", image=data.media_path(media, u),
+                        turns=[("Describe this image in detail.", "A red square.")])] and counts["malformed"] == 1
+    cnt = [json.dumps(dict(image_url=u, label="dots", count=3)),                         # eval split: no points
+           json.dumps(dict(image_url=u, label="dots", count=2, points=[{"x": 1, "y": 1}]))]  # 2 != 1 point
+    path, media = _fixture(tmp_path, cnt, {u: (64, 64)})
+    exs, counts = data.read_dataset("pixmo_count", path, media, log=lambda s: None)
+    assert exs[0]["turns"] == [(data.COUNT_PROMPT.format(label="dots"), "3")] and counts["malformed"] == 1
+    msgs = [json.dumps(dict(messages=[dict(role="system", content="Be brief."), dict(role="user", content="Hi"),
+                                      dict(role="assistant", content="Hello.")])),
+            json.dumps(dict(messages=[dict(role="assistant", content="out of turn")]))]
+    path, _ = _fixture(tmp_path, msgs, {})
+    exs, counts = data.read_dataset("tulu", path, log=lambda s: None)
+    assert exs[0]["turns"] == [("Be brief.\nHi", "Hello.")] and counts["malformed"] == 1
+    with pytest.raises(ValueError, match="nothing readable"):
+        data.read_dataset("tulu", _fixture(tmp_path, msgs[1:], {})[0], log=lambda s: None)
+    with pytest.raises(ValueError, match="no reader for dataset 'pixmo_nope'"):
+        data.read_dataset("pixmo_nope", path)
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        data.read_dataset("tulu", str(tmp_path / "missing.jsonl"))
