@@ -242,6 +242,7 @@ POINT_PROMPT = "Point to the {label}\nPlease say 'There are none.' if it is not 
 COUNT_PROMPT = "How many {label} are there?"
 NONE_ANSWER = "There are none."
 COUNT_ANSWER = "Counting the {points} shows a total of {n}."  # Molmo2 counts by pointing, then says the number
+TRACK_PROMPT = "Track the {label}."  # Molmo2 GENERAL_PROMPTS_V1: "Track {label}."
 
 def format_points(points, width, height, label, frame="1"):
     """points: [(x_px, y_px)] -> '<points coords="1 1 453 612 2 501 600">label</points>'.
@@ -760,7 +761,7 @@ def collate(rows, pad_id, seq_len, left_pad=False):
 # users download the media themselves, under media_root, named by media_path. A reader turns each jsonl row
 # into this module's example dicts (as shapes.make_example returns), grouped per image the way Molmo2 groups
 # its annotations into one conversation. Rows that are malformed or whose media is missing are skipped and
-# counted; a file with nothing readable is an error. (Video datasets, parquet: the next readers.)
+# counted; a file with nothing readable is an error. Videos are <media_root>/<video id>.mp4. (Parquet: next.)
 
 class MissingMedia(Exception):
     pass
@@ -856,7 +857,86 @@ def _tulu(rec, media_root, i):
     return ("text", i), dict(task="text", image=None, turns=turns)
 
 
-READERS = {"pixmo_cap": _pixmo_cap, "pixmo_points": _pixmo_points, "pixmo_count": _pixmo_count, "tulu": _tulu}
+def _video_of(rec, media_root, key="video_id"):
+    """A row's video: <media_root>/<video id>.mp4 (the ids are YouTube ids or source-dataset clip names; users
+    fetch and cut the clips themselves). MissingMedia if absent; decoding happens when the example is encoded."""
+    vid = rec[key]
+    if not isinstance(vid, str) or not vid:
+        raise ValueError(f"{key} must be a non-empty string, got {vid!r}")
+    path = os.path.join(media_root, vid if vid.endswith(".mp4") else vid + ".mp4")
+    if not os.path.exists(path):
+        raise MissingMedia(f"video {vid} (expected at {path})")
+    return path
+
+
+def _molmo2_cap(rec, media_root, i):
+    """Molmo2-Cap: video_id, annotation_score, and three caption styles -> the longest style present
+    (video_frame_merged_caption, else merged_caption, else video_caption). Molmo2 keeps annotation_score >= 3."""
+    path = _video_of(rec, media_root)
+    if not isinstance(rec.get("annotation_score", 3), (int, float)) or rec.get("annotation_score", 3) < 3:
+        raise ValueError(f"annotation_score {rec.get('annotation_score')!r} < 3 (Molmo2 keeps >= 3)")
+    key = next((k for k in ("video_frame_merged_caption", "merged_caption", "video_caption") if rec.get(k)), None)
+    if key is None:
+        raise ValueError("no caption field")
+    return ("video_caption", i), dict(task="video_caption", video=path,
+                                      turns=[("Describe this video in detail.", _text(rec, key))])
+
+
+def _molmo2_videopoint(rec, media_root, i):
+    """Molmo2-VideoPoint: video_id, label, question, two_fps_timestamps, points (per timestamp, 0-100 scale) ->
+    temporal pointing answered with one group per timestamp that has points ("t x y ..." on the 0-1000 scale)."""
+    path = _video_of(rec, media_root)
+    label, times, pts = _text(rec, "label"), rec["two_fps_timestamps"], rec["points"]
+    if not isinstance(times, list) or not isinstance(pts, list) or len(times) != len(pts):
+        raise ValueError(f"two_fps_timestamps and points must be lists of one length, got {len(times)} and {len(pts)}")
+    groups = [(f"{t:.1f}", _pixel_points(dict(points=p))) for t, p in zip(times, pts)]
+    groups = [g for g in groups if g[1]]
+    ans = format_groups(groups, 100, 100, label) if groups else NONE_ANSWER  # 0-100 scale: "pixels" of 100 x 100
+    q = rec.get("question") or POINT_PROMPT.format(label=label)
+    return ("video_point", i), dict(task="video_point", video=path, turns=[(q, ans)])
+
+
+def _molmo2_track(rec, media_root, i):
+    """Molmo2 tracking (molmo2-track-instruction): video, expression, width, height, frame_trajectories [{time,
+    points [{id, point [x, y] in pixels, occluded}]}] -> a track: per frame time, the visible objects by id."""
+    path = _video_of(rec, media_root, "video")
+    expr, w, h = _text(rec, "expression"), rec["width"], rec["height"]
+    if not (isinstance(w, (int, float)) and isinstance(h, (int, float)) and w > 0 and h > 0):
+        raise ValueError(f"width and height must be positive numbers, got {w!r}, {h!r}")
+    groups = []
+    for fr in rec["frame_trajectories"]:
+        pts = [(p["id"], *p["point"]) for p in fr["points"] if not p.get("occluded")]
+        if pts:
+            groups.append((f"{fr['time']:.1f}", pts))
+    ans = format_groups(groups, w, h, expr, tag="tracks") if groups else NONE_ANSWER
+    return ("track", i), dict(task="track", video=path, turns=[(TRACK_PROMPT.format(label=expr), ans)])
+
+
+def _molmo2_subtitleqa(rec, media_root, i):
+    """Molmo2-VideoSubtitleQA: video_id, Question, Answer, subtitle [{start, end, text}] -> a question about the
+    video and its speech, the subtitles laid out after the frames (visual_tokens)."""
+    path = _video_of(rec, media_root)
+    subs = [(float(s["start"]), float(s["end"]), str(s["text"])) for s in rec["subtitle"]]
+    return ("subtitle_qa", i), dict(task="subtitle_qa", video=path, subtitles=subs,
+                                    turns=[(_text(rec, "Question"), _text(rec, "Answer"))])
+
+
+def _molmo2_multiqa(rec, media_root, i):
+    """Molmo2-MultiImageQA: image_urls (up to 5), qa_pairs {question: [...], answer: [...]} -> one conversation
+    over the images."""
+    urls, qa = rec["image_urls"], rec["qa_pairs"]
+    if not isinstance(urls, list) or not 2 <= len(urls) <= 5:
+        raise ValueError(f"image_urls must list 2 to 5 images, got {str(urls)[:80]}")
+    paths = [_image_of(dict(image_url=u), media_root)[0] for u in urls]
+    qs, ans = qa["question"], qa["answer"]
+    if not isinstance(qs, list) or len(qs) != len(ans) or not qs:
+        raise ValueError("qa_pairs must hold questions and answers of one length")
+    return ("multi_qa", i), dict(task="multi_qa", images=paths, turns=[(str(q), str(a)) for q, a in zip(qs, ans)])
+
+
+READERS = {"pixmo_cap": _pixmo_cap, "pixmo_points": _pixmo_points, "pixmo_count": _pixmo_count, "tulu": _tulu,
+           "molmo2_cap": _molmo2_cap, "molmo2_videopoint": _molmo2_videopoint, "molmo2_track": _molmo2_track,
+           "molmo2_subtitleqa": _molmo2_subtitleqa, "molmo2_multiqa": _molmo2_multiqa}
 
 
 def read_dataset(name, path, media_root="", log=print):

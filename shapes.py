@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from data import (COUNT_ANSWER, COUNT_PROMPT, NONE_ANSWER, POINT_PROMPT,  # Molmo2's prompt templates
+from data import (COUNT_ANSWER, COUNT_PROMPT, NONE_ANSWER, POINT_PROMPT, TRACK_PROMPT,  # Molmo2's prompts
                   format_groups, format_points, preprocess_image)  # html-v2 writer, image normalisation
 
 SHAPES = ["circle", "square", "triangle", "star"]
@@ -273,7 +273,6 @@ def _text_example(rng):
 VIDEO_TASKS = ["video_caption", "video_qa", "video_point", "video_count", "track", "subtitle_qa"]
 MULTI_TASKS = ["multi_qa", "multi_point"]
 VIDEO_FPS = 2.0  # Molmo2 samples 2 fps; shapes videos are rendered on that grid, so the mp4 path gives the same frames
-TRACK_PROMPT = "Track the {label}."  # Molmo2 GENERAL_PROMPTS_V1: "Track {label}."
 DIRS = {(1, 0): "right", (-1, 0): "left", (0, 1): "down", (0, -1): "up"}
 
 

@@ -615,3 +615,51 @@ def test_caption_count_and_text_readers(tmp_path):
         data.read_dataset("pixmo_nope", path)
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         data.read_dataset("tulu", str(tmp_path / "missing.jsonl"))
+
+
+def test_molmo2_video_and_multi_image_readers(tmp_path, tok, cfg):
+    """VideoPoint (0-100 points per 2 fps timestamp -> time groups on 0-1000), tracking (pixel trajectories by
+    object id, occluded points dropped), SubtitleQA (subtitles kept), Molmo2-Cap (annotation_score < 3 skipped),
+    MultiImageQA (2-5 images, question/answer lists); missing videos skipped and counted; a track encodes."""
+    import json
+    import data
+    media = tmp_path / "media"
+    media.mkdir()
+    frames = [Image.new("RGB", (32, 32), (10 * i, 0, 0)) for i in range(4)]
+    data.write_video(str(media / "vid1.mp4"), frames, fps=2.0)
+
+    def read(name, rows):
+        f = tmp_path / f"{name}.jsonl"
+        f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        return data.read_dataset(name, str(f), str(media), log=lambda s: None)
+    exs, c = read("molmo2_videopoint", [
+        dict(video_id="vid1", label="dog", two_fps_timestamps=[0.0, 0.5, 1.0],
+             points=[[{"x": 50, "y": 25}], [], [{"x": 10, "y": 90}, {"x": 20, "y": 90}]]),
+        dict(video_id="vid1", label="cat", two_fps_timestamps=[0.0], points=[[], []]),   # lengths differ
+        dict(video_id="nope", label="dog", two_fps_timestamps=[], points=[])])           # no such video
+    assert exs[0]["turns"][0][1] == '<points coords="0.0 1 500 250;1.0 2 100 900 3 200 900">dog</points>'
+    assert (c["malformed"], c["missing media"]) == (1, 1)
+    exs, c = read("molmo2_track", [
+        dict(video="vid1", expression="the red ball", width=32, height=32, frame_trajectories=[
+            dict(frame=0, time=0.0, points=[dict(id=7, point=[16, 8], occluded=False)]),
+            dict(frame=1, time=0.5, points=[dict(id=7, point=[20, 8], occluded=True)]),
+            dict(frame=2, time=1.0, points=[dict(id=7, point=[24, 8], occluded=False)])]),
+        dict(video="vid1", expression="x", width=0, height=32, frame_trajectories=[])])
+    assert exs[0]["turns"] == [(data.TRACK_PROMPT.format(label="the red ball"),
+                                '<tracks coords="0.0 7 500 250;1.0 7 750 250">the red ball</tracks>')]
+    assert c["malformed"] == 1
+    e = data.encode_example(exs[0], tok, cfg, {"track": 2.0})
+    assert len(e["images"]) == 4 and e["timestamps"] == [0.0, 0.5, 1.0, 1.5]  # 2 fps frames of the mp4
+    exs, c = read("molmo2_subtitleqa", [dict(video_id="vid1", Question="Who speaks?", Answer="Ann",
+                                             subtitle=[dict(start=0.0, end=1.0, text="I am Ann")])])
+    assert exs[0]["subtitles"] == [(0.0, 1.0, "I am Ann")] and exs[0]["turns"] == [("Who speaks?", "Ann")]
+    exs, c = read("molmo2_cap", [dict(video_id="vid1", annotation_score=4, merged_caption="A dark clip."),
+                                 dict(video_id="vid1", annotation_score=2, merged_caption="Low score.")])
+    assert [t for ex in exs for t in ex["turns"]] == [("Describe this video in detail.", "A dark clip.")]
+    assert c["malformed"] == 1
+    urls = ["http://a/1.png", "http://a/2.png"]
+    for u in urls:
+        Image.new("RGB", (16, 16)).save(data.media_path(str(media), u))
+    exs, c = read("molmo2_multiqa", [dict(image_urls=urls, qa_pairs=dict(question=["Same?"], answer=["Yes"])),
+                                     dict(image_urls=urls[:1], qa_pairs=dict(question=["?"], answer=["!"]))])
+    assert exs[0]["images"] == [data.media_path(str(media), u) for u in urls] and c["malformed"] == 1
