@@ -40,7 +40,9 @@ dry_run = False                 # build model + mixture, print them, stop before
 stop_at = 0                     # stop (checkpointed) after this step, schedule unchanged; 0 = run to max_steps
 blind_baseline = True           # after the final eval, evaluate again with blank images (what the image adds)
 # data
-dataset = "shapes"              # the built-in shapes world (real datasets arrive with their readers)
+dataset = "shapes"              # 'shapes': the built-in world; anything else: local copies (data_paths, data.READERS)
+data_paths = {}                 # real data: mixture dataset name -> its local jsonl copy (data.read_dataset)
+media_root = ""                 # real data: the images (data.media_path of each URL) and videos (<video id>.mp4)
 mixture = {"captions": (0.6, {"caption": 1.0, "qa": 1.0}),   # seed stage 1: captions 60% (QA on the same
            "pointing": (0.3, {"point": 1.0, "count": 1.0}),  # scenes, PixMo-CapQA style), pointing 30%
            "text": (0.1, {"text": 1.0})}                     # (points and point-then-count), text 10%
@@ -308,7 +310,22 @@ def mixture_of(C):
         raise SystemExit(f"mixture: {e}") from None
 
 
-def batch_source(C, tok, mconf, sampler, dev, D=Dist()):
+def load_datasets(C, log):
+    """Real data: every dataset the mixture names, read from its local copy (data.read_dataset: grouped per image,
+    malformed rows and missing media skipped and counted, one summary line each). Returns {name: examples}."""
+    import data
+    names = [n for _, leaves in C.mixture.values() for n in leaves]
+    missing = [n for n in names if n not in C.data_paths]
+    if missing:
+        raise SystemExit(f"data_paths has no local copy for {missing} (the mixture names them): set data_paths = "
+                         f"{{name: 'path/to/rows.jsonl'}}; readers exist for {', '.join(sorted(data.READERS))}")
+    try:
+        return {n: data.read_dataset(n, C.data_paths[n], C.media_root, log)[0] for n in names}
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(str(e)) from None
+
+
+def batch_source(C, tok, mconf, sampler, dev, D=Dist(), real=None):
     """The training stream: returns (get_batch, packer). get_batch() makes one micro-batch of C.batch_size
     rows, each one example, or (C.packing) as many whole examples as fit seq_len and max_images_per_row.
     Under torchrun every rank runs the same sampler (same seed) and dp rank d keeps every dp-th example key from
@@ -317,10 +334,14 @@ def batch_source(C, tok, mconf, sampler, dev, D=Dist()):
     import data
     import shapes
 
-    def encode(key):  # (task, index) -> encoded example; the shapes world is procedural, index = scene seed
-        task, idx = key
-        ex = shapes.make_example(task, shapes.TRAIN_SEED_OFFSET + idx, mconf.image_size, C.turns_per_image,
-                                 C.absent_rate, video_frames=C.video_frames)
+    def encode(key):  # (dataset, index) -> encoded example; shapes: the dataset is the task, index the scene seed
+        name, idx = key
+        if real is not None:  # a local copy: its examples carry their task
+            ex = real[name][idx % len(real[name])]
+        else:
+            ex = shapes.make_example(name, shapes.TRAIN_SEED_OFFSET + idx, mconf.image_size, C.turns_per_image,
+                                     C.absent_rate, video_frames=C.video_frames)
+        task = ex["task"]
         return data.encode_example(ex, tok, mconf, C.task_weights, C.loss_weighting, C.root_flat_weights,
                                    C.max_frames, C.video_fps, C.seq_len, C.first_token_mults.get(task, 1.0))
 
@@ -482,6 +503,10 @@ def main(argv=()):
         mc["im_patch_id"] = mc["base_vocab"]
     mconf = ModelConfig(**mc)
 
+    real = None
+    if C.dataset != "shapes" and not C.dry_run:
+        real = load_datasets(C, print)
+        C.dataset_sizes = {n: len(v) for n, v in real.items()}  # the local copies' sizes, for the sqrt rule
     weights, sizes = mixture_of(C)
     print(f"mixture ({C.mixing_rule} rule; examples drawn i.i.d. per example):")
     n_run = None if C.packing else C.max_steps * C.batch_size * C.grad_accum  # packed rows hold a varying number
@@ -494,9 +519,6 @@ def main(argv=()):
     if C.dry_run:
         print("dry_run: stopping before the first step")
         return dict(model=model, counts=counts)
-    if C.dataset != "shapes":
-        raise SystemExit(f"dataset={C.dataset!r}: only the built-in 'shapes' world has a reader so far (PixMo / "
-                         f"Molmo2 readers arrive with the real-datasets issue); use --dry_run=True to inspect the model")
     model.to(dev)
     if D.world > 1:
         print(f"torchrun: {D.world} processes = dp {D.dp} x cp {D.cp}"
@@ -540,7 +562,8 @@ def main(argv=()):
     fwd = torch.compile(wrapped) if C.compile else wrapped
     os.makedirs(C.out_dir, exist_ok=True)
 
-    get_batch, packer = batch_source(C, tok, mconf, sampler, dev, D)
+    get_batch, packer = batch_source(C, tok, mconf, sampler, dev, D, real)
+    evals = real is None  # held-out evals are the shapes world's (real benchmarks: not yet)
     if C.init_from == "resume":  # the examples buffered at the checkpoint, re-made from their keys (one per rank)
         states = ckpt["packers"]
         if len(states) != D.world:
@@ -632,9 +655,10 @@ def main(argv=()):
         if step % C.eval_interval == 0 and step < C.max_steps:
             t_eval = time.time()
             checkpoint()  # saved before the eval, so an eval crash never loses the work (nanochat #446)
-            m = run_eval(C.eval_prompts)[0]
-            history["evals"].append(dict(step=step, **m))
-            print(f"eval @ {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in m.items()), flush=True)
+            if evals:
+                m = run_eval(C.eval_prompts)[0]
+                history["evals"].append(dict(step=step, **m))
+                print(f"eval @ {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in m.items()), flush=True)
             eval_seconds += time.time() - t_eval
     result = dict(losses=history["loss"], steps=history["step"])
     if tot["seconds"] > 0:
@@ -644,7 +668,7 @@ def main(argv=()):
               f"{tot['examples'] / max(1, step - start_step) / C.grad_accum:.1f} examples per micro-batch")
     if step > start_step or C.init_from == "resume":
         checkpoint()
-    if C.final_eval_prompts and step >= C.max_steps:
+    if C.final_eval_prompts and step >= C.max_steps and evals:
         from eval import breakdown
         m, records = run_eval(C.final_eval_prompts)
         history["evals"].append(dict(step=step, final=True, **m))

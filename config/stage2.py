@@ -27,6 +27,7 @@ mixture = {
 # a placeholder until the readers count the local copies.
 dataset_sizes = {"molmo2_capqa": 1_000_000, "vqa_v2": 440_000, "pixmo_cap": 710_000, "molmo2_track": 220_000,
                  "pixmo_points": 1_000_000, "tulu": 980_000, "molmo2_cap": 100_000, "molmo2_subtitleqa": 100_000}
+data_paths = {name: f"data/{name}.jsonl" for _, leaves in mixture.values() for name in leaves}  # as stage 1
 dataset_caps = {"pixmo_cap": 100_000}  # Molmo2 caps PixMo-Cap at 100k in SFT so captions do not dominate
 loss_weighting = "root"    # Molmo2 SFT: root_subsegments_root_tokens (2/sqrt(n)), pointing/tracking flat 0.2
 packing = True             # Molmo2 packs SFT sequences (reference 4.5)

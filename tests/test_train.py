@@ -350,3 +350,30 @@ def test_eval_tasks_must_be_scorable(tmp_path):
     # caught before training, not at the first eval minutes later
     with pytest.raises(SystemExit, match=r"eval_tasks: \['caption'\] cannot be scored; scored tasks are point"):
         train.main(run_args(tmp_path, max_steps=1, eval_tasks=("track", "caption")))
+
+
+def test_training_on_local_dataset_copies(tmp_path):
+    """dataset != 'shapes': the mixture's datasets come from local jsonl copies (data.read_dataset) and train; the
+    sqrt rule takes their sizes from the copies; a dataset without a path is a clear error, naming it."""
+    import json
+    from PIL import Image
+    import data
+    media = tmp_path / "media"
+    media.mkdir()
+    urls = [f"http://img/{i}.jpg" for i in range(4)]
+    for i, u in enumerate(urls):
+        Image.new("RGB", (40, 30), (60 * i, 90, 30)).save(data.media_path(str(media), u))
+    files = {"pixmo_cap": [dict(image_url=u, caption=f"A picture of shade {i}.") for i, u in enumerate(urls)],
+             "pixmo_points": [dict(image_url=u, label="dot", points=[{"x": 4 * i, "y": 5}]) for i, u in enumerate(urls)],
+             "tulu": [dict(messages=[dict(role="user", content="Hi?"), dict(role="assistant", content="Hello.")])] * 3}
+    paths = {}
+    for name, rows in files.items():
+        paths[name] = str(tmp_path / f"{name}.jsonl")
+        open(paths[name], "w").write("\n".join(json.dumps(r) for r in rows) + "\n")
+    mix = {"captions": (0.6, {"pixmo_cap": 1.0}), "pointing": (0.3, {"pixmo_points": 1.0}), "text": (0.1, {"tulu": 1.0})}
+    args = run_args(tmp_path / "run", max_steps=3, dataset="molmo2", mixture=mix, media_root=str(media),
+                    mixing_rule="sqrt", eval_interval=2)
+    res = train.main(args + [f"--data_paths={paths!r}"])
+    assert len(res["losses"]) == 3 and all(x == x and x < 20 for x in res["losses"]) and "final" not in res
+    with pytest.raises(SystemExit, match=r"data_paths has no local copy for \['tulu'\]"):
+        train.main(args + [f"--data_paths={ {k: v for k, v in paths.items() if k != 'tulu'}!r}"])
