@@ -476,15 +476,15 @@ class ContextParallel:
         self.group, self.mode, self.impl = group, mode, impl
         self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.layout = "zigzag" if mode == "ring" else "contiguous"
+        self.multiple = 2 * self.world if self.layout == "zigzag" else self.world  # what the layout splits
 
-    def padded_len(self, n):
-        m = 2 * self.world if self.layout == "zigzag" else self.world
-        return -(-n // m) * m
+    def pad(self, x, value=0, dim=1):
+        """x padded along dim to a length the layout splits (pad_to_multiple)."""
+        return pad_to_multiple(x, self.multiple, dim, value)
 
     def shard(self, x, value=0, dim=1):
-        """Pad x along dim to padded_len, then keep this rank's tokens."""
-        x = pad_to_multiple(x, self.padded_len(x.shape[dim]), dim, value)
-        return shard_sequence(x, self.rank, self.world, dim, self.layout)
+        """Pad x along dim, then keep this rank's tokens."""
+        return shard_sequence(self.pad(x, value, dim), self.rank, self.world, dim, self.layout)
 
     def attention(self, mask, causal):
         """The attention of every layer of one forward, with the mask of the whole (padded) sequence: a dense

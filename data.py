@@ -785,12 +785,17 @@ def _image_of(rec, media_root):
     path = media_path(media_root, url)
     if not os.path.exists(path):
         raise MissingMedia(f"{url} (expected at {path})")
+    return (path, *_image_size(path))
+
+
+@lru_cache(maxsize=65536)  # PixMo-Points has several rows per image: its header is read once
+def _image_size(path):
+    """(width, height) from the image's header, for the pixel -> 0-1000 point scale."""
     try:
-        with Image.open(path) as im:  # the header only: the size, for the pixel -> 0-1000 point scale
-            w, h = im.size
+        with Image.open(path) as im:
+            return im.size
     except (UnidentifiedImageError, OSError) as e:
         raise MissingMedia(f"unreadable image {path}: {e}") from None
-    return path, w, h
 
 
 def _text(rec, key):
@@ -800,8 +805,9 @@ def _text(rec, key):
     return v
 
 
-def _pixel_points(rec):
-    pts = rec.get("points") or []
+def _points_xy(pts):
+    """[{x, y}, ...] (pixels, or 0-100) -> [(x, y)]; None means no points."""
+    pts = pts or []
     if not isinstance(pts, list) or not all(isinstance(p, dict) and isinstance(p.get("x"), (int, float))
                                             and isinstance(p.get("y"), (int, float)) for p in pts):
         raise ValueError(f"points must be a list of {{x, y}} numbers, got {str(pts)[:80]}")
@@ -819,7 +825,7 @@ def _pixmo_points(rec, media_root, i):
     """PixMo-Points: image_url, label, points (pixels), collection_method -> grouped per image: every label
     asked of the image is one turn of its conversation; the 'counting' rows ask for the count."""
     path, w, h = _image_of(rec, media_root)
-    label, pts = _text(rec, "label"), _pixel_points(rec)
+    label, pts = _text(rec, "label"), _points_xy(rec.get("points"))
     task = "count" if rec.get("collection_method") == "counting" else "point"
     ans = format_points(pts, w, h, label) if pts else NONE_ANSWER
     if task == "count" and pts:
@@ -832,7 +838,7 @@ def _pixmo_count(rec, media_root, i):
     """PixMo-Count: image_url, label, count, points (pixels; absent in the eval splits) -> a counting turn,
     answered by pointing when the points are there, else with the number alone."""
     path, w, h = _image_of(rec, media_root)
-    label, n, pts = _text(rec, "label"), rec["count"], _pixel_points(rec)
+    label, n, pts = _text(rec, "label"), rec["count"], _points_xy(rec.get("points"))
     if not isinstance(n, int) or n < 0 or (pts and len(pts) != n):
         raise ValueError(f"count must be a non-negative int matching the points, got {n!r} with {len(pts)} points")
     ans = NONE_ANSWER if n == 0 else (COUNT_ANSWER.format(points=format_points(pts, w, h, label), n=n) if pts
@@ -889,7 +895,7 @@ def _molmo2_videopoint(rec, media_root, i):
     label, times, pts = _text(rec, "label"), rec["two_fps_timestamps"], rec["points"]
     if not isinstance(times, list) or not isinstance(pts, list) or len(times) != len(pts):
         raise ValueError(f"two_fps_timestamps and points must be lists of one length, got {len(times)} and {len(pts)}")
-    groups = [(f"{t:.1f}", _pixel_points(dict(points=p))) for t, p in zip(times, pts)]
+    groups = [(f"{t:.1f}", _points_xy(p)) for t, p in zip(times, pts)]
     groups = [g for g in groups if g[1]]
     ans = format_groups(groups, 100, 100, label) if groups else NONE_ANSWER  # 0-100 scale: "pixels" of 100 x 100
     q = rec.get("question") or POINT_PROMPT.format(label=label)

@@ -65,13 +65,16 @@ def mixture_weights(mixture, sizes=None, caps=None):
 class MixtureSampler:
     """A rank's stream of (dataset, example_index) draws.
 
-    Which dataset: draw k of rank r comes from a generator seeded by (seed, r, k // CHUNK), so the stream
-    is deterministic from (seed, rank) and position k, and differs between ranks.
+    There is one global stream, the one a single process draws; rank r of W takes its draws r, r + W, r + 2W, ...
+    So W ranks together see exactly the examples one process would (tests/test_dist.py: dp = 2 trains like one
+    process on twice the rows), never the same example twice at once, and every rank can compute the whole
+    stream cheaply (a draw is a dataset name and an index, nothing is loaded).
+    Which dataset: global draw k comes from a generator seeded by (seed, k // CHUNK), so the stream is
+    deterministic from the seed and position k.
     Which example: a finite dataset of size n is read in a shuffled order, a new permutation (seeded by
-    seed, dataset, epoch) each epoch; this rank's c-th draw from it takes place g = c * W + r of the endless
-    sequence of epochs. A procedural dataset (no size, e.g. the shapes tasks) gets the draw's global number
-    k * W + r: a new scene every draw, never the same on two ranks.
-    State = (draws so far, per-dataset counts): state() / load_state() make resume exact."""
+    seed, dataset, epoch) each epoch, the c-th global draw from it at place c of the endless sequence of epochs.
+    A procedural dataset (no size, e.g. the shapes tasks) gets the draw's global number k: a new scene every draw.
+    State = (global draws so far, per-dataset global counts): state() / load_state() make resume exact."""
     CHUNK = 4096
 
     def __init__(self, weights, sizes=None, seed=0, rank=0, world_size=1):
@@ -86,7 +89,7 @@ class MixtureSampler:
     def _choice(self, k):
         c = k // self.CHUNK
         if self._chunk[0] != c:
-            rng = np.random.default_rng([self.seed, self.rank, c])
+            rng = np.random.default_rng([self.seed, 0, c])  # (the 0: kept so that earlier runs' streams are unchanged)
             self._chunk = (c, rng.choice(len(self.names), size=self.CHUNK, p=self.p))
         return self.names[self._chunk[1][k % self.CHUNK]]
 
@@ -99,18 +102,21 @@ class MixtureSampler:
             self._perm[key] = rng.permutation(self.sizes[name])
         return self._perm[key]
 
-    def draw(self):
-        """The next (dataset, index) of this rank."""
+    def _next_global(self):
         name = self._choice(self.drawn)
         if name in self.sizes:
-            g = self.counts[name] * self.world + self.rank
-            epoch, j = divmod(g, self.sizes[name])
+            epoch, j = divmod(self.counts[name], self.sizes[name])
             idx = int(self._order(name, epoch)[j])
         else:
-            idx = self.drawn * self.world + self.rank
+            idx = self.drawn
         self.drawn += 1
         self.counts[name] += 1
         return name, idx
+
+    def draw(self):
+        """The next (dataset, index) of this rank: its place among the next W draws of the global stream."""
+        mine = [self._next_global() for _ in range(self.world)]
+        return mine[self.rank]
 
     def take(self, n):
         return [self.draw() for _ in range(n)]

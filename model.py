@@ -424,9 +424,7 @@ class Molmo2(nn.Module):
             # the ranks' parts). Splitting the frames and all-gathering the features (LongVILA's MM-SP) would cut
             # the ViT's time by W at the price of a differentiable all-gather; at stage 3 (384 frames a video) it
             # is the next saving to make; here it would only complicate the one path that must be exact.
-            T = cp.padded_len(ids.shape[1])
-            pad = lambda t, v: F.pad(t, (0, T - t.shape[1]), value=v)
-            doc, is_vision = pad(doc, 0), pad(is_vision, False)
+            doc, is_vision = cp.pad(doc, 0), cp.pad(is_vision, False)
             mask = cp.attention(functools.partial(attention_mask_block, doc, is_vision, self.c.bidir_vision),
                                 causal=not self.c.bidir_vision)  # bidirectional vision opens future keys
             x, positions = cp.shard(x), cp.shard(positions)

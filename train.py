@@ -325,12 +325,11 @@ def load_datasets(C, log):
         raise SystemExit(str(e)) from None
 
 
-def batch_source(C, tok, mconf, sampler, dev, D=Dist(), real=None):
+def batch_source(C, tok, mconf, sampler, dev, real=None):
     """The training stream: returns (get_batch, packer). get_batch() makes one micro-batch of C.batch_size
     rows, each one example, or (C.packing) as many whole examples as fit seq_len and max_images_per_row.
-    Under torchrun every rank runs the same sampler (same seed) and dp rank d keeps every dp-th example key from
-    offset d: the dp groups see disjoint examples, the global stream is the one-process stream whatever dp is,
-    and the cp ranks of a dp group build the same batch (keys are cheap; only kept examples are rendered)."""
+    Under torchrun the sampler is the dp rank's share of the one global stream (mixing.MixtureSampler), so the
+    cp ranks of a dp group build the same batch."""
     import data
     import shapes
 
@@ -345,14 +344,10 @@ def batch_source(C, tok, mconf, sampler, dev, D=Dist(), real=None):
         return data.encode_example(ex, tok, mconf, C.task_weights, C.loss_weighting, C.root_flat_weights,
                                    C.max_frames, C.video_fps, C.seq_len, C.first_token_mults.get(task, 1.0))
 
-    def draw():
-        keys = [sampler.draw() for _ in range(D.dp)]
-        return keys[D.dp_rank]
-
-    packer = data.Packer(draw, encode, C.seq_len, C.max_images_per_row, C.pack_buffer)
+    packer = data.Packer(sampler.draw, encode, C.seq_len, C.max_images_per_row, C.pack_buffer)
 
     def get_batch():
-        rows = packer.rows(C.batch_size) if C.packing else [encode(draw()) for _ in range(C.batch_size)]
+        rows = packer.rows(C.batch_size) if C.packing else [encode(sampler.draw()) for _ in range(C.batch_size)]
         b = data.collate(rows, tok.pad, C.seq_len)
         b["n_examples"] = sum(len(r) if isinstance(r, list) else 1 for r in rows)
         return {k: v.to(dev) if torch.is_tensor(v) else v for k, v in b.items()}
@@ -438,9 +433,6 @@ def fmt_time(s):
     return f"{int(s // 3600)}:{int(s % 3600 // 60):02d}:{int(s % 60):02d}"
 
 
-builtins_print = builtins.print
-
-
 def main(argv=()):
     cfg = configure(argv, {k: globals()[k] for k in CONFIG_KEYS})
     C = type("Config", (), cfg)  # attribute access: C.lr
@@ -471,7 +463,7 @@ def main(argv=()):
     if dev.type == "cuda" and D.world > 1:  # one GPU per process
         dev = torch.device("cuda", D.local_rank)
         torch.cuda.set_device(dev)
-    print = builtins_print if D.rank == 0 else (lambda *a, **k: None)  # rank 0 speaks for the run
+    print = builtins.print if D.rank == 0 else (lambda *a, **k: None)  # rank 0 speaks for the run
     if C.threads:
         torch.set_num_threads(C.threads)
     torch.manual_seed(C.seed)
@@ -525,7 +517,7 @@ def main(argv=()):
               + (f" ({C.cp_mode} attention)" if D.cp > 1 else "") + f", {'FSDP2' if C.fsdp else 'DDP'}, "
               f"{dist.get_backend()}; global batch {D.dp * C.batch_size * C.grad_accum} rows")
 
-    sampler = mixing.MixtureSampler(weights, sizes, seed=C.seed)
+    sampler = mixing.MixtureSampler(weights, sizes, seed=C.seed, rank=D.dp_rank, world_size=D.dp)
     step, history = 0, dict(step=[], loss=[], evals=[])
     if ckpt:  # weights before wrapping: DDP broadcasts them, FSDP2 shards them
         model.load_state_dict(ckpt["model"])
@@ -553,7 +545,6 @@ def main(argv=()):
     if C.init_from == "resume":  # full state: optimizer, step, RNG, sampler, curve so far
         load_optimizer(model, opt, ckpt["optimizer"])
         step = ckpt["step"]
-        sampler.load_state(ckpt["sampler"])
         history = ckpt["history"]
         torch.set_rng_state(ckpt["rng"]["torch"])
         random.setstate(ckpt["rng"]["python"])
@@ -562,26 +553,26 @@ def main(argv=()):
     fwd = torch.compile(wrapped) if C.compile else wrapped
     os.makedirs(C.out_dir, exist_ok=True)
 
-    get_batch, packer = batch_source(C, tok, mconf, sampler, dev, D, real)
+    get_batch, packer = batch_source(C, tok, mconf, sampler, dev, real)
     evals = real is None  # held-out evals are the shapes world's (real benchmarks: not yet)
-    if C.init_from == "resume":  # the examples buffered at the checkpoint, re-made from their keys (one per rank)
-        states = ckpt["packers"]
+    if C.init_from == "resume":  # each rank's sampler, and the examples its packer had buffered (re-made from keys)
+        states = ckpt["streams"]
         if len(states) != D.world:
             raise SystemExit(f"resume: the checkpoint was written by {len(states)} process(es), this run has "
                              f"{D.world}; resume with the same number (or start a new run with init_from=PATH)")
-        packer.load_state(states[D.rank])
+        sampler.load_state(states[D.rank]["sampler"])
+        packer.load_state(states[D.rank]["packer"])
 
     def checkpoint():
         msd, osd = full_state(model, opt, D)  # every rank takes part (FSDP2 gathers); rank 0 writes
-        packers = [packer.state()]
+        streams = [dict(sampler=sampler.state(), packer=packer.state())]  # this rank's; one per rank under torchrun
         if D.world > 1:
-            packers = [None] * D.world
-            dist.all_gather_object(packers, packer.state())
+            mine, streams = streams[0], [None] * D.world
+            dist.all_gather_object(streams, mine)
         if D.rank == 0:
             save_checkpoint(os.path.join(C.out_dir, "ckpt.pt"), dict(
                 model=msd, optimizer=osd, step=step, config=cfg,
-                model_config=mc, tokenizer=tok.state(), sampler=sampler.state(),
-                packers=packers, history=history,
+                model_config=mc, tokenizer=tok.state(), streams=streams, history=history,
                 rng=dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state())))
 
     def run_eval(n, blind=False):  # -> (metrics, records [(task, question, answer, reference, score)])

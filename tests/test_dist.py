@@ -170,7 +170,7 @@ def test_fsdp_cp_resume_is_exact(tmp_path):
     ck = torch.load(tmp_path / "B" / "ckpt.pt", weights_only=False)
     from model import Molmo2, ModelConfig
     Molmo2(ModelConfig(**ck["model_config"])).load_state_dict(ck["model"])  # full, unsharded tensors
-    assert len(ck["packers"]) == 2 and ck["step"] == 4
+    assert len(ck["streams"]) == 2 and ck["step"] == 4
 
 
 def test_cp_needs_torchrun(tmp_path):
@@ -179,10 +179,11 @@ def test_cp_needs_torchrun(tmp_path):
 
 
 def test_resume_needs_the_same_number_of_processes(tmp_path):
-    """A checkpoint written by 2 processes (one packer state per rank) cannot resume in 1: a clear error."""
+    """A checkpoint written by 2 processes (one sampler and packer state per rank) cannot resume in 1: a clear
+    error."""
     train.main(_args(tmp_path, max_steps=2, stop_at=1))
     ck = torch.load(tmp_path / "ckpt.pt", weights_only=False)
-    ck["packers"] = ck["packers"] * 2
+    ck["streams"] = ck["streams"] * 2
     torch.save(ck, tmp_path / "ckpt.pt")
     with pytest.raises(SystemExit, match="written by 2 process.es., this run has 1"):
         train.main(_args(tmp_path, max_steps=2, init_from="resume"))

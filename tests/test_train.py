@@ -311,7 +311,7 @@ def test_packed_training_resume_is_exact(tmp_path):
     b = train.main(run_args(tmp_path / "B", init_from="resume", **kw))["losses"]
     assert b == a  # the packer's buffer and the sampler's counters travel in the checkpoint
     ck = torch.load(tmp_path / "B" / "ckpt.pt", map_location="cpu", weights_only=False)
-    assert ck["sampler"]["drawn"] > 8 * 3 and 0 < len(ck["packers"][0]) <= 8  # more examples than rows
+    assert ck["streams"][0]["sampler"]["drawn"] > 8 * 3 and 0 < len(ck["streams"][0]["packer"]) <= 8  # more examples than rows
 
 
 @pytest.mark.parametrize("key,bad", [("mixing_rule", "sqrtt"), ("loss_weighting", "rooot"), ("attn_impl", "flash"),
