@@ -17,6 +17,7 @@ Data: text -> token ids, images -> pixels, examples -> the seed's batch fields.
                   + doc_ids [B,T], position_ids [B,T], pool_idx [N_tok, k] (packing, pooling)
 """
 import bisect
+import itertools
 import math
 import os
 import re
@@ -104,17 +105,23 @@ class Tokenizer:
         unicodedata form applied before encoding ('NFC' for Qwen)."""
         self.ranks, self.pat_str, self.name = ranks, pat_str, name
         self.given, self.normalize = dict(specials or {}), normalize
-        n = max([*ranks.values(), *self.given.values()]) + 1
+        n = max([*ranks.values(), *(i for t, i in self.given.items() if t not in VISION_TOKENS)]) + 1
         specials = dict(self.given)
         for t in CHAT_TOKENS:
             if t not in specials:
                 specials[t], n = n, n + 1
-        if base_vocab is not None and base_vocab < n:
-            raise ValueError(f"base_vocab {base_vocab} is below the tokenizer's {n} ids")
-        self.base_vocab = n if base_vocab is None else base_vocab
-        specials.update({t: self.base_vocab + i for i, t in enumerate(VISION_TOKENS)})
+        # Vision tokens that the file already has (Molmo2's tokenizer.json: <im_start> = 151936, <im_patch> =
+        # 151938, ...) keep their ids, so a released checkpoint's extra rows line up, and the first of them is
+        # where the extra rows begin; the others take the next free extra rows.
+        taken = {specials[t] for t in VISION_TOKENS if t in specials}
+        self.base_vocab = base_vocab or (min(taken) if taken else n)
+        if taken and min(taken) < self.base_vocab or self.base_vocab < n:
+            raise ValueError(f"vision token ids {sorted(taken)} and the tokenizer's {n} ids do not fit "
+                             f"base_vocab {self.base_vocab}")
+        free = (i for i in itertools.count(self.base_vocab) if i not in taken)
+        specials.update({t: next(free) for t in VISION_TOKENS if t not in specials})
         self.enc = tiktoken.Encoding(name=name, pat_str=pat_str, mergeable_ranks=ranks, special_tokens=specials)
-        self.n_extra = len(VISION_TOKENS)
+        self.n_extra = max(specials[t] for t in VISION_TOKENS) + 1 - self.base_vocab
         names = dict(zip(CHAT_TOKENS + VISION_TOKENS,
                          ["endoftext", "chat_start", "chat_end", "im_patch", "im_col", "im_start",
                           "low_res_im_start", "im_end", "frame_start", "frame_end", "image", "video"]))
@@ -334,16 +341,22 @@ def preprocess_image(img, size):
 
 @lru_cache(maxsize=None)  # the same few grids every example: computed once, never mutated by callers
 def pooling_index(gh, gw, ph, pw):
-    """Molmo2's token_pooling for one crop (arange_for_pooling): the (gh, gw) patch grid is padded with -1 to a
-    multiple of the window, split evenly (extra row/column at the bottom/right), and cut into (ph, pw)
-    windows in row-major order. Returns int64 (n_tokens, ph*pw); -1 marks a padded slot."""
-    idx = np.arange(gh * gw).reshape(gh, gw)
+    """Molmo2's token_pooling for one crop: pool_grid over its (gh, gw) patches, numbered row-major."""
+    idx, rows, cols = pool_grid(np.arange(gh * gw).reshape(gh, gw), ph, pw)
+    idx.setflags(write=False)  # cached and shared: read-only
+    return idx, rows, cols
+
+
+def pool_grid(grid, ph, pw):
+    """Molmo2's arange_for_pooling: a (gh, gw) grid of patch indices is padded with -1 to a multiple of the
+    window, split evenly (the extra row/column at the bottom/right), and cut into (ph, pw) windows in row-major
+    order. Returns int64 (n_tokens, ph*pw) with -1 on padded slots, and the pooled grid's rows and cols."""
+    gh, gw = grid.shape
     H, W = ph * math.ceil(gh / ph), pw * math.ceil(gw / pw)
     top, left = (H - gh) // 2, (W - gw) // 2
-    idx = np.pad(idx, ((top, H - gh - top), (left, W - gw - left)), constant_values=-1)
-    idx = idx.reshape(H // ph, ph, W // pw, pw).transpose(0, 2, 1, 3).reshape(-1, ph * pw)
-    idx.setflags(write=False)  # cached and shared: read-only
-    return idx, H // ph, W // pw
+    idx = np.pad(grid, ((top, H - gh - top), (left, W - gw - left)), constant_values=-1)
+    return idx.reshape(H // ph, ph, W // pw, pw).transpose(0, 2, 1, 3).reshape(-1, ph * pw).astype(np.int64), \
+        H // ph, W // pw
 
 
 def image_tokens(tok, rows, cols, col_tokens):
@@ -360,9 +373,20 @@ def select_tiling(h, w, window, max_crops):
     the least down-scaling. Ties go to fewer crops, then fewer rows."""
     grids = sorted(((r, c) for r in range(1, max_crops + 1) for c in range(1, max_crops + 1) if r * c <= max_crops),
                    key=lambda g: (g[0] * g[1], g[0]))
-    scale = [min(r * window / h, c * window / w) for r, c in grids]
+    scale = [min(r * window / h if h else math.inf, c * window / w if w else math.inf) for r, c in grids]
     up = [x for x in scale if x >= 1]
     return grids[scale.index(min(up) if up else max(scale))]
+
+
+def crop_geometry(height, width, crop, patch, max_crops, margins):
+    """Molmo2's overlapping tiling of a height x width image: each crop of crop px keeps a window of
+    crop/patch - sum(margins) patches (27 - 8 = 19, 266 px), the margins overlapping its neighbours. The tiling
+    (select_tiling on the image less the margins) gives (rows, cols), and the image is resized to the canvas
+    (266 rows + 112, 266 cols + 112) px that the crops cover exactly. Returns (rows, cols, canvas_h, canvas_w)."""
+    m = sum(margins) * patch
+    win = crop - m
+    r, c = select_tiling(height - m, width - m, win, max_crops)
+    return r, c, r * win + m, c * win + m
 
 
 def multicrop_tokens(tok, height, width, crop=378, patch=14, pool=2, max_crops=8, margins=(4, 4)):
@@ -370,19 +394,40 @@ def multicrop_tokens(tok, height, width, crop=378, patch=14, pool=2, max_crops=8
     height x width image, with Molmo2's settings as defaults. Returns (token ids, (rows, cols) of the tiling).
       global crop  the whole image at crop px: 27 x 27 patches, padded to 28 and pooled 2x2 to 14 x 14 = 196
                    tokens: <low_res_im_start> + 196 <im_patch> + <im_end> (no column tokens)
-      high-res     crops of crop px overlap by the margins (4 + 4 patches); each keeps its central 19 patches
-                   (266 px). The tiling (select_tiling on the image less the margins) resizes the image to
-                   (266 r + 112, 266 c + 112); dropping the overlaps leaves (19 r + 8) x (19 c + 8) patches,
-                   pooled 2x2 to h x w tokens: <im_start> + h x (w <im_patch> + <im_col>) + <im_end>.
-    (The token layout only, which fixes the sequence budget; cropping the pixels is the real-data issue's next
-    step. This codebase's own images stay one crop, the seed's 224 px.)"""
-    g = crop // patch                      # 27 patches a side
-    keep = g - sum(margins)                # 19 patches kept per crop
-    r, c = select_tiling(height - sum(margins) * patch, width - sum(margins) * patch, keep * patch, max_crops)
-    n = math.ceil(g / pool)                # the global crop's 14 x 14
+      high-res     the canvas (crop_geometry) less the crops' overlaps is a (19 r + 8) x (19 c + 8) patch grid,
+                   pooled 2x2 to h x w tokens: <im_start> + h x (w <im_patch> + <im_col>) + <im_end>."""
+    r, c, ch, cw = crop_geometry(height, width, crop, patch, max_crops, margins)
+    n = math.ceil(crop // patch / pool)    # the global crop's 14 x 14
     glob = [tok.low_res_im_start] + [tok.im_patch] * (n * n) + [tok.im_end]
-    h, w = math.ceil((keep * r + sum(margins)) / pool), math.ceil((keep * c + sum(margins)) / pool)
-    return glob + image_tokens(tok, h, w, True), (r, c)
+    return glob + image_tokens(tok, math.ceil(ch // patch / pool), math.ceil(cw // patch / pool), True), (r, c)
+
+
+def multicrop_pixels(img, crop=378, patch=14, pool=2, max_crops=8, margins=(4, 4)):
+    """Molmo2's multi-crop pixels, in the order of multicrop_tokens. Returns crops (1 + r*c, 3, crop, crop) in
+    [-1, 1] (the global crop, then the tiles row-major) and pool_idx int64 (n_tokens, pool*pool): the crops'
+    patches (numbered crop by crop, row-major) pooled into each <im_patch>, -1 on padded slots. High-res windows
+    are taken on the stitched canvas grid, so one may span two tiles.
+    Resizing is bilinear without antialiasing and rounded to bytes, as transformers' Molmo2ImageProcessor."""
+    if crop // patch <= sum(margins):
+        raise ValueError(f"crop_margins {margins} leave no window in a crop of {crop // patch} patches")
+    x = torch.from_numpy(np.array(load_image(img), dtype=np.float32)).permute(2, 0, 1)[None]  # (1, 3, H, W)
+    r, c, ch, cw = crop_geometry(x.shape[2], x.shape[3], crop, patch, max_crops, margins)
+
+    def resize(h, w):  # -> (1, 3, h, w) in [-1, 1]: mean = std = 0.5 on [0, 1]
+        y = torch.nn.functional.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=False)
+        return (y.round().clamp(0, 255) / 255 - 0.5) / 0.5
+
+    g, (lm, rm) = crop // patch, margins
+    tiles = resize(ch, cw).unfold(2, crop, crop - (lm + rm) * patch).unfold(3, crop, crop - (lm + rm) * patch)
+    crops = torch.cat([resize(crop, crop), tiles[0].permute(1, 2, 0, 3, 4).reshape(r * c, 3, crop, crop)])
+    # the canvas's patch grid as indices into the tiles' patches: every tile gives its window, and the tiles on
+    # the canvas's edges their outer margins too (Molmo2 drops the overlapping margins, keeps the border ones)
+    idx = g * g + np.arange(r * c * g * g).reshape(r, c, g, g)  # after the global crop's g*g patches
+    keep_r = [np.arange(lm if i else 0, g - rm if i < r - 1 else g) for i in range(r)]
+    keep_c = [np.arange(lm if j else 0, g - rm if j < c - 1 else g) for j in range(c)]
+    grid = np.concatenate([np.concatenate([idx[i, j][np.ix_(keep_r[i], keep_c[j])] for j in range(c)], 1)
+                           for i in range(r)])
+    return crops, np.concatenate([pooling_index(g, g, pool, pool)[0], pool_grid(grid, pool, pool)[0]])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -581,17 +626,33 @@ def visual_tokens(ex, tok, cfg, max_frames=128, fps=2.0, budget=None):
     if ex.get("images"):
         if len(ex["images"]) > 5:
             raise ValueError(f"{len(ex['images'])} images in one example; Molmo2 multi-image takes at most 5")
-        idx, rows, cols = pooling_index(g, g, cfg.pool_h, cfg.pool_w)
-        ids = []
+        ids, imgs, pools = [], [], []
         for i, im in enumerate(ex["images"]):
-            ids += tok.encode(f"Image {i + 1}") + image_tokens(tok, rows, cols, cfg.col_tokens)
-        return ids, [preprocess_image(im, cfg.image_size) for im in ex["images"]], [idx] * len(ex["images"]), \
-            [0.0] * len(ex["images"])
+            a, b, c = image_block(im, tok, cfg)
+            ids, imgs, pools = ids + tok.encode(f"Image {i + 1}") + a, imgs + b, pools + c
+        return ids, imgs, pools, [0.0] * len(imgs)
     if ex.get("image") is not None:
-        idx, rows, cols = pooling_index(g, g, cfg.pool_h, cfg.pool_w)
-        return image_tokens(tok, rows, cols, cfg.col_tokens), [preprocess_image(ex["image"], cfg.image_size)], \
-            [idx], [0.0]
+        ids, imgs, pools = image_block(ex["image"], tok, cfg)
+        return ids, imgs, pools, [0.0] * len(imgs)
     return [], [], [], []
+
+
+def image_block(img, tok, cfg):
+    """One image -> (ids, crops, pool_idx per crop). The seed's single crop of image_size px, or with
+    cfg.max_crops Molmo2's multi-crop (multicrop_pixels): the first crop's pool_idx then holds every token of
+    the image, indexing the patches of all its crops (collate offsets it by the patches before them), and the
+    other crops' are empty."""
+    if not cfg.max_crops:
+        g = cfg.image_size // cfg.patch_size
+        idx, rows, cols = pooling_index(g, g, cfg.pool_h, cfg.pool_w)
+        return image_tokens(tok, rows, cols, cfg.col_tokens), [preprocess_image(img, cfg.image_size)], [idx]
+    if cfg.pool_h != cfg.pool_w:
+        raise ValueError("multi-crop pools square windows: pool_h must equal pool_w")
+    img = load_image(img)
+    args = (cfg.image_size, cfg.patch_size, cfg.pool_h, cfg.max_crops, cfg.crop_margins)
+    crops, pool = multicrop_pixels(img, *args)
+    ids, _ = multicrop_tokens(tok, img.height, img.width, *args)
+    return ids, list(crops), [pool] + [np.zeros((0, pool.shape[1]), dtype=np.int64)] * (len(crops) - 1)
 
 
 def encode_example(ex, tok, cfg, task_weights, weighting="task", flat_weights=None, max_frames=128, fps=2.0,

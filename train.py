@@ -13,6 +13,7 @@ ranks by DDP, or FSDP2 (fsdp=True) shards parameters, gradients and Adam state o
 """
 import ast
 import builtins
+import dataclasses
 import math
 import os
 import random
@@ -30,7 +31,10 @@ import torch.distributed as dist
 # by a config file or --key=value
 # I/O
 out_dir = "out/shapes_stage1"   # checkpoints, logs, curves
-init_from = "scratch"           # 'scratch' | 'resume' (from out_dir) | path to a checkpoint (weights only)
+init_from = "scratch"           # 'scratch' | 'resume' (from out_dir) | a ckpt.pt (weights only) | a Hugging Face
+                                # Molmo2 directory (config.json + safetensors: its architecture, its weights)
+init_llm = ""                   # from scratch: a Qwen3 checkpoint directory for the LLM's weights (stage 1)
+init_vit = ""                   # from scratch: a SigLIP / SigLIP2 checkpoint directory for the ViT's weights
 eval_interval = 500             # steps between held-out evaluations (and checkpoints)
 eval_prompts = 100              # prompts per task in periodic evals (the final eval uses final_eval_prompts)
 eval_tasks = ("point", "count", "qa")  # held-out shapes tasks scored (eval.py METRIC_NAMES)
@@ -55,7 +59,8 @@ task_weights = {"caption": 1.0, "qa": 1.0, "count": 1.5, "point": 2.0, "track": 
 loss_weighting = "task"         # 'task': task_weights per answer token (seed) | 'root': Molmo2 SFT 2/sqrt(n)
 root_flat_weights = {"point": 0.2, "count": 0.2, "track": 0.2}  # 'root': flat per-token weights (Molmo2)
 first_token_mults = {}          # task -> x weight on its answers' first token (pointing: "There are none." or points)
-tokenizer = "shapes-bpe"        # 'shapes-bpe' (trained offline, here), a .tiktoken path, or a cached name
+tokenizer = "shapes-bpe"        # 'shapes-bpe' (trained offline, here), a .tiktoken or tokenizer.json path, or a
+                                # cached tiktoken name
 absent_rate = 0.2               # shapes: share of training point/count questions about absent objects (eval: 0.2)
 turns_per_image = 1             # questions per image in one sequence (>1: the image is encoded once for all)
 video_frames = (6, 11)          # shapes videos: frames per video, lo..hi at 2 fps (stage 3 shapes: longer)
@@ -83,6 +88,9 @@ pool_w = 2
 video_pool_h = 3
 video_pool_w = 3
 col_tokens = True
+max_crops = 0                   # images: 0 = one crop of image_size (seed); n = Molmo2 multi-crop, up to n tiles
+crop_margins = (4, 4)           # multi-crop: the tiles' overlap, in patches a side (Molmo2: 4 + 4 of 27)
+proj_ff = 0                     # the projector's SwiGLU width; 0 = d_ff (Molmo2-8B: 18944)
 base_vocab = 0                  # 0 = from the tokenizer; set it to build a model without one (dry runs)
 n_extra = 0                     # 0 = from the tokenizer (Molmo2 pads the extra rows to 128)
 d_model = 256
@@ -122,8 +130,9 @@ act_ckpt = False                # activation checkpointing of the LLM blocks: re
 CONFIG_KEYS = [k for k, v in list(globals().items())
                if not k.startswith("_") and isinstance(v, (int, float, bool, str, dict, tuple, list))]
 MODEL_KEYS = ["image_size", "patch_size", "vit_width", "vit_depth", "vit_heads", "vit_mlp", "vit_layers",
-              "pool_h", "pool_w", "video_pool_h", "video_pool_w", "col_tokens", "base_vocab", "n_extra", "d_model",
-              "n_layer", "n_head", "n_kv_head", "head_dim", "d_ff", "rope_theta", "tie_embeddings", "bidir_vision"]
+              "pool_h", "pool_w", "video_pool_h", "video_pool_w", "col_tokens", "max_crops", "crop_margins",
+              "proj_ff", "base_vocab", "n_extra", "d_model", "n_layer", "n_head", "n_kv_head", "head_dim", "d_ff",
+              "rope_theta", "tie_embeddings", "bidir_vision"]
 
 
 CHOICES = {"mixing_rule": ("fixed", "sqrt"), "loss_weighting": ("task", "root"), "attn_impl": ("sdpa", "flex"),
@@ -310,6 +319,20 @@ def mixture_of(C):
         raise SystemExit(f"mixture: {e}") from None
 
 
+def missing_paths(C):
+    """The local files and directories the config names that do not exist, as 'key=path (what)' lines."""
+    want = [("init_llm", C.init_llm, os.path.isdir, "a Qwen3 checkpoint directory"),
+            ("init_vit", C.init_vit, os.path.isdir, "a SigLIP checkpoint directory")]
+    if C.init_from not in ("scratch", "resume"):
+        want.append(("init_from", C.init_from, os.path.exists, "a ckpt.pt or a Molmo2 checkpoint directory"))
+    if C.tokenizer.endswith((".json", ".tiktoken")):
+        want.append(("tokenizer", C.tokenizer, os.path.isfile, "a tokenizer file"))
+    if C.dataset != "shapes":
+        want += [(f"data_paths[{n!r}]", p, os.path.isfile, "a dataset's local copy") for n, p in C.data_paths.items()]
+        want.append(("media_root", C.media_root, os.path.isdir, "the datasets' images and videos"))
+    return [f"{key}={path!r} ({what})" for key, path, exists, what in want if path and not exists(path)]
+
+
 def load_datasets(C, log):
     """Real data: every dataset the mixture names, read from its local copy (data.read_dataset: grouped per image,
     malformed rows and missing media skipped and counted, one summary line each). Returns {name: examples}."""
@@ -455,7 +478,7 @@ def main(argv=()):
         raise SystemExit(f"eval_tasks: {bad} cannot be scored; scored tasks are {', '.join(SCORED_TASKS)}")
     import data
     import mixing
-    from model import Molmo2, ModelConfig
+    from model import HF_TOKEN_KEYS, Molmo2, ModelConfig, init_llm_from_qwen3, init_vit_from_siglip, load_hf_molmo2
 
     dev = torch.device("cuda" if C.device == "auto" and torch.cuda.is_available() else
                        ("cpu" if C.device == "auto" else C.device))
@@ -473,21 +496,37 @@ def main(argv=()):
     autocast = (lambda: torch.autocast(dev.type, dtype=pt_dtype)) if pt_dtype != torch.float32 else nullcontext
 
     # tokenizer and model config ------------------------------------------------------------------------
-    ckpt = None
+    missing = missing_paths(C)  # every path the config names, checked before anything is built
+    if missing and not C.dry_run:
+        raise SystemExit("missing paths (nothing is downloaded; copy them here or override the keys):\n  "
+                         + "\n  ".join(missing))
+    for key in ("init_llm", "init_vit"):
+        if cfg[key] and C.init_from != "scratch":
+            raise SystemExit(f"{key} initialises a model built from scratch; init_from={C.init_from!r} loads one")
+    ckpt, hf = None, None
     if C.dry_run and C.init_from != "scratch":
         print(f"dry_run: init_from={C.init_from!r} not loaded; the model is built from the config")
     elif C.init_from != "scratch":
         path = os.path.join(C.out_dir, "ckpt.pt") if C.init_from == "resume" else C.init_from
         if not os.path.exists(path):
             raise SystemExit(f"init_from={C.init_from!r}: checkpoint {path} not found")
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        if os.path.isdir(path):  # a Hugging Face Molmo2 checkpoint: (model, special-token ids of its config)
+            hf = load_hf_molmo2(path)
+        else:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
     tok = None
     if not (C.dry_run and C.base_vocab):
         tok = data.Tokenizer(**ckpt["tokenizer"]) if ckpt else data.build_tokenizer(C.tokenizer)
     mc = {k: cfg[k] for k in MODEL_KEYS}
     if ckpt:
         mc.update(ckpt["model_config"])  # the architecture comes from the checkpoint
-    if tok:
+    if hf:
+        mc = dataclasses.asdict(hf[0].c)
+        for key, attr in HF_TOKEN_KEYS.items():  # the data must put <im_patch> etc. where the checkpoint reads them
+            if key in hf[1] and getattr(tok, attr) != hf[1][key]:
+                raise SystemExit(f"init_from={path}: its config has {key}={hf[1][key]}, but tokenizer="
+                                 f"{C.tokenizer!r} gives {getattr(tok, attr)}; use the checkpoint's tokenizer.json")
+    elif tok:
         if not mc["base_vocab"]:
             mc["base_vocab"], mc["n_extra"] = tok.base_vocab, tok.n_extra
         mc["im_patch_id"] = mc["base_vocab"] + (tok.im_patch - tok.base_vocab)
@@ -504,7 +543,13 @@ def main(argv=()):
     n_run = None if C.packing else C.max_steps * C.batch_size * C.grad_accum  # packed rows hold a varying number
     print(mixing.mixture_table(weights, C.dataset_sizes, n_run, C.dataset_caps))
 
-    model = Molmo2(mconf)
+    model = hf[0] if hf else Molmo2(mconf)
+    if C.init_llm and not C.dry_run:
+        init_llm_from_qwen3(model, C.init_llm)
+        print(f"LLM initialised from {C.init_llm}")
+    if C.init_vit and not C.dry_run:
+        init_vit_from_siglip(model, C.init_vit)
+        print(f"ViT initialised from {C.init_vit}")
     counts = model.param_counts()
     print("parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()) +
           f", total {sum(counts.values()) / 1e6:.2f}M")
@@ -523,7 +568,7 @@ def main(argv=()):
         model.load_state_dict(ckpt["model"])
         if C.init_from != "resume":
             print(f"initialised weights from {C.init_from}")
-    if C.vit_pretrain_steps and C.init_from == "scratch":  # a resumed or initialised run has its ViT already
+    if C.vit_pretrain_steps and C.init_from == "scratch" and not C.init_vit:  # other runs have a ViT already
         pretrain_vit(model, C, dev, autocast, print)
     if C.lr_vit_mult == 0:  # a frozen ViT: no gradients through it at all, not just a zero LR. In stage 2 its
         # backward is a third of the step: ~150 frames and images x 64 patches = 9.7k ViT tokens per 4k LLM tokens

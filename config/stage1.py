@@ -19,15 +19,21 @@ max_steps = 100_000        # seed: "Steps: ~100,000"
 lr = 1e-4                  # seed: "Learning rate: 1e-4", taken as the LLM's; connector 10x, ViT 0.3x (Molmo2)
 warmup_steps = 2000        # seed: "with warmup (2K steps)"
 eval_interval = 2000
-# ViT: SigLIP-B/16-style width at the seed's 224 px, Molmo2's patch 14 -> 16x16 patches -> 8x8 pooled tokens
+# ViT: SigLIP2-B/16 at the seed's 224 px (google/siglip2-base-patch16-224; Molmo2's own is so400m/14 at 378 px,
+# 3x the ViT memory a frame): 14x14 patches -> 7x7 pooled tokens an image, ceil(14/3)^2 = 25 a video frame
 image_size = 224
-patch_size = 14
+patch_size = 16
 vit_width = 768
 vit_depth = 12
 vit_heads = 12
 vit_mlp = 3072
 vit_layers = (-3, -9)      # Molmo2's choice; blocks past -3 are not built
 col_tokens = True
+# Pretrained weights and tokenizer, local Hugging Face directories (nothing is downloaded); a missing one stops
+# the run before anything is built. --init_llm= --init_vit= (empty) trains those parts from scratch.
+init_llm = "checkpoints/Qwen3-0.6B"                     # Qwen/Qwen3-0.6B: model.safetensors + config.json
+init_vit = "checkpoints/siglip2-base-patch16-224"      # google/siglip2-base-patch16-224
+tokenizer = "checkpoints/Qwen3-0.6B/tokenizer.json"     # converted to tiktoken at start (data.tokenizer_from_json)
 # LLM: Qwen3-0.6B (d 1024, 28 layers, 16 q / 8 kv heads of 128, FFN 3072, tied embeddings, RoPE 1e6)
 base_vocab = 151_936       # Qwen3's embedding rows
 n_extra = 128              # Molmo2's additional_vocab_size

@@ -7,7 +7,9 @@
 import os  # (modules in a config are not config keys)
 exec(open(os.path.join(os.path.dirname(__file__), "stage1.py")).read())
 out_dir = "out/stage2"
-init_from = "out/stage1/ckpt.pt"  # weights of stage 1 (seed: "Stage1 checkpoint -> feeds into Stage 2")
+init_from = "out/stage1/ckpt.pt"  # weights of stage 1 (seed: "Stage1 checkpoint -> feeds into Stage 2"), or a
+#                                   released Molmo2 directory (its tokenizer.json as tokenizer) to fine-tune it
+init_llm = init_vit = ""           # stage 1's initialisation is already in its checkpoint
 # Sqrt-proportional mixing (seed: "Weight_i = sqrt(Size_i) / sum_j sqrt(Size_j)") inside Molmo2's SFT groups,
 # whose rates are kept whatever the sizes (molmo2_reference.md 4.3, sft.py get_training_mixture).
 mixing_rule = "sqrt"

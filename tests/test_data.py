@@ -503,6 +503,29 @@ def test_tokenizer_json_converts_to_tiktoken(tmp_path):
     assert again.encode(text, allow_special=True) == want and again.im_patch == tok.im_patch
 
 
+def test_tokenizer_json_keeps_molmo2_vision_ids(tmp_path):
+    """Molmo2's tokenizer.json has its vision tokens at fixed extra rows (<im_start> first, <im_patch> third):
+    they keep those ids, the extra rows start at the first of them, and the tokens the file lacks take the
+    free rows left. So ids match a released checkpoint's config (model.HF_TOKEN_KEYS)."""
+    import json
+    import data
+    hf = _hf_qwen_style_tokenizer(tmp_path / "t.json")
+    j = json.loads((tmp_path / "t.json").read_text())
+    base = hf.get_vocab_size() + 6  # Qwen pads its embedding beyond the last id
+    vis = {"<im_start>": base, "<im_end>": base + 1, "<im_patch>": base + 2, "<im_col>": base + 3,
+           "<low_res_im_start>": base + 4, "<frame_start>": base + 7, "<frame_end>": base + 8}
+    j["added_tokens"] += [dict(id=i, content=t, special=True, single_word=False, lstrip=False, rstrip=False,
+                               normalized=False) for t, i in vis.items()]
+    (tmp_path / "m.json").write_text(json.dumps(j))
+    tok = data.build_tokenizer(str(tmp_path / "m.json"))
+    assert tok.base_vocab == base
+    assert (tok.im_start, tok.im_end, tok.im_patch, tok.im_col, tok.low_res_im_start, tok.frame_start,
+            tok.frame_end) == tuple(vis.values())
+    assert {tok.image, tok.video} == {base + 5, base + 6} and tok.n_extra == 9
+    assert tok.encode("a<im_patch><frame_end>", allow_special=True)[-2:] == [base + 2, base + 8]
+    assert data.Tokenizer(**tok.state()).im_patch == base + 2
+
+
 def test_tokenizer_json_errors(tmp_path):
     import json
     import data
@@ -534,6 +557,9 @@ def test_multicrop_token_counts_match_molmo2(tok):
         hi = ids[198:]
         assert hi[0] == tok.im_start and hi.count(tok.im_col) == -(-(19 * grid[0] + 8) // 2)  # one per token row
     assert data.select_tiling(5000, 5000, 266, 8) == (2, 2)  # every grid shrinks it: the least, fewest crops
+    from PIL import Image
+    with pytest.raises(ValueError, match=r"crop_margins \(2, 2\) leave no window in a crop of 4 patches"):
+        data.multicrop_pixels(Image.new("RGB", (40, 30)), crop=32, patch=8, margins=(2, 2))
 
 
 # ---------------------------------------------------------------------------------------------------------

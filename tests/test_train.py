@@ -377,3 +377,19 @@ def test_training_on_local_dataset_copies(tmp_path):
     assert len(res["losses"]) == 3 and all(x == x and x < 20 for x in res["losses"]) and "final" not in res
     with pytest.raises(SystemExit, match=r"data_paths has no local copy for \['tulu'\]"):
         train.main(args + [f"--data_paths={ {k: v for k, v in paths.items() if k != 'tulu'}!r}"])
+
+
+def test_real_configs_name_their_paths_and_fail_early():
+    """config/stage1.py names its Qwen3 and SigLIP2 checkpoints, the tokenizer and the datasets by path; the
+    ones missing here are listed together, before the model is built; stage 2 starts from stage 1's checkpoint
+    and does not initialise again."""
+    with pytest.raises(SystemExit) as e:
+        train.main(["config/stage1.py", "--max_steps=1"])
+    msg = str(e.value)
+    for line in ("init_llm='checkpoints/Qwen3-0.6B'", "init_vit='checkpoints/siglip2-base-patch16-224'",
+                 "tokenizer='checkpoints/Qwen3-0.6B/tokenizer.json'", "data_paths['pixmo_cap']='data/pixmo_cap.jsonl'",
+                 "data_paths['tulu']", "media_root='data/media'"):
+        assert line in msg
+    with pytest.raises(SystemExit) as e:
+        train.main(["config/stage2.py", "--max_steps=1"])
+    assert "init_from='out/stage1/ckpt.pt'" in str(e.value) and "init_llm" not in str(e.value)
