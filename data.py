@@ -203,7 +203,8 @@ def tokenizer_from_json(path, base_vocab=None):
     norm = (j.get("normalizer") or {}).get("type")
     if norm not in (None, "NFC"):
         raise ValueError(f"{path}: normalizer {norm!r} is not supported (None or NFC)")
-    specials = {t["content"]: t["id"] for t in j.get("added_tokens", []) if t.get("special")}
+    specials = {t["content"]: t["id"] for t in j.get("added_tokens", [])
+                if t.get("special") or t["content"] in VISION_TOKENS}  # Molmo2's file: vision tokens at fixed ids
     return Tokenizer(ranks, pats[0], os.path.basename(path), specials, base_vocab, norm)
 
 
@@ -607,12 +608,13 @@ def visual_tokens(ex, tok, cfg, max_frames=128, fps=2.0, budget=None):
         frames, times = (v["frames"], v["times"]) if isinstance(v, dict) else load_video(v, max_frames, fps)
         idx, rows, cols = pooling_index(g, g, cfg.video_pool_h, cfg.video_pool_w)
         cues = parse_subtitles(ex["subtitles"]) if ex.get("subtitles") is not None else []
+        start, end = (tok.frame_start, tok.frame_end) if cfg.frame_tokens else (tok.im_start, tok.im_end)
 
         def layout(keep):
             ids = []
             for j, i in enumerate(keep):
                 ids += tok.encode((" " if j else "") + f"{times[i]:.1f} ")
-                ids += [tok.frame_start] + [tok.im_patch] * (rows * cols) + [tok.frame_end]
+                ids += [start] + [tok.im_patch] * (rows * cols) + [end]
             return ids + (tok.encode(subtitle_text(cues, [times[i] for i in keep])) if cues else [])
 
         keep = list(range(len(frames)))
@@ -822,10 +824,15 @@ def collate(rows, pad_id, seq_len, left_pad=False):
 # users download the media themselves, under media_root, named by media_path. A reader turns each jsonl row
 # into this module's example dicts (as shapes.make_example returns), grouped per image the way Molmo2 groups
 # its annotations into one conversation. Rows that are malformed or whose media is missing are skipped and
-# counted; a file with nothing readable is an error. Videos are <media_root>/<video id>.mp4. (Parquet: next.)
+# counted; a file with nothing readable is an error. Videos are <media_root>/<video id>.mp4. Parquet is not
+# read (no parquet library among the packages): a clear error says to convert it to jsonl.
 
 class MissingMedia(Exception):
     pass
+
+
+class Filtered(Exception):
+    """A well-formed row that the dataset's filter leaves out (counted, not an error)."""
 
 
 def media_path(media_root, url, ext=".jpg"):
@@ -940,8 +947,11 @@ def _molmo2_cap(rec, media_root, i):
     """Molmo2-Cap: video_id, annotation_score, and three caption styles -> the longest style present
     (video_frame_merged_caption, else merged_caption, else video_caption). Molmo2 keeps annotation_score >= 3."""
     path = _video_of(rec, media_root)
-    if not isinstance(rec.get("annotation_score", 3), (int, float)) or rec.get("annotation_score", 3) < 3:
-        raise ValueError(f"annotation_score {rec.get('annotation_score')!r} < 3 (Molmo2 keeps >= 3)")
+    score = rec.get("annotation_score", 3)
+    if not isinstance(score, (int, float)):
+        raise ValueError(f"annotation_score must be a number, got {score!r}")
+    if score < 3:
+        raise Filtered(f"annotation_score {score} < 3 (Molmo2 keeps >= 3)")
     key = next((k for k in ("video_frame_merged_caption", "merged_caption", "video_caption") if rec.get(k)), None)
     if key is None:
         raise ValueError("no caption field")
@@ -961,6 +971,19 @@ def _molmo2_videopoint(rec, media_root, i):
     ans = format_groups(groups, 100, 100, label) if groups else NONE_ANSWER  # 0-100 scale: "pixels" of 100 x 100
     q = rec.get("question") or POINT_PROMPT.format(label=label)
     return ("video_point", i), dict(task="video_point", video=path, turns=[(q, ans)])
+
+
+def _videopoint_bin(lo, hi):
+    """Molmo2-VideoPoint rows whose count is in [lo, hi]: Molmo2 samples its video pointing by count bins
+    (config/stage2.py: videopoint_0_5, videopoint_6_25, videopoint_26_60)."""
+    def read(rec, media_root, i):
+        n = rec["count"]
+        if not isinstance(n, int):
+            raise ValueError(f"count must be an integer, got {n!r}")
+        if not lo <= n <= hi:
+            raise Filtered(f"count {n} outside [{lo}, {hi}]")
+        return _molmo2_videopoint(rec, media_root, i)
+    return read
 
 
 def _molmo2_track(rec, media_root, i):
@@ -988,6 +1011,25 @@ def _molmo2_subtitleqa(rec, media_root, i):
                                     turns=[(_text(rec, "Question"), _text(rec, "Answer"))])
 
 
+MC_PROMPT = "{question}\n{options}\nAnswer with the option's letter from the given choices directly."
+
+
+def _molmo2_capqa(rec, media_root, i):
+    """Molmo2-VideoCapQA: video_id, Question, Answer, NegativeAnswers -> a multiple-choice question, the right
+    answer among the negatives at a place fixed by the row number, answered with its letter. (Molmo2 renders it
+    as multiple choice; its exact wording is not public: this is the common LLaVA-style MC prompt.)"""
+    path = _video_of(rec, media_root)
+    neg = rec["NegativeAnswers"]
+    if not isinstance(neg, list) or not 1 <= len(neg) <= 25:
+        raise ValueError(f"NegativeAnswers must list 1 to 25 answers, got {str(neg)[:80]}")
+    opts = [str(n) for n in neg]
+    k = i % (len(opts) + 1)
+    opts.insert(k, _text(rec, "Answer"))
+    q = MC_PROMPT.format(question=_text(rec, "Question"), options="\n".join(f"{chr(65 + j)}. {o}"
+                                                                          for j, o in enumerate(opts)))
+    return ("video_qa", i), dict(task="video_qa", video=path, turns=[(q, chr(65 + k))])
+
+
 def _molmo2_multiqa(rec, media_root, i):
     """Molmo2-MultiImageQA: image_urls (up to 5), qa_pairs {question: [...], answer: [...]} -> one conversation
     over the images."""
@@ -1003,7 +1045,9 @@ def _molmo2_multiqa(rec, media_root, i):
 
 READERS = {"pixmo_cap": _pixmo_cap, "pixmo_points": _pixmo_points, "pixmo_count": _pixmo_count, "tulu": _tulu,
            "molmo2_cap": _molmo2_cap, "molmo2_videopoint": _molmo2_videopoint, "molmo2_track": _molmo2_track,
-           "molmo2_subtitleqa": _molmo2_subtitleqa, "molmo2_multiqa": _molmo2_multiqa}
+           "molmo2_subtitleqa": _molmo2_subtitleqa, "molmo2_multiqa": _molmo2_multiqa, "molmo2_capqa": _molmo2_capqa,
+           "videopoint_0_5": _videopoint_bin(0, 5), "videopoint_6_25": _videopoint_bin(6, 25),
+           "videopoint_26_60": _videopoint_bin(26, 60)}
 
 
 def read_dataset(name, path, media_root="", log=print):
@@ -1015,6 +1059,11 @@ def read_dataset(name, path, media_root="", log=print):
         raise ValueError(f"no reader for dataset {name!r}; readers: {', '.join(sorted(READERS))}")
     if not os.path.exists(path):
         raise FileNotFoundError(f"dataset {name}: file not found: {path}")
+    with open(path, "rb") as f:
+        if f.read(4) == b"PAR1":  # parquet's magic bytes
+            raise ValueError(f"dataset {name}: {path} is parquet, which nanoMolmo2 does not read (no parquet library "
+                             f"among its packages); convert it to jsonl once, e.g. with pandas: "
+                             f"pd.read_parquet(path).to_json(out, orient='records', lines=True)")
     groups, counts, first = {}, Counter(), {}
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
@@ -1027,6 +1076,8 @@ def read_dataset(name, path, media_root="", log=print):
                 key, ex = READERS[name](rec, media_root, i)
             except MissingMedia as e:
                 kind, why = "missing media", str(e)
+            except Filtered as e:
+                kind, why = "filtered", str(e)
             except (ValueError, KeyError, TypeError) as e:  # json.JSONDecodeError is a ValueError
                 kind, why = "malformed", f"{type(e).__name__}: {e}"
             else:
@@ -1044,5 +1095,6 @@ def read_dataset(name, path, media_root="", log=print):
         raise ValueError(f"dataset {name} ({path}): nothing readable ({dict(counts)}); {problems}")
     log(f"dataset {name}: {len(examples):,} examples from {counts['rows']:,} rows; skipped "
         f"{counts['malformed']:,} malformed, {counts['missing media']:,} with missing media"
+        + (f", {counts['filtered']:,} left out by the dataset's filter" if counts["filtered"] else "")
         + (f" (first: {problems})" if problems else ""))
     return examples, counts

@@ -46,6 +46,8 @@ class ModelConfig:
     video_pool_h: int = 3          # 3x3 windows for video frames (Molmo2: 27x27 patches -> 9x9 tokens a frame)
     video_pool_w: int = 3
     col_tokens: bool = True        # an <im_col> token after each row of pooled tokens
+    frame_tokens: bool = True      # video frames between <frame_start>/<frame_end>; False: <im_start>/<im_end>
+                                   # (Molmo2-4B's release: use_frame_special_tokens=False)
     max_crops: int = 0             # 0: one crop of image_size (the seed); n: Molmo2's multi-crop, a global crop and
     crop_margins: tuple = (4, 4)   # up to n overlapping tiles, overlapping by these margins (patches); Molmo2: 8
     proj_ff: int = 0               # the projector's SwiGLU width; 0 = d_ff (Molmo2-8B: 18944 beside an FFN of 12288)
@@ -708,6 +710,7 @@ def molmo2_config_from_hf(cfg, source="config.json"):
         "text_config.attention_bias": (_get(t, "attention_bias", "qkv_bias", default=False), False),
         "text_config.hidden_act": (t.get("hidden_act", "silu"), "silu"),
         "text_config.rope_parameters.rope_type": (rope.get("rope_type", "default"), "default"),
+        "text_config.rope_scaling": (t.get("rope_scaling"), None),
         "text_config.rope_scaling_layers": (t.get("rope_scaling_layers") or list(range(n_layer)),
                                             list(range(n_layer)))})
     mc = dict(image_size=size[0], patch_size=_get(v, "patch_size", "image_patch_size", default=14), vit_width=W,
@@ -715,7 +718,7 @@ def molmo2_config_from_hf(cfg, source="config.json"):
               vit_layers=tuple(_get(a, "vision_feature_layer", "vit_layers", default=[24, 18])),
               # the image processor's settings (not in config.json): Molmo2's, where its crop has room for them
               max_crops=8 if size[0] // _get(v, "patch_size", "image_patch_size", default=14) > 8 else 0,
-              crop_margins=(4, 4),
+              crop_margins=(4, 4), frame_tokens=cfg.get("use_frame_special_tokens", True),
               proj_ff=a.get("intermediate_size", 18944),
               base_vocab=t.get("vocab_size", 151936), n_extra=t.get("additional_vocab_size", 128),
               im_patch_id=cfg.get("image_patch_id", 151938), d_model=t.get("hidden_size", 4096), n_layer=n_layer,
@@ -765,7 +768,7 @@ def export_hf_molmo2(model, path, token_ids):
     write_safetensors(os.path.join(path, "model.safetensors"), out)
     heads = c.vit_heads
     cfg = {"architectures": ["Molmo2ForConditionalGeneration"], "model_type": "molmo2",
-           "tie_word_embeddings": c.tie_embeddings, **token_ids,
+           "tie_word_embeddings": c.tie_embeddings, "use_frame_special_tokens": c.frame_tokens, **token_ids,
            "vision_config": {"model_type": "molmo2_vision", "hidden_size": c.vit_width,
                              "intermediate_size": c.vit_mlp, "num_hidden_layers": c.vit_built,
                              "num_attention_heads": heads, "num_key_value_heads": heads,

@@ -88,6 +88,7 @@ pool_w = 2
 video_pool_h = 3
 video_pool_w = 3
 col_tokens = True
+frame_tokens = True             # <frame_start>/<frame_end> around each video frame (False: <im_start>/<im_end>)
 max_crops = 0                   # images: 0 = one crop of image_size (seed); n = Molmo2 multi-crop, up to n tiles
 crop_margins = (4, 4)           # multi-crop: the tiles' overlap, in patches a side (Molmo2: 4 + 4 of 27)
 proj_ff = 0                     # the projector's SwiGLU width; 0 = d_ff (Molmo2-8B: 18944)
@@ -130,9 +131,9 @@ act_ckpt = False                # activation checkpointing of the LLM blocks: re
 CONFIG_KEYS = [k for k, v in list(globals().items())
                if not k.startswith("_") and isinstance(v, (int, float, bool, str, dict, tuple, list))]
 MODEL_KEYS = ["image_size", "patch_size", "vit_width", "vit_depth", "vit_heads", "vit_mlp", "vit_layers",
-              "pool_h", "pool_w", "video_pool_h", "video_pool_w", "col_tokens", "max_crops", "crop_margins",
-              "proj_ff", "base_vocab", "n_extra", "d_model", "n_layer", "n_head", "n_kv_head", "head_dim", "d_ff",
-              "rope_theta", "tie_embeddings", "bidir_vision"]
+              "pool_h", "pool_w", "video_pool_h", "video_pool_w", "col_tokens", "frame_tokens", "max_crops",
+              "crop_margins", "proj_ff", "base_vocab", "n_extra", "d_model", "n_layer", "n_head", "n_kv_head",
+              "head_dim", "d_ff", "rope_theta", "tie_embeddings", "bidir_vision"]
 
 
 CHOICES = {"mixing_rule": ("fixed", "sqrt"), "loss_weighting": ("task", "root"), "attn_impl": ("sdpa", "flex"),

@@ -1,5 +1,5 @@
 # Stage 1 at real scale: image pretraining, the seed's numbers (shared/seed: "Stage 1: Pre-training").
-#   torchrun --nproc_per_node=4 train.py config/stage1.py           (data readers: a later issue)
+#   torchrun --nproc_per_node=4 train.py config/stage1.py           (the paths below must exist: checkpoints, data)
 #   python train.py config/stage1.py --dry_run=True                  (build the model, print, stop)
 out_dir = "out/stage1"
 dataset = "molmo2"

@@ -1,7 +1,7 @@
 # Stage 2 at real scale: multimodal SFT with video, the seed's numbers (shared/seed: "Stage 2").
 #   python train.py config/stage2.py --dry_run=True          (build the model, print the mixture, stop)
-# Video decoding and the stage-1 checkpoint come with the video issue; dataset readers with the real-datasets
-# issue, which replaces the sizes below by the sizes of the local copies.
+# The datasets are read from local jsonl copies (data_paths; their sizes replace dataset_sizes below); VQA v2
+# and the academic point sets have no reader yet (a clear error: drop them from the mixture or add a reader).
 # The model is stage 1's (its checkpoint overrides the architecture anyway when init_from loads it): this file
 # runs config/stage1.py first and overrides the data and the schedule.
 import os  # (modules in a config are not config keys)

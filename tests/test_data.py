@@ -641,6 +641,9 @@ def test_caption_count_and_text_readers(tmp_path):
         data.read_dataset("pixmo_nope", path)
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         data.read_dataset("tulu", str(tmp_path / "missing.jsonl"))
+    (tmp_path / "t.parquet").write_bytes(b"PAR1\x15\x04" + bytes(range(200)) + b"PAR1")  # a parquet header
+    with pytest.raises(ValueError, match=r"t.parquet is parquet, .* convert it to jsonl"):
+        data.read_dataset("tulu", str(tmp_path / "t.parquet"))
 
 
 def test_molmo2_video_and_multi_image_readers(tmp_path, tok, cfg):
@@ -679,10 +682,23 @@ def test_molmo2_video_and_multi_image_readers(tmp_path, tok, cfg):
     exs, c = read("molmo2_subtitleqa", [dict(video_id="vid1", Question="Who speaks?", Answer="Ann",
                                              subtitle=[dict(start=0.0, end=1.0, text="I am Ann")])])
     assert exs[0]["subtitles"] == [(0.0, 1.0, "I am Ann")] and exs[0]["turns"] == [("Who speaks?", "Ann")]
+    exs, c = read("molmo2_capqa", [dict(video_id="vid1", Question="What is dark?", Answer="the clip",
+                                        NegativeAnswers=["the sky", "a cat"]),
+                                   dict(video_id="vid1", Question="?", Answer="x", NegativeAnswers="no list")])
+    (q, a), = exs[0]["turns"]  # row 1: the answer at place 1 % 3 = 1, letter B
+    assert q == data.MC_PROMPT.format(question="What is dark?", options="A. the sky\nB. the clip\nC. a cat")
+    assert a == "B" and c["malformed"] == 1
     exs, c = read("molmo2_cap", [dict(video_id="vid1", annotation_score=4, merged_caption="A dark clip."),
                                  dict(video_id="vid1", annotation_score=2, merged_caption="Low score.")])
     assert [t for ex in exs for t in ex["turns"]] == [("Describe this video in detail.", "A dark clip.")]
-    assert c["malformed"] == 1
+    assert (c["filtered"], c["malformed"]) == (1, 0)
+    # stage 2's count bins of VideoPoint: rows outside the bin are left out and counted, not errors
+    rows = [dict(video_id="vid1", label="dog", count=n, two_fps_timestamps=[0.0], points=[[{"x": 5, "y": 5}] * n])
+            for n in (1, 5, 6, 30)] + [dict(video_id="vid1", label="dog", count="many", two_fps_timestamps=[],
+                                            points=[])]
+    exs, c = read("videopoint_0_5", rows)
+    assert len(exs) == 2 and (c["filtered"], c["malformed"]) == (2, 1)
+    assert [len(read(n, rows)[0]) for n in ("videopoint_6_25", "videopoint_26_60")] == [1, 1]
     urls = ["http://a/1.png", "http://a/2.png"]
     for u in urls:
         Image.new("RGB", (16, 16)).save(data.media_path(str(media), u))

@@ -345,3 +345,44 @@ def test_multicrop_pixels_match_the_transformers_processor(hw):
     tok = data.build_tokenizer()
     ids, _ = data.multicrop_tokens(tok, H, W)
     assert len(pool) == int(grid[0, 0] * grid[0, 1] + grid[0, 2] * grid[0, 3]) == ids.count(tok.im_patch)
+
+
+def test_released_layout_loads_like_transformers(tmp_path):
+    """A checkpoint laid out as the released allenai/Molmo2-4B is: the legacy config.json (vit_config with
+    image_default_input_size / image_patch_size / image_num_pos, adapter vit_layers counted from the end of a
+    ViT whose file stops at the deepest block read, text_config with a flat rope_theta, qkv_bias, layer_norm_eps,
+    rope_scaling null, use_frame_special_tokens false), weights in two shards with an index. Ours and
+    transformers read it to the same logits; the frame tokens follow the config."""
+    torch.manual_seed(0)
+    src = M.Molmo2(M.ModelConfig(**{**vars(tiny_config()), "vit_depth": 7, "vit_layers": (-3, -5)}))
+    randomise(src, 8)
+    assert len(src.vit.blocks) == 5  # blocks 5 and 6 are never read: the file has no weights for them
+    M.export_hf_molmo2(src, str(tmp_path), IDS)
+    sd = M.read_safetensors(str(tmp_path / "model.safetensors"))
+    os.remove(tmp_path / "model.safetensors")
+    names = sorted(sd)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for f, keys in shards.items():
+        M.write_safetensors(str(tmp_path / f), {k: sd[k] for k in keys})
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: f for f, keys in shards.items() for k in keys}}))
+    heads = dict(num_attention_heads=4, num_key_value_heads=4, head_dim=8, hidden_size=32)
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["Molmo2ForConditionalGeneration"], "model_type": "molmo2", "tie_word_embeddings": False,
+        "use_frame_special_tokens": False, "image_col_id": COL, **IDS,
+        "vit_config": {"model_type": "molmo2", **heads, "intermediate_size": 64, "num_hidden_layers": 7,
+                       "image_default_input_size": [IMG, IMG], "image_patch_size": PATCH, "image_num_pos": 16,
+                       "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6},
+        "adapter_config": {"model_type": "molmo2", **heads, "vit_layers": [-3, -5], "hidden_act": "silu",
+                           "intermediate_size": 72, "text_hidden_size": 40},
+        "text_config": {"model_type": "molmo2_text", "hidden_size": 40, "num_attention_heads": 4,
+                        "num_key_value_heads": 2, "head_dim": 16, "vocab_size": VOCAB, "additional_vocab_size": 12,
+                        "num_hidden_layers": 2, "intermediate_size": 72, "rope_theta": 10000.0, "rope_scaling": None,
+                        "rope_scaling_layers": None, "qkv_bias": False, "layer_norm_eps": 1e-6,
+                        "qk_norm_type": "qwen3", "norm_after": False, "hidden_act": "silu"}}))
+    hf = transformers.Molmo2ForConditionalGeneration.from_pretrained(str(tmp_path), dtype=torch.float32)
+    ours, ids_found = M.load_hf_molmo2(str(tmp_path))
+    assert ids_found == IDS and ours.c.frame_tokens is False and ours.c.vit_depth == 7
+    ids, pixels, pool, grids = image_inputs()
+    ref = hf_logits(hf, ids, pixels, pool, grids, False)
+    assert ref.std() > 0.5 and (ours_logits(ours, ids, pixels, pool) - ref).abs().max() < 1e-4

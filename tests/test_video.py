@@ -157,6 +157,9 @@ def test_video_token_layout_and_budget(tok, make_cfg):
            "subtitle\n0.2 - 0.8 hi\n")
     assert tok.decode(e["input_ids"]).startswith("<|im_end|>" + vis + "<|im_start|>user\nWhat moves?")
     assert e["timestamps"] == [0.0, 0.5, 1.0, 1.5, 1.9] and len(e["images"]) == 5
+    plain = data.encode_example(ex, tok, make_cfg(image_size=32, patch_size=8, frame_tokens=False), TW)
+    assert tok.decode(plain["input_ids"]).startswith(  # Molmo2-4B's release: frames as <im_start> ... <im_end>
+        "<|im_end|>" + vis.replace("<frame_start>", "<im_start>").replace("<frame_end>", "<im_end>"))
     assert all(p.shape == (4, 9) for p in e["pool_idx"])  # 3x3 windows, padded grid
     # a tight seq_len: fewer frames, chosen uniformly, whole frames only, and it fits
     n_full = len(e["input_ids"])
