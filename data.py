@@ -141,7 +141,7 @@ class Tokenizer:
 
     def state(self):
         return dict(name=self.name, pat_str=self.pat_str, ranks=self.ranks, specials=self.given,
-                    base_vocab=self.base_vocab if self.given else None, normalize=self.normalize)
+                    base_vocab=self.base_vocab, normalize=self.normalize)
 
 
 def _byte_level_alphabet():
@@ -208,14 +208,15 @@ def tokenizer_from_json(path, base_vocab=None):
     return Tokenizer(ranks, pats[0], os.path.basename(path), specials, base_vocab, norm)
 
 
-def build_tokenizer(name="shapes-bpe", n_merges=400):
+def build_tokenizer(name="shapes-bpe", n_merges=400, base_vocab=None):
     """'shapes-bpe' (offline default), a path to a .tiktoken file or a Qwen-style tokenizer.json, or a tiktoken
     encoding name that is already in tiktoken's local cache. Nothing is downloaded: a missing encoding is a clear
-    error."""
+    error. base_vocab: the LLM's embedding rows when the config fixes them (Qwen3: 151,936 rows for 151,669
+    ids), so the vision tokens land on the extra rows after them; None = right after the tokenizer's ids."""
     if name == "shapes-bpe":
-        return Tokenizer(train_bpe(shapes_corpus(), n_merges))
+        return Tokenizer(train_bpe(shapes_corpus(), n_merges), base_vocab=base_vocab)
     if name.endswith(".json"):  # a Qwen-style tokenizer.json
-        return tokenizer_from_json(name)
+        return tokenizer_from_json(name, base_vocab)
     if name.endswith(".tiktoken"):
         if not os.path.exists(name):
             raise FileNotFoundError(f"tokenizer file {name!r} not found")
@@ -223,7 +224,7 @@ def build_tokenizer(name="shapes-bpe", n_merges=400):
         with open(name, "rb") as f:  # serving a stale copy after the file is edited
             pairs = (line.split() for line in f.read().splitlines() if line)
             ranks = {base64.b64decode(t): int(r) for t, r in pairs}
-        return Tokenizer(ranks, name=os.path.basename(name))
+        return Tokenizer(ranks, name=os.path.basename(name), base_vocab=base_vocab)
     import tiktoken.load
 
     def offline(path):
@@ -239,7 +240,7 @@ def build_tokenizer(name="shapes-bpe", n_merges=400):
                          f"{tiktoken.list_encoding_names()}") from e
     finally:
         tiktoken.load.read_file = real
-    return Tokenizer(enc._mergeable_ranks, pat_str=enc._pat_str, name=name)
+    return Tokenizer(enc._mergeable_ranks, pat_str=enc._pat_str, name=name, base_vocab=base_vocab)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -755,8 +755,9 @@ def export_hf_molmo2(model, path, token_ids):
     The image/video processors' settings (crops, pooling, frame rate) are not part of it."""
     c = model.c
     os.makedirs(path, exist_ok=True)
-    ours = {k: v for k, v in model.state_dict().items()}
-    fused = {}
+    ours, fused = model.state_dict(), {}
+    if c.tie_embeddings:  # written untied: transformers' Molmo2 head has the vocab rows only, its embedding 128 more
+        fused["lm_head.weight"] = ours["llm.embed.weight"]
     for k, (hf, part) in molmo2_hf_names(c).items():
         if part is None:
             fused[hf] = ours[k]
@@ -768,7 +769,7 @@ def export_hf_molmo2(model, path, token_ids):
     write_safetensors(os.path.join(path, "model.safetensors"), out)
     heads = c.vit_heads
     cfg = {"architectures": ["Molmo2ForConditionalGeneration"], "model_type": "molmo2",
-           "tie_word_embeddings": c.tie_embeddings, "use_frame_special_tokens": c.frame_tokens, **token_ids,
+           "tie_word_embeddings": False, "use_frame_special_tokens": c.frame_tokens, **token_ids,
            "vision_config": {"model_type": "molmo2_vision", "hidden_size": c.vit_width,
                              "intermediate_size": c.vit_mlp, "num_hidden_layers": c.vit_built,
                              "num_attention_heads": heads, "num_key_value_heads": heads,
@@ -785,7 +786,7 @@ def export_hf_molmo2(model, path, token_ids):
                            "head_dim": c.head_dim, "intermediate_size": c.d_ff, "vocab_size": c.base_vocab,
                            "additional_vocab_size": c.n_extra, "rms_norm_eps": c.norm_eps,
                            "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
-                           "tie_word_embeddings": c.tie_embeddings}}
+                           "tie_word_embeddings": False}}
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
 

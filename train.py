@@ -517,7 +517,8 @@ def main(argv=()):
             ckpt = torch.load(path, map_location="cpu", weights_only=False)
     tok = None
     if not (C.dry_run and C.base_vocab):
-        tok = data.Tokenizer(**ckpt["tokenizer"]) if ckpt else data.build_tokenizer(C.tokenizer)
+        tok = data.Tokenizer(**ckpt["tokenizer"]) if ckpt else data.build_tokenizer(C.tokenizer,
+                                                                                   base_vocab=C.base_vocab or None)
     mc = {k: cfg[k] for k in MODEL_KEYS}
     if ckpt:
         mc.update(ckpt["model_config"])  # the architecture comes from the checkpoint
@@ -527,10 +528,12 @@ def main(argv=()):
             if key in hf[1] and getattr(tok, attr) != hf[1][key]:
                 raise SystemExit(f"init_from={path}: its config has {key}={hf[1][key]}, but tokenizer="
                                  f"{C.tokenizer!r} gives {getattr(tok, attr)}; use the checkpoint's tokenizer.json")
-    elif tok:
-        if not mc["base_vocab"]:
-            mc["base_vocab"], mc["n_extra"] = tok.base_vocab, tok.n_extra
-        mc["im_patch_id"] = mc["base_vocab"] + (tok.im_patch - tok.base_vocab)
+    elif tok:  # 0 = the tokenizer's: its ids, then its vision tokens on the extra rows
+        mc["base_vocab"], mc["n_extra"] = mc["base_vocab"] or tok.base_vocab, mc["n_extra"] or tok.n_extra
+        if tok.base_vocab != mc["base_vocab"] or tok.n_extra > mc["n_extra"]:
+            raise SystemExit(f"tokenizer {C.tokenizer!r}: base_vocab {tok.base_vocab} and {tok.n_extra} vision rows "
+                             f"do not fit the model's base_vocab={mc['base_vocab']}, n_extra={mc['n_extra']}")
+        mc["im_patch_id"] = tok.im_patch
     else:
         mc["im_patch_id"] = mc["base_vocab"]
     mconf = ModelConfig(**mc)

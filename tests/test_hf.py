@@ -263,14 +263,14 @@ def test_safetensors_round_trip(tmp_path):
 @pytest.mark.parametrize("max_crops", [0, 4], ids=["one-crop", "multi-crop"])
 def test_trained_checkpoint_exports_to_transformers(tok, cfg, tmp_path, max_crops):
     """A train.py checkpoint (shapes tokenizer, our token layout, a padded batch of three examples; images as
-    one crop, or as Molmo2's multi-crop of a 50 x 90 image) exported with `python model.py CKPT DIR` gives the
-    same logits in transformers at every real position."""
+    one crop, or as Molmo2's multi-crop of a 50 x 90 image with tied embeddings, as Qwen3-0.6B has) exported
+    with `python model.py CKPT DIR` gives the same logits in transformers at every real position."""
     import dataclasses
     import subprocess
     import sys
     import data
     import shapes
-    cfg = dataclasses.replace(cfg, max_crops=max_crops, crop_margins=(1, 1))
+    cfg = dataclasses.replace(cfg, max_crops=max_crops, crop_margins=(1, 1), tie_embeddings=bool(max_crops))
     torch.manual_seed(0)
     ours = M.Molmo2(cfg)
     randomise(ours, 7)
@@ -386,3 +386,21 @@ def test_released_layout_loads_like_transformers(tmp_path):
     ids, pixels, pool, grids = image_inputs()
     ref = hf_logits(hf, ids, pixels, pool, grids, False)
     assert ref.std() > 0.5 and (ours_logits(ours, ids, pixels, pool) - ref).abs().max() < 1e-4
+
+
+def test_train_with_a_qwen_tokenizer_json_and_padded_vocab(tmp_path):
+    """Qwen3 pads its embedding past its ids (151,936 rows for 151,669 ids): with base_vocab set in the config,
+    the tokenizer.json's vision tokens go to the rows after base_vocab, where the model's extra rows are, and a
+    short run trains; a base_vocab below the tokenizer's ids is a clear error."""
+    import train
+    from test_data import _hf_qwen_style_tokenizer
+    from test_train import run_args
+    hf = _hf_qwen_style_tokenizer(tmp_path / "tokenizer.json")
+    base = hf.get_vocab_size() + 12
+    args = run_args(tmp_path / "run", max_steps=2, seq_len=1024) + [f"--tokenizer={tmp_path / 'tokenizer.json'}"]
+    res = train.main(args + [f"--base_vocab={base}", "--n_extra=16"])
+    assert len(res["losses"]) == 2 and all(x == x for x in res["losses"])
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
+    assert ckpt["model_config"]["im_patch_id"] == base and ckpt["model"]["llm.embed.weight"].shape[0] == base
+    with pytest.raises(ValueError, match="do not fit base_vocab 100"):
+        train.main(args + ["--base_vocab=100", "--n_extra=16"])
