@@ -6,6 +6,7 @@ Ask a trained checkpoint about an image or a video and draw the points (or track
     python sample.py ... --out answer.png --temperature 0.7
     python sample.py --ckpt out/shapes_stage2/ckpt.pt --video shapes        # a held-out shapes video, tracked
     python sample.py --ckpt out/shapes_stage2/ckpt.pt --video clip.mp4 --prompt "Track the dog."
+    python sample.py --ckpt checkpoints/Molmo2-4B --image cat.jpg --prompt "Point to the cat"   # a released one
 
 Prints the answer, parses Molmo2 html-v2 points from it and saves the image (scaled up) with the points drawn;
 for a video, an animated GIF of the sampled frames with each frame's points drawn, one colour per track id.
@@ -18,9 +19,20 @@ from PIL import Image, ImageDraw
 
 
 def load_model(path, device="cpu"):
-    """Checkpoint -> (model, tokenizer, model config). The tokenizer is rebuilt from the checkpoint's own ranks."""
+    """Checkpoint -> (model, tokenizer, model config). A ckpt.pt rebuilds its tokenizer from its own ranks; a
+    Hugging Face Molmo2 directory (a released allenai/Molmo2-* copied here) uses its tokenizer.json, whose vision
+    token ids must be the ones its config.json names."""
+    import os
     import data
-    from model import Molmo2, ModelConfig
+    from model import HF_TOKEN_KEYS, Molmo2, ModelConfig, load_hf_molmo2
+    if os.path.isdir(path):
+        model, ids = load_hf_molmo2(path)
+        tok = data.build_tokenizer(os.path.join(path, "tokenizer.json"), base_vocab=model.c.base_vocab)
+        bad = {k: (ids[k], getattr(tok, a)) for k, a in HF_TOKEN_KEYS.items()
+               if k in ids and ids[k] != getattr(tok, a)}
+        if bad:
+            raise SystemExit(f"{path}: config.json and tokenizer.json disagree on {bad} (config id, tokenizer id)")
+        return model.to(device).eval(), tok, model.c
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except FileNotFoundError:

@@ -83,14 +83,14 @@ def ours_logits(model, ids, pixels, pool):
         return model.eval().logits(batch)[0]
 
 
-def hf_logits(hf, ids, pixels, pool, grids, video):
+def hf_logits(hf, ids, pixels, pool, grids, video, vision_ids=VISION_IDS):
     x = torch.tensor([ids])
     patches = patchify(pixels)
     kw = (dict(pixel_values_videos=patches, video_token_pooling=pool, video_grids=grids) if video else
           dict(pixel_values=patches, image_token_pooling=pool, image_grids=grids))
     with torch.no_grad():
         return hf.eval()(input_ids=x, attention_mask=torch.ones_like(x),
-                         mm_token_type_ids=torch.isin(x, torch.tensor(VISION_IDS)).long(), **kw).logits[0]
+                         mm_token_type_ids=torch.isin(x, torch.tensor(vision_ids)).long(), **kw).logits[0]
 
 
 def patchify(pixels):
@@ -404,3 +404,52 @@ def test_train_with_a_qwen_tokenizer_json_and_padded_vocab(tmp_path):
     assert ckpt["model_config"]["im_patch_id"] == base and ckpt["model"]["llm.embed.weight"].shape[0] == base
     with pytest.raises(ValueError, match="do not fit base_vocab 100"):
         train.main(args + ["--base_vocab=100", "--n_extra=16"])
+
+
+def test_sample_loads_a_molmo2_directory(tmp_path):
+    """sample.py --ckpt DIR: a Molmo2 directory with its tokenizer.json (vision tokens at the ids its
+    config.json names, after a padded base vocabulary) answers about an image, and greedy decoding follows
+    transformers' argmax at the first answer token; ids that disagree are a clear error."""
+    import sample
+    from PIL import Image
+    from test_data import _hf_qwen_style_tokenizer
+    hf_tok = _hf_qwen_style_tokenizer(tmp_path / "t.json")
+    base = hf_tok.get_vocab_size() + 4
+    vis = {"<im_start>": 0, "<im_end>": 1, "<im_patch>": 2, "<im_col>": 3, "<low_res_im_start>": 4,
+           "<frame_start>": 7, "<frame_end>": 8}
+    j = json.loads((tmp_path / "t.json").read_text())
+    j["added_tokens"] += [dict(id=base + k, content=t, special=True, single_word=False, lstrip=False, rstrip=False,
+                               normalized=False) for t, k in vis.items()]
+    d = tmp_path / "m2"
+    d.mkdir()
+    (d / "tokenizer.json").write_text(json.dumps(j))
+    ids = dict(image_start_token_id=base, image_end_token_id=base + 1, image_patch_id=base + 2,
+               low_res_image_start_token_id=base + 4, frame_start_token_id=base + 7, frame_end_token_id=base + 8)
+    cfg = transformers.Molmo2Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                           num_key_value_heads=4, head_dim=8, image_size=[IMG, IMG], patch_size=PATCH),
+        adapter_config=dict(vision_feature_layer=[-1, -3], hidden_size=32, num_attention_heads=4,
+                            num_key_value_heads=4, head_dim=8, intermediate_size=48, text_hidden_size=40),
+        text_config=dict(hidden_size=40, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=base,
+                         additional_vocab_size=16, num_hidden_layers=2, intermediate_size=72), **ids)
+    hf = transformers.Molmo2ForConditionalGeneration(cfg)
+    randomise(hf, 9)
+    hf.save_pretrained(str(d))
+    model, tok, mc = sample.load_model(str(d))
+    assert (tok.im_patch, tok.base_vocab, mc.max_crops) == (base + 2, base, 0)  # 4 patches a side: one crop
+    img = Image.fromarray((torch.rand(IMG, IMG, 3, generator=torch.Generator().manual_seed(1)) * 255).byte().numpy())
+    assert isinstance(sample.answer(model, tok, mc, img, "What is it?", max_new_tokens=5), str)
+    import data
+    e = data.encode_example(dict(image=img, task="qa", turns=[("What is it?", "")]), tok, mc, {"qa": 1.0})
+    prompt = e["input_ids"][:-1]  # ends at "assistant\n", as sample.answer builds it
+    batch = data.collate([dict(e, input_ids=prompt, labels=e["labels"][:-1], loss_weights=e["loss_weights"][:-1])],
+                         tok.pad, 10 ** 6, left_pad=True)
+    ours = model.generate(batch, 1, stop_id=-1)[0][0]
+    with torch.no_grad():
+        ref = hf_logits(hf.eval(), prompt, torch.stack(e["images"]), torch.tensor(e["pool_idx"][0]),
+                        torch.tensor([[2, 2, 0, 0]]), False, vision_ids=[base + k for k in vis.values()])[-1]
+    assert ours == int(ref.argmax()) and ref.std() > 0.5
+    (d / "config.json").write_text((d / "config.json").read_text().replace(f'"image_patch_id": {base + 2}',
+                                                                          f'"image_patch_id": {base + 3}'))
+    with pytest.raises(SystemExit, match="disagree on"):
+        sample.load_model(str(d))
