@@ -331,14 +331,16 @@ def load_image(src):
         raise ValueError(f"cannot read image {src}: {e}") from None
 
 
-def preprocess_image(img, size):
-    """PIL -> float32 tensor (3, size, size) in [-1, 1]. Stretched, no aspect-preserving pad (Molmo2's
-    siglip_resize_and_pad resizes to the square); x*2-1 is normalisation with mean = std = 0.5."""
-    img = load_image(img)
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.BILINEAR)
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    return x * 2 - 1
+def preprocess_image(img, size, width=None):
+    """PIL or path -> float32 tensor (3, size, width or size) in [-1, 1]. Stretched, no aspect-preserving pad
+    (Molmo2 resizes to the square); bilinear without antialiasing and rounded back to bytes, as transformers'
+    Molmo2 image and video processors resize, so a released checkpoint sees the pixels it was trained on;
+    x*2-1 is normalisation with mean = std = 0.5."""
+    x = torch.from_numpy(np.array(load_image(img), dtype=np.float32)).permute(2, 0, 1)[None]  # (1, 3, H, W)
+    if x.shape[2:] != (size, width or size):
+        x = torch.nn.functional.interpolate(x, size=(size, width or size), mode="bilinear", align_corners=False,
+                                            antialias=False).round().clamp(0, 255)
+    return x[0] / 255.0 * 2 - 1
 
 
 @lru_cache(maxsize=None)  # the same few grids every example: computed once, never mutated by callers
@@ -408,20 +410,15 @@ def multicrop_pixels(img, crop=378, patch=14, pool=2, max_crops=8, margins=(4, 4
     """Molmo2's multi-crop pixels, in the order of multicrop_tokens. Returns crops (1 + r*c, 3, crop, crop) in
     [-1, 1] (the global crop, then the tiles row-major) and pool_idx int64 (n_tokens, pool*pool): the crops'
     patches (numbered crop by crop, row-major) pooled into each <im_patch>, -1 on padded slots. High-res windows
-    are taken on the stitched canvas grid, so one may span two tiles.
-    Resizing is bilinear without antialiasing and rounded to bytes, as transformers' Molmo2ImageProcessor."""
+    are taken on the stitched canvas grid, so one may span two tiles."""
     if crop // patch <= sum(margins):
         raise ValueError(f"crop_margins {margins} leave no window in a crop of {crop // patch} patches")
-    x = torch.from_numpy(np.array(load_image(img), dtype=np.float32)).permute(2, 0, 1)[None]  # (1, 3, H, W)
-    r, c, ch, cw = crop_geometry(x.shape[2], x.shape[3], crop, patch, max_crops, margins)
-
-    def resize(h, w):  # -> (1, 3, h, w) in [-1, 1]: mean = std = 0.5 on [0, 1]
-        y = torch.nn.functional.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=False)
-        return (y.round().clamp(0, 255) / 255 - 0.5) / 0.5
-
+    img = load_image(img)
+    r, c, ch, cw = crop_geometry(img.height, img.width, crop, patch, max_crops, margins)
     g, (lm, rm) = crop // patch, margins
-    tiles = resize(ch, cw).unfold(2, crop, crop - (lm + rm) * patch).unfold(3, crop, crop - (lm + rm) * patch)
-    crops = torch.cat([resize(crop, crop), tiles[0].permute(1, 2, 0, 3, 4).reshape(r * c, 3, crop, crop)])
+    step = crop - (lm + rm) * patch  # tiles start every window (266 px)
+    tiles = preprocess_image(img, ch, cw).unfold(1, crop, step).unfold(2, crop, step)  # (3, r, c, crop, crop)
+    crops = torch.cat([preprocess_image(img, crop)[None], tiles.permute(1, 2, 0, 3, 4).reshape(r * c, 3, crop, crop)])
     # the canvas's patch grid as indices into the tiles' patches: every tile gives its window, and the tiles on
     # the canvas's edges their outer margins too (Molmo2 drops the overlapping margins, keeps the border ones)
     idx = g * g + np.arange(r * c * g * g).reshape(r, c, g, g)  # after the global crop's g*g patches

@@ -275,6 +275,10 @@ class LayerCache:
         return self.k[:, :, :self.pos], self.v[:, :, :self.pos]
 
 
+def rope_inv_freq(c):  # (hd/2,): RoPE's rotation speeds, theta^(-2i/hd)
+    return 1.0 / c.rope_theta ** (torch.arange(0, c.head_dim, 2).float() / c.head_dim)
+
+
 class LLM(nn.Module):
     def __init__(self, c):
         super().__init__()
@@ -284,8 +288,7 @@ class LLM(nn.Module):
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layer))
         self.norm = RMSNorm(c.d_model, c.norm_eps)
         self.lm_head = None if c.tie_embeddings else nn.Linear(c.d_model, c.base_vocab, bias=False)
-        inv_freq = 1.0 / c.rope_theta ** (torch.arange(0, c.head_dim, 2).float() / c.head_dim)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", rope_inv_freq(c), persistent=False)
 
     def embed_tokens(self, ids):  # ids < base_vocab use the main table, the rest the extra rows
         extra = ids >= self.c.base_vocab
@@ -657,18 +660,23 @@ def hf_part_sizes(c, hf_name):
     return [c.base_vocab, c.n_extra]  # wte
 
 
-def load_named(model, sd, names, source):
-    """Copy sd[hf name] (or its part) into each of our parameters listed in names; every listed tensor must
-    exist with the right shape, else a ValueError naming it and the checkpoint."""
-    ours = model.state_dict()
+def named_tensors(model, sd, names, source):
+    """{our parameter: sd[hf name] (or its part)} for each of our parameters listed in names; every listed
+    tensor must exist with the right shape, else a ValueError naming it and the checkpoint."""
+    ours, out = model.state_dict(), {}
     for k, (hf, part) in names.items():
         if hf not in sd:
             raise ValueError(f"{source}: tensor {hf!r} (for {k}) is missing")
         t = sd[hf] if part is None else sd[hf].split(hf_part_sizes(model.c, hf))[part]
         if t.shape != ours[k].shape:
             raise ValueError(f"{source}: {hf!r} has shape {tuple(t.shape)}, {k} needs {tuple(ours[k].shape)}")
-        with torch.no_grad():
-            ours[k].copy_(t)
+        out[k] = t
+    return out
+
+
+def load_named(model, sd, names, source):
+    """Copy the named tensors (named_tensors) into part of a model that is already built (init_llm, init_vit)."""
+    model.load_state_dict(named_tensors(model, sd, names, source), strict=False)
 
 
 def _get(d, *keys, default=None):
@@ -741,11 +749,15 @@ def load_hf_molmo2(path):
     """A Hugging Face Molmo2 checkpoint directory -> (Molmo2 model, {special token key: id})."""
     cfg, sd = read_hf_checkpoint(path)
     mc, ids = molmo2_config_from_hf(cfg, os.path.join(path, "config.json"))
-    model = Molmo2(ModelConfig(**mc))
+    with torch.device("meta"):  # shapes only: no memory, no init, for weights the file replaces whole
+        model = Molmo2(ModelConfig(**mc))
     T = "model.transformer.wte."
     if T + "embedding" in sd:  # one table, split where the config says (transformers writes two equal halves)
         sd["model.transformer.wte"] = torch.cat([sd.pop(T + "embedding"), sd.pop(T + "new_embedding")])
-    load_named(model, sd, molmo2_hf_names(model.c), path)
+    # the file's tensors become the parameters (fp32, as training keeps them): host memory stays about one copy
+    state = {k: t.float() for k, t in named_tensors(model, sd, molmo2_hf_names(model.c), path).items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    model.llm.inv_freq = rope_inv_freq(model.c)  # the one buffer not in the file
     return model, ids
 
 
@@ -803,7 +815,8 @@ def init_llm_from_qwen3(model, path):
              num_attention_heads=(g("num_attention_heads"), c.n_head), head_dim=(g("head_dim"), c.head_dim),
              num_key_value_heads=(g("num_key_value_heads"), c.n_kv_head), attention_bias=(g("attention_bias"), False),
              intermediate_size=(g("intermediate_size"), c.d_ff), rope_theta=(float(rope["rope_theta"]), c.rope_theta),
-             rope_type=(rope.get("rope_type", "default"), "default"),
+             rope_type=(rope.get("rope_type", "default"), "default"), rope_scaling=(g("rope_scaling"), None),
+             use_sliding_window=(g("use_sliding_window", False), False),
              tie_word_embeddings=(g("tie_word_embeddings", False), c.tie_embeddings))
     names = {"llm.embed.weight": "model.embed_tokens.weight", "llm.norm.weight": "model.norm.weight"}
     for i in range(c.n_layer):  # Qwen3's: ours under model.layers.{i}., with self_attn. for attn. and mlp. on the FFN
