@@ -822,8 +822,8 @@ def collate(rows, pad_id, seq_len, left_pad=False):
 # users download the media themselves, under media_root, named by media_path. A reader turns each jsonl row
 # into this module's example dicts (as shapes.make_example returns), grouped per image the way Molmo2 groups
 # its annotations into one conversation. Rows that are malformed or whose media is missing are skipped and
-# counted; a file with nothing readable is an error. Videos are <media_root>/<video id>.mp4. Parquet is not
-# read (no parquet library among the packages): a clear error says to convert it to jsonl.
+# counted; a file with nothing readable is an error. Videos are <media_root>/<video id>.mp4. Copies may be jsonl
+# or parquet (the Hugging Face datasets' own format; read with pyarrow, optional: without it, a clear error).
 
 class MissingMedia(Exception):
     pass
@@ -1048,45 +1048,66 @@ READERS = {"pixmo_cap": _pixmo_cap, "pixmo_points": _pixmo_points, "pixmo_count"
            "videopoint_26_60": _videopoint_bin(26, 60)}
 
 
-def read_dataset(name, path, media_root="", log=print):
-    """Read a local jsonl copy of dataset `name` (READERS) -> (examples, counts). Rows grouped per image become
-    one multi-turn example. Malformed rows and missing or unreadable media are skipped and counted, and one
-    summary line per dataset is printed with the first problem of each kind (file:line)."""
+def dataset_rows(name, path):
+    """(row number, record) pairs of a dataset file: jsonl (1-based line numbers; a line that is not JSON gives
+    its ValueError as the record, to be counted as malformed) or parquet, read with pyarrow when it is installed
+    (optional, like flash-attn: never required)."""
     import json
+    with open(path, "rb") as f:
+        parquet = f.read(4) == b"PAR1"  # parquet's magic bytes
+    if parquet:
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ValueError(f"dataset {name}: {path} is parquet, which needs pyarrow (optional, not installed): "
+                             f"pip install pyarrow, or convert it to jsonl once, e.g. with pandas: "
+                             f"pd.read_parquet(path).to_json(out, orient='records', lines=True)") from None
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as e:  # pyarrow's own errors (ArrowInvalid, OSError) for a damaged file
+            raise ValueError(f"dataset {name}: cannot read parquet file {path}: {e}") from None
+        yield from enumerate(rows, 1)
+        return
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield i, json.loads(line)
+                except ValueError as e:  # json.JSONDecodeError
+                    yield i, e
+
+
+def read_dataset(name, path, media_root="", log=print):
+    """Read a local jsonl or parquet copy of dataset `name` (READERS) -> (examples, counts). Rows grouped per
+    image become one multi-turn example. Malformed rows and missing or unreadable media are skipped and counted,
+    and one summary line per dataset is printed with the first problem of each kind (file:row)."""
     if name not in READERS:
         raise ValueError(f"no reader for dataset {name!r}; readers: {', '.join(sorted(READERS))}")
     if not os.path.exists(path):
         raise FileNotFoundError(f"dataset {name}: file not found: {path}")
-    with open(path, "rb") as f:
-        if f.read(4) == b"PAR1":  # parquet's magic bytes
-            raise ValueError(f"dataset {name}: {path} is parquet, which nanoMolmo2 does not read (no parquet library "
-                             f"among its packages); convert it to jsonl once, e.g. with pandas: "
-                             f"pd.read_parquet(path).to_json(out, orient='records', lines=True)")
     groups, counts, first = {}, Counter(), {}
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                if not isinstance(rec, dict):
-                    raise ValueError("a row must be a JSON object")
-                key, ex = READERS[name](rec, media_root, i)
-            except MissingMedia as e:
-                kind, why = "missing media", str(e)
-            except Filtered as e:
-                kind, why = "filtered", str(e)
-            except (ValueError, KeyError, TypeError) as e:  # json.JSONDecodeError is a ValueError
-                kind, why = "malformed", f"{type(e).__name__}: {e}"
+    for i, rec in dataset_rows(name, path):
+        try:
+            if isinstance(rec, Exception):
+                raise rec
+            if not isinstance(rec, dict):
+                raise ValueError("a row must be a JSON object")
+            key, ex = READERS[name](rec, media_root, i)
+        except MissingMedia as e:
+            kind, why = "missing media", str(e)
+        except Filtered as e:
+            kind, why = "filtered", str(e)
+        except (ValueError, KeyError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+            kind, why = "malformed", f"{type(e).__name__}: {e}"
+        else:
+            counts["rows"] += 1
+            if key in groups:
+                groups[key]["turns"] += ex["turns"]
             else:
-                counts["rows"] += 1
-                if key in groups:
-                    groups[key]["turns"] += ex["turns"]
-                else:
-                    groups[key] = ex
-                continue
-            counts[kind] += 1
-            first.setdefault(kind, f"{path}:{i}: {why}")
+                groups[key] = ex
+            continue
+        counts[kind] += 1
+        first.setdefault(kind, f"{path}:{i}: {why}")
     examples = list(groups.values())
     problems = "; ".join(first.values())
     if not examples:

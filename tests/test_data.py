@@ -612,6 +612,14 @@ def test_pixmo_readers_group_scale_and_skip(tmp_path, tok, cfg):
                                'Counting the <points coords="1 1 100 100 2 300 900">cup</points> shows a total of 2.')]
     e = data.encode_example(point, tok, cfg, {"point": 2.0})
     assert len(e["images"]) == 1 and sum(w > 0 for w in e["loss_weights"]) > 10
+    # the same rows as parquet (written by pyarrow, a test-only dependency; optional at run time): the same
+    # examples, and the rows pyarrow can type the same way are skipped and counted the same way
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    good = [json.loads(r) for r in rows if r.startswith("{") and r.endswith("}") and "[[" not in r]
+    pq.write_table(pa.Table.from_pylist(good), str(tmp_path / "points.parquet"))
+    pexs, pcounts = data.read_dataset("pixmo_points", str(tmp_path / "points.parquet"), media, log=lambda s: None)
+    assert pexs == exs and (pcounts["rows"], pcounts["malformed"], pcounts["missing media"]) == (3, 1, 2)
 
 
 def test_caption_count_and_text_readers(tmp_path):
@@ -641,9 +649,14 @@ def test_caption_count_and_text_readers(tmp_path):
         data.read_dataset("pixmo_nope", path)
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         data.read_dataset("tulu", str(tmp_path / "missing.jsonl"))
-    (tmp_path / "t.parquet").write_bytes(b"PAR1\x15\x04" + bytes(range(200)) + b"PAR1")  # a parquet header
-    with pytest.raises(ValueError, match=r"t.parquet is parquet, .* convert it to jsonl"):
+    (tmp_path / "t.parquet").write_bytes(b"PAR1\x15\x04" + bytes(range(200)) + b"PAR1")  # a damaged parquet
+    with pytest.raises(ValueError, match=r"cannot read parquet file .*t.parquet"):
         data.read_dataset("tulu", str(tmp_path / "t.parquet"))
+    import sys
+    from unittest import mock
+    with mock.patch.dict(sys.modules, {"pyarrow": None, "pyarrow.parquet": None}):  # as without pyarrow
+        with pytest.raises(ValueError, match=r"t.parquet is parquet, which needs pyarrow .* convert it to jsonl"):
+            data.read_dataset("tulu", str(tmp_path / "t.parquet"))
 
 
 def test_molmo2_video_and_multi_image_readers(tmp_path, tok, cfg):
