@@ -92,7 +92,7 @@ frame_tokens = True             # <frame_start>/<frame_end> around each video fr
 max_crops = 0                   # images: 0 = one crop of image_size (seed); n = Molmo2 multi-crop, up to n tiles
 crop_margins = (4, 4)           # multi-crop: the tiles' overlap, in patches a side (Molmo2: 4 + 4 of 27)
 proj_ff = 0                     # the projector's SwiGLU width; 0 = d_ff (Molmo2-8B: 18944)
-base_vocab = 0                  # 0 = from the tokenizer; set it to build a model without one (dry runs)
+base_vocab = 0                  # 0 = from the tokenizer; else the embedding's rows (Qwen3 pads to 151,936; dry runs)
 n_extra = 0                     # 0 = from the tokenizer (Molmo2 pads the extra rows to 128)
 d_model = 256
 n_layer = 4
@@ -548,6 +548,8 @@ def main(argv=()):
     print(mixing.mixture_table(weights, C.dataset_sizes, n_run, C.dataset_caps))
 
     model = hf[0] if hf else Molmo2(mconf)
+    if hf:
+        print(f"initialised from {C.init_from}: a Hugging Face Molmo2 checkpoint (its architecture and weights)")
     if C.init_llm and not C.dry_run:
         init_llm_from_qwen3(model, C.init_llm)
         print(f"LLM initialised from {C.init_llm}")
