@@ -165,6 +165,10 @@ def test_init_vit_from_siglip_matches_transformers(tmp_path, size):
         ref = torch.cat([hs.hidden_states[-1], hs.hidden_states[-3]], -1)  # vit_layers (-1, -3)
         got = model.vit(pixels)
     assert ref.std() > 0.5 and (got - ref).abs().max() < 1e-4
+    cfg_file = tmp_path / "config.json"
+    cfg_file.write_text(cfg_file.read_text().replace('"siglip_vision_model"', '"siglip2_vision_model"'))
+    with pytest.raises(ValueError, match="model_type='siglip2_vision_model' is not supported .* NaFlex"):
+        M.init_vit_from_siglip(model, str(tmp_path))
 
 
 def test_train_starts_from_hf_checkpoints(tok, tmp_path):
@@ -190,6 +194,8 @@ def test_train_starts_from_hf_checkpoints(tok, tmp_path):
     assert torch.equal(sd["vit.blocks.0.fc2.bias"], siglip.encoder.layers[0].mlp.fc2.bias)
     with pytest.raises(SystemExit, match=r"init_vit='nowhere' \(a SigLIP checkpoint directory\)"):
         train.main(run_args(tmp_path / "x", max_steps=1) + ["--init_vit=nowhere"])
+    with pytest.raises(SystemExit, match="init_llm initialises a model built from scratch; init_from='resume'"):
+        train.main(run_args(tmp_path / "run", max_steps=2, init_from="resume") + [f"--init_llm={tmp_path / 'qwen3'}"])
 
     ids = dict(image_start_token_id=tok.im_start, image_end_token_id=tok.im_end, image_patch_id=tok.im_patch,
                low_res_image_start_token_id=tok.low_res_im_start, frame_start_token_id=tok.frame_start,
