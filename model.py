@@ -5,7 +5,9 @@ The Molmo2 architecture, whole, in one file (molmo2_reference.md section 1):
      --attention pooling per window (2x2 images, 3x3 video)--> (N_tok, W) --SwiGLU projector--> (N_tok, d)
      --added to the embeddings of the <im_patch> slots--> Qwen3-style decoder --> next-token logits
 
-Module names follow Molmo2's roles (vit / connector / llm) so a plain name map can load real checkpoints.
+Module names follow Molmo2's roles (vit / connector / llm) so a plain name map can load real checkpoints: the
+last section reads and writes Hugging Face Molmo2 checkpoints (molmo2_hf_names) and starts the LLM from Qwen3 and
+the ViT from SigLIP. `python model.py CKPT DIR` exports a train.py checkpoint for transformers.
 """
 import functools
 import json
