@@ -28,9 +28,9 @@ def build(argv):
     from model import Molmo2, ModelConfig
     cfg = train.configure([a for a in argv if not a.startswith(("--steps=",))],
                           {k: getattr(train, k) for k in train.CONFIG_KEYS})
-    tok = data.build_tokenizer(cfg["tokenizer"])
+    tok = data.build_tokenizer(cfg["tokenizer"], base_vocab=cfg["base_vocab"] or None)  # as train.py builds it
     mc = {k: cfg[k] for k in train.MODEL_KEYS}
-    mc.update(base_vocab=tok.base_vocab, n_extra=tok.n_extra, im_patch_id=tok.im_patch)
+    mc.update(base_vocab=tok.base_vocab, n_extra=max(cfg["n_extra"], tok.n_extra), im_patch_id=tok.im_patch)
     mconf = ModelConfig(**mc)
     return cfg, tok, mconf, Molmo2(mconf)
 
