@@ -262,7 +262,8 @@ def plan(argv):
               f"x {tokens // cfg['batch_size']:,} tokens, {imgs:,} {'frames' if video else 'images'} at "
               f"{c.image_size} px (worst case); measured: {per_tok / 1e3:.1f} kB per token per LLM block, "
               f"{per_img / 1e6:.1f} MB per image in the ViT, {per_pool[ph * pw] / 1e3:.1f} kB per pooled token; "
-              f"logits kept for {opts['loss_frac']:.0%} of the tokens (--loss_frac)")
+              f"logits kept for {opts['loss_frac']:.0%} of the tokens (--loss_frac)"
+              + (f", {cfg['loss_chunk']:,} at a time (loss_chunk)" if cfg["loss_chunk"] else ""))
         layouts = [(opts["dp"] or 8 // (opts["cp"] or 1), opts["cp"] or 1, bool(opts["fsdp"]), bool(opts["act_ckpt"]))] \
             if any(opts[k] is not None for k in ("dp", "cp", "fsdp", "act_ckpt")) else \
             [(8, 1, False, False), (8, 1, True, False), (8, 1, True, True), (4, 2, True, True), (2, 4, True, True),
@@ -281,7 +282,8 @@ def plan(argv):
             else:
                 vit_act = per_img * imgs
             visual = imgs * 3 * c.image_size ** 2 * 4 + vit_act + per_pool[ph * pw] * pooled
-            logits = opts["loss_frac"] * t * (c.base_vocab + c.n_extra) * (2 + 4 + 4)  # bf16, fp32, its grad
+            n_logits = opts["loss_frac"] * t if not cfg["loss_chunk"] else min(opts["loss_frac"] * t, cfg["loss_chunk"])
+            logits = n_logits * (c.base_vocab + c.n_extra) * (2 + 4 + 4)  # bf16, fp32, its grad (one chunk's)
             row = [params, adam, grads, act, visual, logits]
             print(f"  {dp:>3} x {cp:<2} {str(fsdp):>5} {str(ckpt):>5} | " + " ".join(f"{v / 1e9:7.1f}" for v in row[:3])
                   + f" {row[3] / 1e9:8.1f} " + " ".join(f"{v / 1e9:7.1f}" for v in row[4:]) + f" | {sum(row) / 1e9:8.1f}")

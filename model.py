@@ -352,6 +352,7 @@ class Molmo2(nn.Module):
         self.attn_impl = "sdpa"  # 'sdpa': dense bool mask (the reference), 'flex': FlexAttention BlockMask
         self.cp = None           # a cp_attention.ContextParallel: split each sequence over a cp group (training)
         self.act_ckpt = False    # activation checkpointing: keep each LLM block's input only, recompute in backward
+        self.loss_chunk = 0      # loss-head rows per chunk (0 = all at once): one chunk's logits alive at a time
         self.vit = ViT(c)
         self.connector = Connector(c)
         self.llm = LLM(c)
@@ -466,9 +467,20 @@ class Molmo2(nn.Module):
         if self.cp is not None:  # labels were shifted by collate, so sharding keeps each (token, next token) pair
             w, labels = self.cp.shard(w, 0.0), self.cp.shard(labels, -1)
         sel = w > 0                                  # logits only where there is loss (response_logits_only)
-        logits = self.llm.head(h[sel]).float()       # (N_loss, V), CE in fp32
-        ce = F.cross_entropy(logits, labels[sel], reduction="none")
-        return (ce * w[sel]).sum(), w[sel].sum()
+        h, labels, w = h[sel], labels[sel], w[sel]   # (N_loss, d), (N_loss,), (N_loss,)
+
+        def ce_sum(h, y, w):  # the head's logits (n, V), cross-entropy in fp32, weighted and summed
+            return (F.cross_entropy(self.llm.head(h).float(), y, reduction="none") * w).sum()
+        n = self.loss_chunk
+        if not n or len(h) <= n:
+            return ce_sum(h, labels, w), w.sum()
+        # Chunked: at 151,936 vocabulary rows the logits are 0.6 MB a token in fp32 (with their bf16 copy and
+        # gradient, ~1.5 MB), more than all the LLM's checkpointed activations; here only one chunk's exist at a
+        # time, and the backward recomputes each chunk's from its hidden states (non-reentrant checkpoint).
+        ckpt = torch.is_grad_enabled()
+        loss = sum(checkpoint(ce_sum, h[i:i + n], labels[i:i + n], w[i:i + n], use_reentrant=False) if ckpt
+                   else ce_sum(h[i:i + n], labels[i:i + n], w[i:i + n]) for i in range(0, len(h), n))
+        return loss, w.sum()
 
     def logits(self, batch):
         return self.llm.head(self.hidden(batch)).float()  # (B, T, V)

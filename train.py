@@ -127,6 +127,7 @@ cp = 1                          # context-parallel degree: ranks that split one 
 cp_mode = "ulysses"             # 'ulysses': all-to-all over heads (Molmo2's choice, DESIGN) | 'ring': zigzag ring
 fsdp = False                    # FSDP2: shard params, grads and Adam state over all ranks (else DDP replicates them)
 act_ckpt = False                # activation checkpointing of the LLM blocks: recompute in backward, save memory
+loss_chunk = 0                  # loss-head tokens per chunk (0 = all at once): only one chunk's logits in memory
 # ---------------------------------------------------------------------------------------------------------
 CONFIG_KEYS = [k for k, v in list(globals().items())
                if not k.startswith("_") and isinstance(v, (int, float, bool, str, dict, tuple, list))]
@@ -582,6 +583,7 @@ def main(argv=()):
             p.requires_grad_(False)
     model.attn_impl = C.attn_impl
     model.act_ckpt = model.vit.act_ckpt = C.act_ckpt  # the LLM's blocks and the ViT's
+    model.loss_chunk = C.loss_chunk
     if D.cp > 1:
         from cp_attention import ContextParallel
         if C.cp_mode == "ulysses" and mconf.n_head % D.cp:

@@ -19,6 +19,7 @@ max_steps = 100_000        # seed: "Steps: ~100,000"
 lr = 1e-4                  # seed: "Learning rate: 1e-4", taken as the LLM's; connector 10x, ViT 0.3x (Molmo2)
 warmup_steps = 2000        # seed: "with warmup (2K steps)"
 eval_interval = 2000
+loss_chunk = 4096          # the loss head 4,096 tokens at a time: 6 GB of logits, not 25-56 (bench.py --plan)
 # ViT: SigLIP2-B/16 at the seed's 224 px (google/siglip2-base-patch16-224; Molmo2's own is SigLIP2 so400m/14
 # at 378 px, 411M parameters to this one's 85M): 14x14 patches -> 7x7 pooled tokens an image, 5x5 a video frame
 image_size = 224

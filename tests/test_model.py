@@ -95,6 +95,23 @@ def test_loss_matches_hand_computed_weighted_ce(model, batch):
     assert set(w[w > 0].tolist()) == {1.0, 2.0}  # the point example's answer weighs 2x
 
 
+def test_chunked_loss_head_equals_whole(tok, cfg, batch):
+    """loss_chunk: the loss head in chunks of 7 rows, each recomputed in the backward, gives the whole head's
+    loss and gradients (fp32, up to summation order), and does not change the weight sum."""
+    grads = {}
+    for chunk in (0, 7):
+        model = make_model(cfg)
+        model.loss_chunk = chunk
+        ls, ws = model(batch)
+        (ls / ws).backward()
+        grads[chunk] = (ls.item(), ws.item(), torch.cat([p.grad.flatten() for p in model.parameters()]))
+    n_loss = int((batch["loss_weights"] > 0).sum())
+    assert n_loss > 3 * 7  # several chunks, the last one partial
+    (l0, w0, g0), (l7, w7, g7) = grads[0], grads[7]
+    assert w0 == w7 and l7 == pytest.approx(l0, rel=1e-6)
+    assert ((g7 - g0).norm() / g0.norm()).item() < 1e-6
+
+
 def test_attention_mask_4d_explicit():
     am = torch.tensor([[True, True, True, True, True], [False, True, True, True, True]])
     vis = torch.tensor([[False, True, True, True, False], [False, False, True, True, False]])
