@@ -320,8 +320,8 @@ def _to_rgb(im):
 def load_image(src):
     """A path or a PIL image -> PIL RGB. Any mode (L, P, RGBA, CMYK, I;16...) is converted. A missing or
     unreadable file is an error that names it."""
-    if isinstance(src, Image.Image):
-        return _to_rgb(src)
+    if isinstance(src, Image.Image):  # already in memory: an RGB image is used as is (no copy per crop or frame)
+        return src if src.mode == "RGB" else _to_rgb(src)
     try:
         with Image.open(src) as im:
             return _to_rgb(im)

@@ -141,6 +141,14 @@ def sincos_2d(gh, gw, dim):
     return torch.cat([row[:, None].expand(gh, gw, -1), col[None].expand(gh, gw, -1)], -1).reshape(gh * gw, dim)
 
 
+def patchify(x, p):
+    """(N, 3, H, W) -> (N, (H/p)*(W/p), p*p*3): row-major patches, each flattened as (py, px, rgb) like Molmo2's
+    image_preprocessor (and the pixel_values of transformers' Molmo2), so a released patch_embed applies unchanged."""
+    N, C, H, W = x.shape
+    x = x.reshape(N, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)
+    return x.reshape(N, (H // p) * (W // p), p * p * C)
+
+
 class ViT(nn.Module):
     def __init__(self, c):
         super().__init__()
@@ -155,12 +163,7 @@ class ViT(nn.Module):
         self.act_ckpt = False  # activation checkpointing (train.py act_ckpt): each block recomputed in backward
 
     def patchify(self, x):
-        """(N, 3, H, W) -> (N, (H/p)*(W/p), p*p*3): row-major patches, each flattened as (py, px, rgb) like
-        Molmo2's image_preprocessor, so a released patch_embed matrix applies unchanged."""
-        N, C, H, W = x.shape
-        p = self.c.patch_size
-        x = x.view(N, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)
-        return x.reshape(N, (H // p) * (W // p), p * p * C)
+        return patchify(x, self.c.patch_size)
 
     def forward(self, pixels):  # (N, 3, H, W) -> (N, P, len(vit_layers) * W)
         x = self.patch_embed(self.patchify(pixels)) + self.pos_embed
@@ -712,8 +715,8 @@ def molmo2_config_from_hf(cfg, source="config.json"):
     -> (ModelConfig kwargs, {special token: id}). What this model does not implement is an error, not a guess."""
     v, a, t = _get(cfg, "vision_config", "vit_config", default={}), cfg.get("adapter_config", {}), cfg["text_config"]
     size = _get(v, "image_size", "image_default_input_size", default=[378, 378])
-    heads = v.get("num_attention_heads", 16)
-    W = v.get("hidden_size", 1152)
+    heads, W = v.get("num_attention_heads", 16), v.get("hidden_size", 1152)
+    patch = _get(v, "patch_size", "image_patch_size", default=14)
     rope = t.get("rope_parameters") or {"rope_type": "default", "rope_theta": t.get("rope_theta", 1e6)}
     n_layer = t.get("num_hidden_layers", 36)
     _require(source, **{
@@ -735,11 +738,11 @@ def molmo2_config_from_hf(cfg, source="config.json"):
         "text_config.rope_scaling": (t.get("rope_scaling"), None),
         "text_config.rope_scaling_layers": (t.get("rope_scaling_layers") or list(range(n_layer)),
                                             list(range(n_layer)))})
-    mc = dict(image_size=size[0], patch_size=_get(v, "patch_size", "image_patch_size", default=14), vit_width=W,
+    mc = dict(image_size=size[0], patch_size=patch, vit_width=W,
               vit_depth=v.get("num_hidden_layers", 25), vit_heads=heads, vit_mlp=v.get("intermediate_size", 4304),
               vit_layers=tuple(_get(a, "vision_feature_layer", "vit_layers", default=[24, 18])),
               # the image processor's settings (not in config.json): Molmo2's, where its crop has room for them
-              max_crops=8 if size[0] // _get(v, "patch_size", "image_patch_size", default=14) > 8 else 0,
+              max_crops=8 if size[0] // patch > 8 else 0,
               crop_margins=(4, 4), frame_tokens=cfg.get("use_frame_special_tokens", True),
               proj_ff=a.get("intermediate_size", 18944),
               base_vocab=t.get("vocab_size", 151936), n_extra=t.get("additional_vocab_size", 128),
@@ -757,6 +760,15 @@ def molmo2_config_from_hf(cfg, source="config.json"):
 HF_TOKEN_KEYS = {"image_start_token_id": "im_start", "low_res_image_start_token_id": "low_res_im_start",
                  "image_end_token_id": "im_end", "image_patch_id": "im_patch", "frame_start_token_id": "frame_start",
                  "frame_end_token_id": "frame_end"}
+
+
+def check_token_ids(ids, tok, source):
+    """A Molmo2 checkpoint's special-token ids (HF_TOKEN_KEYS) against a tokenizer's: the data must put <im_patch>
+    etc. where the checkpoint reads them. A mismatch is a ValueError naming both ids."""
+    bad = {k: (ids[k], getattr(tok, a)) for k, a in HF_TOKEN_KEYS.items() if k in ids and ids[k] != getattr(tok, a)}
+    if bad:
+        raise ValueError(f"{source}: its config and the tokenizer {tok.name!r} disagree on {bad} (config id, "
+                         f"tokenizer id); use the checkpoint's own tokenizer.json")
 
 
 def load_hf_molmo2(path):

@@ -24,14 +24,11 @@ def load_model(path, device="cpu"):
     token ids must be the ones its config.json names."""
     import os
     import data
-    from model import HF_TOKEN_KEYS, Molmo2, ModelConfig, load_hf_molmo2
+    from model import Molmo2, ModelConfig, check_token_ids, load_hf_molmo2
     if os.path.isdir(path):
         model, ids = load_hf_molmo2(path)
         tok = data.build_tokenizer(os.path.join(path, "tokenizer.json"), base_vocab=model.c.base_vocab)
-        bad = {k: (ids[k], getattr(tok, a)) for k, a in HF_TOKEN_KEYS.items()
-               if k in ids and ids[k] != getattr(tok, a)}
-        if bad:
-            raise SystemExit(f"{path}: config.json and tokenizer.json disagree on {bad} (config id, tokenizer id)")
+        check_token_ids(ids, tok, path)
         return model.to(device).eval(), tok, model.c
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)

@@ -480,7 +480,7 @@ def main(argv=()):
         raise SystemExit(f"eval_tasks: {bad} cannot be scored; scored tasks are {', '.join(SCORED_TASKS)}")
     import data
     import mixing
-    from model import HF_TOKEN_KEYS, Molmo2, ModelConfig, init_llm_from_qwen3, init_vit_from_siglip, load_hf_molmo2
+    from model import Molmo2, ModelConfig, check_token_ids, init_llm_from_qwen3, init_vit_from_siglip, load_hf_molmo2
 
     dev = torch.device("cuda" if C.device == "auto" and torch.cuda.is_available() else
                        ("cpu" if C.device == "auto" else C.device))
@@ -505,15 +505,15 @@ def main(argv=()):
     for key in ("init_llm", "init_vit"):
         if cfg[key] and C.init_from != "scratch":
             raise SystemExit(f"{key} initialises a model built from scratch; init_from={C.init_from!r} loads one")
-    ckpt, hf = None, None
+    ckpt, hf_model = None, None
     if C.dry_run and C.init_from != "scratch":
         print(f"dry_run: init_from={C.init_from!r} not loaded; the model is built from the config")
     elif C.init_from != "scratch":
         path = os.path.join(C.out_dir, "ckpt.pt") if C.init_from == "resume" else C.init_from
         if not os.path.exists(path):
             raise SystemExit(f"init_from={C.init_from!r}: checkpoint {path} not found")
-        if os.path.isdir(path):  # a Hugging Face Molmo2 checkpoint: (model, special-token ids of its config)
-            hf = load_hf_molmo2(path)
+        if os.path.isdir(path):  # a Hugging Face Molmo2 checkpoint: its model, and the special-token ids of its config
+            hf_model, hf_ids = load_hf_molmo2(path)
         else:
             ckpt = torch.load(path, map_location="cpu", weights_only=False)
     tok = None
@@ -523,12 +523,9 @@ def main(argv=()):
     mc = {k: cfg[k] for k in MODEL_KEYS}
     if ckpt:
         mc.update(ckpt["model_config"])  # the architecture comes from the checkpoint
-    if hf:
-        mc = dataclasses.asdict(hf[0].c)
-        for key, attr in HF_TOKEN_KEYS.items():  # the data must put <im_patch> etc. where the checkpoint reads them
-            if key in hf[1] and getattr(tok, attr) != hf[1][key]:
-                raise SystemExit(f"init_from={path}: its config has {key}={hf[1][key]}, but tokenizer="
-                                 f"{C.tokenizer!r} gives {getattr(tok, attr)}; use the checkpoint's tokenizer.json")
+    if hf_model is not None:
+        mc = dataclasses.asdict(hf_model.c)
+        check_token_ids(hf_ids, tok, f"init_from={path}")
     elif tok:  # 0 = the tokenizer's: its ids, then its vision tokens on the extra rows
         mc["base_vocab"], mc["n_extra"] = mc["base_vocab"] or tok.base_vocab, mc["n_extra"] or tok.n_extra
         if tok.base_vocab != mc["base_vocab"] or tok.n_extra > mc["n_extra"]:
@@ -548,8 +545,8 @@ def main(argv=()):
     n_run = None if C.packing else C.max_steps * C.batch_size * C.grad_accum  # packed rows hold a varying number
     print(mixing.mixture_table(weights, C.dataset_sizes, n_run, C.dataset_caps))
 
-    model = hf[0] if hf else Molmo2(mconf)
-    if hf:
+    model = hf_model if hf_model is not None else Molmo2(mconf)
+    if hf_model is not None:
         print(f"initialised from {C.init_from}: a Hugging Face Molmo2 checkpoint (its architecture and weights)")
     if C.init_llm and not C.dry_run:
         init_llm_from_qwen3(model, C.init_llm)
