@@ -251,7 +251,8 @@ def main(argv=None):
     ap.add_argument("--ckpt", default="out/shapes_stage1/ckpt.pt")
     ap.add_argument("--prompts", type=int, default=500)
     ap.add_argument("--blind", action="store_true", help="blank images: the image-blind baseline")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                    help="auto: bf16 where this CPU runs it faster than fp32 (machine.resolve_dtype)")
     n_max = shapes.MAX_OBJECTS
     ap.add_argument("--max_objects", type=int, default=n_max, choices=range(1, n_max + 1), metavar=f"1..{n_max}",
                     help="image scenes of at most this many objects (1: the read-out alone, no choice to make)")
@@ -268,7 +269,9 @@ def main(argv=None):
     if not tasks or any(t not in SCORED_TASKS for t in tasks):
         ap.error(f"--tasks {a.tasks!r}: each must be one of {', '.join(SCORED_TASKS)}")
     model, tok, mc = sample.load_model(a.ckpt)
-    ac = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if a.dtype == "bfloat16" else None
+    from machine import resolve_dtype
+    dt = resolve_dtype(a.dtype, torch.device("cpu"))
+    ac = (lambda: torch.autocast("cpu", dtype=dt)) if dt != torch.float32 else None
     metrics, records = evaluate_shapes(model, tok, mc, n_prompts=a.prompts, tasks=tasks, blind=a.blind,
                                        autocast=ac, max_objects=a.max_objects, video_frames=frames)
     print(", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from machine import peak_flops, resolve_dtype
+
 # ---------------------------------------------------------------------------------------------------------
 # defaults: a small model on the shapes world (config/*.py set up each stage); every one can be overridden
 # by a config file or --key=value
@@ -42,6 +44,8 @@ final_eval_prompts = 500        # the acceptance figure needs at least 500 per t
 log_interval = 10               # steps between log lines
 dry_run = False                 # build model + mixture, print them, stop before the first step
 stop_at = 0                     # stop (checkpointed) after this step, schedule unchanged; 0 = run to max_steps
+max_minutes = 0.0               # wall-clock budget of the whole run (0 = off): after BUDGET_PROBE_STEPS the run fixes
+                                # its step count to fit (max_steps the upper bound) and lays the schedule over it
 blind_baseline = True           # after the final eval, evaluate again with blank images (what the image adds)
 # data
 dataset = "shapes"              # 'shapes': the built-in world; anything else: local copies (data_paths, data.READERS)
@@ -117,9 +121,11 @@ weight_decay = 0.0
 grad_clip = 1.0
 # system
 device = "auto"                 # 'auto' = cuda if present, else cpu
-dtype = "bfloat16"              # autocast dtype; 'float32' turns autocast off (the reference path)
+dtype = "auto"                  # autocast dtype: 'auto' = bf16 on CUDA, on a CPU whichever is faster here
+                                # (train.resolve_dtype); 'float32' turns autocast off (the reference path)
 compile = False                 # torch.compile the model (measured: no gain for the tiny CPU model)
-attn_impl = "sdpa"              # 'sdpa': dense bool mask (reference) | 'flex': FlexAttention BlockMask (CUDA)
+attn_impl = "auto"              # 'auto': flex on CUDA, sdpa on CPU | 'sdpa': dense bool mask (the reference) |
+                                # 'flex': FlexAttention BlockMask (compiled on CUDA: no T x T scores in memory)
 threads = 0                     # CPU threads for torch; 0 = torch's default
 seed = 1337
 # scale-out, under torchrun (README "GPU nodes"): world = dp x cp ranks
@@ -137,8 +143,9 @@ MODEL_KEYS = ["image_size", "patch_size", "vit_width", "vit_depth", "vit_heads",
               "head_dim", "d_ff", "rope_theta", "tie_embeddings", "bidir_vision"]
 
 
-CHOICES = {"mixing_rule": ("fixed", "sqrt"), "loss_weighting": ("task", "root"), "attn_impl": ("sdpa", "flex"),
-           "dtype": ("bfloat16", "float16", "float32"), "cp_mode": ("ring", "ulysses")}
+CHOICES = {"mixing_rule": ("fixed", "sqrt"), "loss_weighting": ("task", "root"),
+           "attn_impl": ("auto", "sdpa", "flex"), "dtype": ("auto", "bfloat16", "float16", "float32"),
+           "cp_mode": ("ring", "ulysses")}
 
 
 def configure(argv, defaults):
@@ -190,23 +197,22 @@ def lr_at(step, peak, warmup, total, min_frac):
     return peak * (min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def peak_flops(dev, dt):
-    """Peak FLOP/s for MFU. GPUs: datasheet dense bf16 (as nanochat's table); an unknown GPU gives inf (MFU 0,
-    not a guess). CPU: measured once here, a large matmul in the training dtype, so MFU says how close the
-    model runs to what this CPU can do."""
-    if dev.type == "cuda":
-        name = torch.cuda.get_device_name(dev)
-        for key, f in {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
-                       "4090": 165e12, "B200": 2250e12}.items():
-            if key in name:
-                return f if dt != torch.float32 else f / 16  # fp32 without TF32 is ~1/16 of bf16 dense
-        return float("inf")
-    a = torch.randn(1024, 1024, dtype=dt)
-    a @ a
-    t = time.perf_counter()
-    for _ in range(10):
-        a @ a
-    return 10 * 2 * 1024 ** 3 / (time.perf_counter() - t)
+BUDGET_PROBE_STEPS = 10  # max_minutes: steps timed before the step count is fixed (the first 2 are warm-up)
+BUDGET_MARGIN = 0.95     # plan for 95% of the budget: step times drift a little over a run
+
+
+def steps_in_budget(budget_s, spent_s, done, step_s, eval_s, final_s, eval_interval, max_steps):
+    """The largest total step count N <= max_steps whose run fits budget_s seconds ("Cramming", Geiping and
+    Goldstein 2022: train for a fixed time, not a fixed number of steps). spent_s have gone by with `done` steps
+    made; each further step costs step_s, every periodic eval eval_s (at each multiple of eval_interval below N, the
+    ones after `done`), the end final_s (final eval, baseline, checkpoint). At least `done` (stop now)."""
+    def cost(n):
+        evals = (n - 1) // eval_interval - done // eval_interval if n > done else 0
+        return spent_s + (n - done) * step_s + max(0, evals) * eval_s + final_s
+    n = max_steps
+    while n > done and cost(n) > budget_s:
+        n -= 1
+    return max(n, done)
 
 
 def save_checkpoint(path, obj):
@@ -454,11 +460,34 @@ def pretrain_vit(model, C, dev, autocast, print=print):
     return losses, dict(centre_acc=acc, centre_err_px=err)
 
 
+def fit_budget(C, step, step_s, t_start, evals, run_eval, print=print):
+    """max_minutes: the run's total step count, decided once at `step` from the measured step time step_s and the
+    time spent since t_start. The evals' cost is measured too: one periodic eval now (its figures are not kept),
+    scaled to the final eval's prompts, twice with the blind baseline. The untrained model answers at full length,
+    so this over-estimates a little: the run ends a little early, never late. Every rank calls it (run_eval is
+    collective) and gets the same answer (rank 0's figures are broadcast)."""
+    eval_s = final_s = 0.0
+    if evals and C.eval_prompts:
+        t = time.time()
+        run_eval(C.eval_prompts)
+        eval_s = time.time() - t
+        final_s = eval_s * C.final_eval_prompts / C.eval_prompts * (2 if C.blind_baseline else 1)
+    budget = 60 * C.max_minutes * BUDGET_MARGIN
+    spent = time.time() - t_start
+    n = steps_in_budget(budget, spent, step, step_s, eval_s, final_s, C.eval_interval, C.max_steps)
+    print(f"max_minutes={C.max_minutes:g}: {fmt_time(spent)} spent by step {step}; {step_s:.2f} s a step, "
+          f"{eval_s:.1f} s a periodic eval, {final_s:.1f} s for the final one -> {n:,} steps fit "
+          f"{BUDGET_MARGIN:.0%} of the budget (max_steps {C.max_steps:,}); warmup {C.warmup_steps}, cosine to step {n:,}",
+          flush=True)
+    return n
+
+
 def fmt_time(s):
     return f"{int(s // 3600)}:{int(s % 3600 // 60):02d}:{int(s % 60):02d}"
 
 
 def main(argv=()):
+    t_start = time.time()  # max_minutes counts from here: building, vision pretraining, training, evals
     cfg = configure(argv, {k: globals()[k] for k in CONFIG_KEYS})
     C = type("Config", (), cfg)  # attribute access: C.lr
     for key, allowed in CHOICES.items():  # keys that take one of a few words: a typo stops here, named
@@ -494,7 +523,7 @@ def main(argv=()):
     torch.manual_seed(C.seed)
     random.seed(C.seed)
     np.random.seed(C.seed)
-    pt_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[C.dtype]
+    pt_dtype = resolve_dtype(C.dtype, dev, print)
     autocast = (lambda: torch.autocast(dev.type, dtype=pt_dtype)) if pt_dtype != torch.float32 else nullcontext
 
     # tokenizer and model config ------------------------------------------------------------------------
@@ -567,7 +596,7 @@ def main(argv=()):
               f"{dist.get_backend()}; global batch {D.dp * C.batch_size * C.grad_accum} rows")
 
     sampler = mixing.MixtureSampler(weights, sizes, seed=C.seed, rank=D.dp_rank, world_size=D.dp)
-    step, history = 0, dict(step=[], loss=[], evals=[])
+    step, history, budget_steps = 0, dict(step=[], loss=[], evals=[]), None
     if ckpt:  # weights before wrapping: DDP broadcasts them, FSDP2 shards them
         model.load_state_dict(ckpt["model"])
         if C.init_from != "resume":
@@ -595,6 +624,7 @@ def main(argv=()):
     if C.init_from == "resume":  # full state: optimizer, step, RNG, sampler, curve so far
         load_optimizer(model, opt, ckpt["optimizer"])
         step = ckpt["step"]
+        budget_steps = ckpt.get("budget_steps")  # a max_minutes run's fixed step count
         history = ckpt["history"]
         torch.set_rng_state(ckpt["rng"]["torch"])
         random.setstate(ckpt["rng"]["python"])
@@ -622,7 +652,7 @@ def main(argv=()):
         if D.rank == 0:
             save_checkpoint(os.path.join(C.out_dir, "ckpt.pt"), dict(
                 model=msd, optimizer=osd, step=step, config=cfg,
-                model_config=mc, tokenizer=tok.state(), streams=streams, history=history,
+                model_config=mc, tokenizer=tok.state(), streams=streams, history=history, budget_steps=budget_steps,
                 rng=dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state())))
 
     def run_eval(n, blind=False):  # -> (metrics, records [(task, question, answer, reference, score)])
@@ -659,9 +689,18 @@ def main(argv=()):
     mark = dict(tot)
     eval_seconds = 0.0
     start_step = step
-    while step < C.max_steps and not (C.stop_at and step >= C.stop_at):
+    # The step count the schedule is laid over: max_steps, or under max_minutes the count that fits the budget, fixed
+    # once after BUDGET_PROBE_STEPS and saved in the checkpoint (a resumed run keeps it: the schedule stays exact).
+    # The probe ends inside the warmup, whose LR does not depend on the total, so the steps before it are the same.
+    decide_at = max(BUDGET_PROBE_STEPS, start_step + BUDGET_PROBE_STEPS) if C.max_minutes and not budget_steps else None
+    total = budget_steps or C.max_steps
+    if decide_at is not None and decide_at >= C.warmup_steps:
+        print(f"max_minutes: note, the step count is fixed at step {decide_at}, after warmup_steps={C.warmup_steps}: "
+              f"the LR of the steps before it assumed max_steps={C.max_steps}")
+    t_probe = None
+    while step < total and not (C.stop_at and step >= C.stop_at):
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, g["peak"], C.warmup_steps, C.max_steps, C.min_lr_frac)
+            g["lr"] = lr_at(step, g["peak"], C.warmup_steps, total, C.min_lr_frac)
         batches = [get_batch() for _ in range(C.grad_accum)]
         try:
             loss_total = accumulate(fwd, batches, autocast, D, no_sync)
@@ -683,17 +722,27 @@ def main(argv=()):
         history["step"].append(step)
         history["loss"].append(loss_total)
         tot["seconds"] = time.time() - t0 - eval_seconds
-        if step % C.log_interval == 0 or step == C.max_steps:
+        if decide_at is not None and step == decide_at - BUDGET_PROBE_STEPS + 2:
+            t_probe = time.time()  # the first two steps (allocation, kernel choice) are not timed
+        if step == decide_at:
+            total = fit_budget(C, step, (time.time() - t_probe) / (BUDGET_PROBE_STEPS - 2), t_start, evals,
+                               run_eval, print)
+            if D.world > 1:  # rank 0's count for every rank: their clocks differ a little, their loops must not
+                t = torch.tensor(total)
+                dist.broadcast(t, src=0)
+                total = int(t)
+            budget_steps, decide_at = total, None
+        if step % C.log_interval == 0 or step == total:
             d = {k: tot[k] - mark[k] for k in tot}  # since the previous log line
             el = time.time() - t0
-            eta = el / (step - start_step) * (C.max_steps - step)
-            print(f"step {step:5d}/{C.max_steps} | loss {loss_total:.4f} | gnorm {float(gnorm):.2f} | "
+            eta = el / (step - start_step) * (total - step)
+            print(f"step {step:5d}/{total} | loss {loss_total:.4f} | gnorm {float(gnorm):.2f} | "
                   f"lr {opt.param_groups[-1]['lr']:.2e} | {d['tokens'] / d['seconds']:,.0f} tok/s | "
                   f"non-pad {100 * d['tokens'] / d['cells']:.0f}% | {d['examples'] / d['seconds']:.1f} ex/s | "
                   f"MFU {100 * d['flops'] / d['seconds'] / (peak * D.world):.1f}% | elapsed {fmt_time(el)} | ETA {fmt_time(eta)}",
                   flush=True)
             mark = dict(tot)
-        if step % C.eval_interval == 0 and step < C.max_steps:
+        if step % C.eval_interval == 0 and step < total:
             t_eval = time.time()
             checkpoint()  # saved before the eval, so an eval crash never loses the work (nanochat #446)
             if evals:
@@ -709,7 +758,7 @@ def main(argv=()):
               f"{tot['examples'] / max(1, step - start_step) / C.grad_accum:.1f} examples per micro-batch")
     if step > start_step or C.init_from == "resume":
         checkpoint()
-    if C.final_eval_prompts and step >= C.max_steps and evals:
+    if C.final_eval_prompts and step >= total and evals:
         from eval import breakdown
         m, records = run_eval(C.final_eval_prompts)
         history["evals"].append(dict(step=step, final=True, **m))
@@ -726,7 +775,7 @@ def main(argv=()):
             result["blind"] = mb
         checkpoint()
         plot_curve(history, os.path.join(C.out_dir, "curve.png"))
-    print(f"done in {fmt_time(time.time() - t0)}; checkpoint {os.path.join(C.out_dir, 'ckpt.pt')}")
+    print(f"done in {fmt_time(time.time() - t_start)}; checkpoint {os.path.join(C.out_dir, 'ckpt.pt')}")
     if D.world > 1:
         dist.destroy_process_group()
     return result

@@ -14,6 +14,7 @@ video_frames = (12, 20)    # longer videos (stage 2: 6-11 frames); a 20-frame tr
 seq_len = 1024             # 2x stage 2's rows (the seed: 4,096 -> 36,864)
 max_images_per_row = 64    # 2x stage 2's vision budget (the seed: 128 -> 384 frames)
 batch_size = 4             # rows per micro-batch, the same 4,096-token micro-batch as stage 2 (8 x 512)
+max_minutes = 20.0         # the step count that fits 20 minutes here (train.fit_budget), at most max_steps
 max_steps = 500            # 300 steps at lr 2e-4 gave tracking 0.363 and lost 8% of image pointing (README)
 warmup_steps = 20
 lr = 1.5e-4                # half stage 2's 3e-4 (the seed: 5e-5 -> 3e-5)

@@ -1,0 +1,71 @@
+"""machine.py (the precision chosen by measurement) and train.py's wall-clock budget (max_minutes)."""
+import pytest
+import torch
+
+import machine
+import train
+from test_train import run_args
+
+
+@pytest.fixture
+def rates(monkeypatch):
+    """Replace the matmul measurement with given rates (FLOP/s by dtype): the choice, without timing anything."""
+    def set_rates(f32, b16):
+        monkeypatch.setattr(machine, "matmul_rate", lambda dt, **kw: {torch.float32: f32, torch.bfloat16: b16}[dt])
+    return set_rates
+
+
+@pytest.mark.parametrize("f32,b16,want", [(100e9, 500e9, torch.bfloat16),   # bf16 units (AMX, AVX-512 BF16)
+                                          (200e9, 1e9, torch.float32),      # AVX2 only: bf16 emulated, slow
+                                          (200e9, 220e9, torch.float32)])   # within the noise margin: fp32
+def test_auto_dtype_follows_the_measured_rates(rates, f32, b16, want):
+    rates(f32, b16)
+    said = []
+    assert machine.resolve_dtype("auto", torch.device("cpu"), said.append) == want
+    assert said[0].startswith(f"dtype auto -> {str(want).split('.')[-1]}") and "GFLOP/s in fp32" in said[0]
+    assert machine.resolve_dtype("auto", torch.device("cuda"), said.append) == torch.bfloat16  # no measuring
+    assert machine.resolve_dtype("float32", torch.device("cpu"), said.append) == torch.float32  # named: as named
+
+
+def test_train_auto_dtype_on_a_slow_bf16_cpu_is_the_fp32_run(rates, tmp_path, capsys):
+    rates(200e9, 1e9)
+    auto = train.main(run_args(tmp_path / "a", max_steps=3, dtype="auto"))["losses"]
+    assert "dtype auto -> float32" in capsys.readouterr().out
+    assert auto == train.main(run_args(tmp_path / "b", max_steps=3, dtype="float32"))["losses"]
+
+
+def test_matmul_rate_is_the_best_warm_run():
+    r = machine.matmul_rate.__wrapped__(torch.float32, n=64, runs=3)
+    assert 1e6 < r < 1e15  # a rate in FLOP/s, not a time
+
+
+def test_steps_in_budget_arithmetic():
+    # 100 s spent at step 10; 1 s a step, 5 s an eval every 20 steps, 30 s at the end, 600 s in all:
+    # N = 400 costs 100 + 390 + 5 * (399 // 20 - 0) + 30 = 615 > 600; N = 385: 100 + 375 + 5 * 19 + 30 = 600 fits
+    assert train.steps_in_budget(600, 100, 10, 1.0, 5.0, 30.0, 20, 1000) == 385
+    assert train.steps_in_budget(600, 100, 10, 1.0, 5.0, 30.0, 20, 300) == 300   # max_steps stays the upper bound
+    assert train.steps_in_budget(60, 100, 10, 1.0, 5.0, 30.0, 20, 1000) == 10    # over budget already: stop
+
+
+def test_max_minutes_fixes_the_steps_once_and_resume_keeps_them(tmp_path, monkeypatch, capsys):
+    """A budgeted run decides its step count after the probe (here pinned at 23, so that the figures repeat) and
+    lays the schedule over it: its losses are those of a run told max_steps=23. The periodic-eval probe leaves the
+    training stream alone. Stopped after the decision and resumed, it keeps the decision and repeats the losses."""
+    seen = []
+
+    def pinned(*args):
+        seen.append(args)
+        return 23
+    monkeypatch.setattr(train, "steps_in_budget", pinned)
+    kw = dict(max_steps=40, warmup_steps=12, eval_interval=10, eval_prompts=2)
+    a = train.main(run_args(tmp_path / "a", max_minutes=5.0, **kw))["losses"]
+    out = capsys.readouterr().out
+    assert len(a) == 23 and "23 steps fit" in out and "step    23/23 | loss" in out  # the last step logs
+    budget_s, spent, done, step_s, eval_s, final_s, interval, max_steps = seen[0]
+    assert done == train.BUDGET_PROBE_STEPS and step_s > 0 and eval_s > 0 and (interval, max_steps) == (10, 40)
+    assert budget_s == pytest.approx(5 * 60 * train.BUDGET_MARGIN)
+    b = train.main(run_args(tmp_path / "b", **dict(kw, max_steps=23)))["losses"]
+    assert a == b
+    train.main(run_args(tmp_path / "c", max_minutes=5.0, stop_at=15, **kw))
+    c = train.main(run_args(tmp_path / "c", max_minutes=5.0, init_from="resume", **kw))["losses"]
+    assert len(seen) == 2 and c == a  # decided once (the resumed run did not probe again)
