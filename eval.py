@@ -259,6 +259,8 @@ def main(argv=None):
     ap.add_argument("--tasks", default="point,count,qa", help="comma-separated, of: " + ",".join(SCORED_TASKS))
     ap.add_argument("--video_frames", default="", help="lo,hi: frames per video scene (default: shapes.VIDEO_FRAMES, "
                                                         "6,11; config/shapes_stage3.py trains on 12,20)")
+    ap.add_argument("--trust_checkpoint", action="store_true",
+                    help="read --ckpt with the full unpickler, which can run code: only for a file you made")
     a = ap.parse_args(argv)
     try:
         frames = tuple(int(x) for x in a.video_frames.split(",")) if a.video_frames else shapes.VIDEO_FRAMES
@@ -268,7 +270,7 @@ def main(argv=None):
     tasks = tuple(t for t in a.tasks.split(",") if t)
     if not tasks or any(t not in SCORED_TASKS for t in tasks):
         ap.error(f"--tasks {a.tasks!r}: each must be one of {', '.join(SCORED_TASKS)}")
-    model, tok, mc = sample.load_model(a.ckpt)
+    model, tok, mc = sample.load_model(a.ckpt, trust=a.trust_checkpoint)
     from machine import resolve_dtype
     dt = resolve_dtype(a.dtype, torch.device("cpu"))
     ac = (lambda: torch.autocast("cpu", dtype=dt)) if dt != torch.float32 else None

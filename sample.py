@@ -18,26 +18,31 @@ import torch
 from PIL import Image, ImageDraw
 
 
-def load_model(path, device="cpu"):
+def load_model(path, device="cpu", trust=False):
     """Checkpoint -> (model, tokenizer, model config). A ckpt.pt rebuilds its tokenizer from its own ranks; a
     Hugging Face Molmo2 directory (a released allenai/Molmo2-* copied here) uses its tokenizer.json, whose vision
-    token ids must be the ones its config.json names."""
+    token ids must be the ones its config.json names. A ckpt.pt is read as data only (checkpoint.load_checkpoint:
+    a file that would run code is refused) unless trust=True. model.trained_len: the row length it was trained at
+    (None when unknown)."""
     import os
     import data
+    from checkpoint import CheckpointError, load_checkpoint
     from model import Molmo2, ModelConfig, check_token_ids, load_hf_molmo2
     if os.path.isdir(path):
         model, ids = load_hf_molmo2(path)
         tok = data.build_tokenizer(os.path.join(path, "tokenizer.json"), base_vocab=model.c.base_vocab)
         check_token_ids(ids, tok, path)
+        model.trained_len = None
         return model.to(device).eval(), tok, model.c
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        raise SystemExit(f"checkpoint not found: {path}") from None
+        ckpt = load_checkpoint(path, trust=trust)
+    except CheckpointError as e:
+        raise SystemExit(str(e)) from None
     tok = data.Tokenizer(**ckpt["tokenizer"])
     mc = ModelConfig(**ckpt["model_config"])
     model = Molmo2(mc)
     model.load_state_dict(ckpt["model"])
+    model.trained_len = ckpt.get("config", {}).get("seq_len")
     return model.to(device).eval(), tok, mc
 
 
@@ -48,6 +53,10 @@ def answer(model, tok, mc, visual, prompt, max_new_tokens=128, temperature=0.0, 
     e = data.encode_example(dict(visual, task="qa", turns=[(prompt, "")]), tok, mc, {"qa": 1.0})
     for k in ("input_ids", "labels", "loss_weights"):
         e[k] = e[k][:-1]  # end the prompt at "assistant\n"
+    n, trained = len(e["input_ids"]), getattr(model, "trained_len", None)
+    if trained and n > trained:  # positions past the trained length: RoPE extrapolates, answers degrade
+        print(f"warning: the prompt is {n} tokens (vision tokens included), longer than the {trained}-token rows "
+              f"this checkpoint was trained on", file=sys.stderr)
     batch = data.collate([e], tok.pad, 10 ** 9, left_pad=True)
     g = torch.Generator().manual_seed(seed)
     out = model.generate(batch, max_new_tokens, stop_id=tok.chat_end, temperature=temperature, generator=g)
@@ -104,8 +113,12 @@ def main(argv=None):
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--max_new_tokens", type=int, default=None,
                     help="default: 128, or 512 for a video (tracks are long)")
+    ap.add_argument("--trust_checkpoint", action="store_true",
+                    help="read --ckpt with the full unpickler, which can run code: only for a file you made")
     a = ap.parse_args(argv)
-    model, tok, mc = load_model(a.ckpt)
+    if a.prompt is not None and not a.prompt.strip():
+        ap.error("--prompt is empty: give a question, or leave --prompt out for the default one")
+    model, tok, mc = load_model(a.ckpt, trust=a.trust_checkpoint)
     if a.video:
         if a.video == "shapes":
             ex = shapes.make_example("track", a.seed, mc.image_size)

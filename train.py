@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from checkpoint import (CheckpointError, load_checkpoint, non_finite, remove_stale_tmp, rng_state,
+                        save_checkpoint, set_rng_state)
 from machine import peak_flops, resolve_dtype
 
 # ---------------------------------------------------------------------------------------------------------
@@ -37,6 +39,7 @@ init_from = "scratch"           # 'scratch' | 'resume' (from out_dir) | a ckpt.p
                                 # Molmo2 directory (config.json + safetensors: its architecture, its weights)
 init_llm = ""                   # from scratch: a Qwen3 checkpoint directory for the LLM's weights (stage 1)
 init_vit = ""                   # from scratch: a SigLIP / SigLIP2 checkpoint directory for the ViT's weights
+trust_checkpoint = False        # load checkpoints with the full unpickler (it can run code): only files you made
 eval_interval = 500             # steps between held-out evaluations (and checkpoints)
 eval_prompts = 100              # prompts per task in periodic evals (the final eval uses final_eval_prompts)
 eval_tasks = ("point", "count", "qa")  # held-out shapes tasks scored (eval.py METRIC_NAMES)
@@ -119,6 +122,7 @@ beta2 = 0.95
 adam_eps = 1e-6
 weight_decay = 0.0
 grad_clip = 1.0
+max_bad_steps = 5               # steps in a row whose gradient norm is not finite (each skipped) before the run stops
 # system
 device = "auto"                 # 'auto' = cuda if present, else cpu
 dtype = "auto"                  # autocast dtype: 'auto' = bf16 on CUDA, on a CPU whichever is faster here
@@ -148,11 +152,13 @@ CHOICES = {"mixing_rule": ("fixed", "sqrt"), "loss_weighting": ("task", "root"),
            "cp_mode": ("ring", "ulysses")}
 
 
-def configure(argv, defaults):
+def configure(argv, defaults, given=None):
     """nanoGPT's poor man's configurator, with checks: argv items are config files (executed, and every
     name they set must be a known key) or --key=value (parsed as a Python literal, else a string; the type
-    must match the default's, an int may stand for a float). Returns the updated dict."""
+    must match the default's, an int may stand for a float). Returns the updated dict; `given`, a set, receives
+    the keys a config file or the command line set (checked against a checkpoint's: check_against_checkpoint)."""
     cfg = dict(defaults)
+    given = set() if given is None else given
 
     def check(key, val, where):
         if key not in defaults:
@@ -165,6 +171,7 @@ def configure(argv, defaults):
         if type(val) is not want:
             raise SystemExit(f"config key {key!r} ({where}) must be {want.__name__}, got {type(val).__name__}: {val!r}")
         cfg[key] = val
+        given.add(key)
 
     for arg in argv:
         if arg.startswith("--"):
@@ -215,13 +222,6 @@ def steps_in_budget(budget_s, spent_s, done, step_s, eval_s, final_s, eval_inter
     return max(n, done)
 
 
-def save_checkpoint(path, obj):
-    """Write to a temp file, then rename: a crash mid-write never destroys the last good checkpoint."""
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def accumulate(fwd, batches, autocast=nullcontext, D=None, no_sync=None):
     """Forward + backward over the micro-batches of one optimizer step; returns the step's loss (this rank's part
     of it under torchrun: the parts add up to the loss over all ranks).
@@ -245,10 +245,8 @@ def accumulate(fwd, batches, autocast=nullcontext, D=None, no_sync=None):
     for i, b in enumerate(batches):
         with (no_sync() if no_sync and i + 1 < len(batches) else nullcontext()), autocast():
             loss_sum, _ = fwd(b)
-            loss = loss_sum / wsum
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {loss.item()}")
-            (loss * scale).backward()
+            loss = loss_sum / wsum  # a non-finite loss still goes backward: every rank then sees a non-finite
+            (loss * scale).backward()  # gradient norm and skips the step together (a raise here would hang DDP)
         total += loss.item()
     return total
 
@@ -315,6 +313,45 @@ def full_state(model, opt, D):
 def load_optimizer(model, opt, state):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
+
+
+def check_out_dir(out_dir):
+    """Create out_dir and prove it writable with a probe file, before anything is built or trained."""
+    probe = os.path.join(out_dir, f".write_probe_{os.getpid()}")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(f"out_dir={out_dir!r} is not writable ({e.strerror or e}): checkpoints go there") from None
+
+
+SESSION_KEYS = ("init_from", "stop_at", "dry_run", "trust_checkpoint", "threads", "out_dir", "device")
+
+
+def check_against_checkpoint(cfg, given, mc, saved_cfg, source, print=print):
+    """A run started from a checkpoint (init_from = a ckpt.pt, a Molmo2 directory, or 'resume') takes its
+    architecture from it. The rule, one for every key:
+      - an architecture key (MODEL_KEYS) set in a config file or on the command line to another value than the
+        checkpoint's is an error naming the keys (it would be ignored otherwise);
+      - on resume, every other key that differs from the checkpoint's run takes effect from the resumed step, and
+        is printed as a note (lr, schedule, batch...; the session keys of SESSION_KEYS are not compared).
+    cfg is updated to the architecture that runs, so the checkpoint saves the configuration that ran."""
+    def same(a, b):
+        return (tuple(a) if isinstance(a, (list, tuple)) else a) == (tuple(b) if isinstance(b, (list, tuple)) else b)
+    clash = [f"{k}={cfg[k]!r} (checkpoint: {mc[k]!r})" for k in MODEL_KEYS
+             if k in given and k in mc and not same(cfg[k], mc[k]) and not (k in ("base_vocab", "n_extra") and cfg[k] == 0)]
+    if clash:
+        raise SystemExit(f"{source}: the checkpoint fixes the architecture, but the config sets " + ", ".join(clash)
+                         + ": remove these keys, or start from scratch")
+    for k in MODEL_KEYS:
+        cfg[k] = mc[k]
+    if saved_cfg is None:
+        return
+    for k, v in cfg.items():
+        if k not in MODEL_KEYS and k not in SESSION_KEYS and k in saved_cfg and not same(saved_cfg[k], v):
+            print(f"resume: {k} = {v!r} (the checkpoint's run had {saved_cfg[k]!r}): takes effect from here")
 
 
 def mixture_of(C):
@@ -488,7 +525,8 @@ def fmt_time(s):
 
 def main(argv=()):
     t_start = time.time()  # max_minutes counts from here: building, vision pretraining, training, evals
-    cfg = configure(argv, {k: globals()[k] for k in CONFIG_KEYS})
+    given = set()  # the keys a config file or the command line set
+    cfg = configure(argv, {k: globals()[k] for k in CONFIG_KEYS}, given)
     C = type("Config", (), cfg)  # attribute access: C.lr
     for key, allowed in CHOICES.items():  # keys that take one of a few words: a typo stops here, named
         if cfg[key] not in allowed:
@@ -531,6 +569,10 @@ def main(argv=()):
     if missing and not C.dry_run:
         raise SystemExit("missing paths (nothing is downloaded; copy them here or override the keys):\n  "
                          + "\n  ".join(missing))
+    if not C.dry_run:
+        check_out_dir(C.out_dir)  # now, not at the first checkpoint after hours of training
+        if remove_stale_tmp(os.path.join(C.out_dir, "ckpt.pt")):
+            print(f"removed {os.path.join(C.out_dir, 'ckpt.pt.tmp')}, a checkpoint write that never finished")
     for key in ("init_llm", "init_vit"):
         if cfg[key] and C.init_from != "scratch":
             raise SystemExit(f"{key} initialises a model built from scratch; init_from={C.init_from!r} loads one")
@@ -544,7 +586,10 @@ def main(argv=()):
         if os.path.isdir(path):  # a Hugging Face Molmo2 checkpoint: its model, and the special-token ids of its config
             hf_model, hf_ids = load_hf_molmo2(path)
         else:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+            try:
+                ckpt = load_checkpoint(path, trust=C.trust_checkpoint)
+            except CheckpointError as e:
+                raise SystemExit(str(e)) from None
     tok = None
     if not (C.dry_run and C.base_vocab):
         tok = data.Tokenizer(**ckpt["tokenizer"]) if ckpt else data.build_tokenizer(C.tokenizer,
@@ -555,6 +600,9 @@ def main(argv=()):
     if hf_model is not None:
         mc = dataclasses.asdict(hf_model.c)
         check_token_ids(hf_ids, tok, f"init_from={path}")
+    if ckpt or hf_model is not None:
+        check_against_checkpoint(cfg, given, mc, ckpt["config"] if ckpt and C.init_from == "resume" else None,
+                                 path, print)
     elif tok:  # 0 = the tokenizer's: its ids, then its vision tokens on the extra rows
         mc["base_vocab"], mc["n_extra"] = mc["base_vocab"] or tok.base_vocab, mc["n_extra"] or tok.n_extra
         if tok.base_vocab != mc["base_vocab"] or tok.n_extra > mc["n_extra"]:
@@ -623,12 +671,13 @@ def main(argv=()):
                             lr=C.lr, betas=(C.beta1, C.beta2), eps=C.adam_eps, weight_decay=C.weight_decay)
     if C.init_from == "resume":  # full state: optimizer, step, RNG, sampler, curve so far
         load_optimizer(model, opt, ckpt["optimizer"])
+        for g in opt.param_groups:  # the loaded state carries the old run's hyperparameters: this run's config rules
+            g.update(peak=C.lr * mults[g["name"]], betas=(C.beta1, C.beta2), eps=C.adam_eps,
+                     weight_decay=C.weight_decay)
         step = ckpt["step"]
         budget_steps = ckpt.get("budget_steps")  # a max_minutes run's fixed step count
         history = ckpt["history"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        random.setstate(ckpt["rng"]["python"])
-        np.random.set_state(ckpt["rng"]["numpy"])
+        set_rng_state(ckpt["rng"])
         print(f"resumed from {C.out_dir} at step {step}")
     fwd = torch.compile(wrapped) if C.compile else wrapped
     os.makedirs(C.out_dir, exist_ok=True)
@@ -643,6 +692,13 @@ def main(argv=()):
         sampler.load_state(states[D.rank]["sampler"])
         packer.load_state(states[D.rank]["packer"])
 
+    saved_at = [step if C.init_from == "resume" else None]  # the step of the checkpoint now in out_dir, if any
+
+    def last_checkpoint_note():
+        path = os.path.join(C.out_dir, "ckpt.pt")
+        return (f"the last checkpoint is {path} (step {saved_at[0]})" if saved_at[0] is not None else
+                f"no checkpoint of this run was written{' (an older one is at ' + path + ')' if os.path.exists(path) else ''}")
+
     def checkpoint():
         msd, osd = full_state(model, opt, D)  # every rank takes part (FSDP2 gathers); rank 0 writes
         streams = [dict(sampler=sampler.state(), packer=packer.state())]  # this rank's; one per rank under torchrun
@@ -650,10 +706,18 @@ def main(argv=()):
             mine, streams = streams[0], [None] * D.world
             dist.all_gather_object(streams, mine)
         if D.rank == 0:
-            save_checkpoint(os.path.join(C.out_dir, "ckpt.pt"), dict(
-                model=msd, optimizer=osd, step=step, config=cfg,
-                model_config=mc, tokenizer=tok.state(), streams=streams, history=history, budget_steps=budget_steps,
-                rng=dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state())))
+            path = os.path.join(C.out_dir, "ckpt.pt")
+            bad = non_finite(msd)
+            if bad:  # never overwrite a good checkpoint with a broken one
+                raise SystemExit(f"step {step}: weights {bad[:3]} are not finite; not saved. "
+                                 + last_checkpoint_note())
+            try:
+                save_checkpoint(path, dict(
+                    model=msd, optimizer=osd, step=step, config=cfg, model_config=mc, tokenizer=tok.state(),
+                    streams=streams, history=history, budget_steps=budget_steps, rng=rng_state()))
+            except CheckpointError as e:
+                raise SystemExit(str(e)) from None
+            saved_at[0] = step
 
     def run_eval(n, blind=False):  # -> (metrics, records [(task, question, answer, reference, score)])
         """Rank 0 evaluates the whole model, single-process (no cp), with every CPU thread of the node's ranks;
@@ -697,25 +761,34 @@ def main(argv=()):
     if decide_at is not None and decide_at >= C.warmup_steps:
         print(f"max_minutes: note, the step count is fixed at step {decide_at}, after warmup_steps={C.warmup_steps}: "
               f"the LR of the steps before it assumed max_steps={C.max_steps}")
-    t_probe = None
+    t_probe, bad_in_a_row, bad_total = None, 0, 0
     while step < total and not (C.stop_at and step >= C.stop_at):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, g["peak"], C.warmup_steps, total, C.min_lr_frac)
         batches = [get_batch() for _ in range(C.grad_accum)]
-        try:
-            loss_total = accumulate(fwd, batches, autocast, D, no_sync)
-        except FloatingPointError as e:
-            raise SystemExit(f"{e} at step {step}; last checkpoint is in {C.out_dir}") from None
+        loss_total = accumulate(fwd, batches, autocast, D, no_sync)
         if D.world > 1:  # the ranks' parts -> the global batch loss (for the log; the gradients are reduced already)
             t = torch.tensor(loss_total, dtype=torch.float64)
             dist.all_reduce(t)
             loss_total = t.item()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), C.grad_clip)  # over DTensors too (FSDP2)
+        if not (math.isfinite(loss_total) and torch.isfinite(gnorm)):
+            # A NaN / inf loss or gradient: the step is not applied (weights, Adam state and schedule unchanged)
+            # and its batch is dropped. Every rank sees the same reduced values, so all skip it together.
+            opt.zero_grad(set_to_none=True)
+            bad_in_a_row, bad_total = bad_in_a_row + 1, bad_total + 1
+            print(f"step {step + 1}: loss {loss_total:.4g}, gradient norm {float(gnorm):.4g}: not finite, step skipped "
+                  f"({bad_in_a_row} in a row, {bad_total} in this run)", flush=True)
+            if bad_in_a_row >= C.max_bad_steps:
+                raise SystemExit(f"stopped at step {step}: {bad_in_a_row} steps in a row had a non-finite loss or "
+                                 f"gradient (max_bad_steps={C.max_bad_steps}); lower lr? " + last_checkpoint_note())
+            continue
+        bad_in_a_row = 0
         for b in batches:  # whole-run figures: this dp rank's batch x dp (the dp ranks' batches are alike in size)
             tot["tokens"] += D.dp * int(b["attention_mask"].sum())
             tot["cells"] += D.dp * b["attention_mask"].numel()
             tot["examples"] += D.dp * b["n_examples"]
             tot["flops"] += D.dp * model.flops(b)
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), C.grad_clip)  # over DTensors too (FSDP2)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1

@@ -164,7 +164,7 @@ def test_eval_cli_rejects_unscorable_tasks_and_missing_checkpoints(capsys, tmp_p
     with pytest.raises(SystemExit):
         ev.main(["--tasks", "track,caption"])
     assert "--tasks 'track,caption': each must be one of point, count, qa" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="checkpoint not found: .*nope.pt"):
+    with pytest.raises(SystemExit, match="checkpoint .*nope.pt not found"):
         ev.main(["--ckpt", str(tmp_path / "nope.pt"), "--tasks", "track"])
     for bad in ("12", "20,12", "a,b", "1,4"):  # not lo,hi with 2 <= lo <= hi
         with pytest.raises(SystemExit):

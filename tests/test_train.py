@@ -1,4 +1,5 @@
 """train.py (configuration, short runs, exact resume, dry run) and sample.py, all in-process on the CPU."""
+import math
 import os
 
 import pytest
@@ -248,22 +249,51 @@ def test_resume_missing_checkpoint(tmp_path):
         train.main(run_args(tmp_path / "empty", max_steps=2, init_from="resume"))
 
 
-def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, monkeypatch):
-    """A non-finite loss stops the run naming the step, and the last checkpoint written before it survives."""
+class _NanGrad(torch.autograd.Function):
+    """Identity forward, NaN gradient: a finite loss whose backward poisons every gradient."""
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("nan")
+
+
+def poison(monkeypatch, bad_calls):
+    """Molmo2.forward with a NaN gradient on the calls in bad_calls (1-based); records the first weight per call."""
     from model import Molmo2
-    real = Molmo2.forward
-    calls = {"n": 0}
+    real, seen = Molmo2.forward, []
 
     def poisoned(self, batch):
-        calls["n"] += 1
+        seen.append(self.llm.embed.weight.detach().clone())
         loss_sum, wsum = real(self, batch)
-        return (loss_sum * float("nan"), wsum) if calls["n"] > 4 else (loss_sum, wsum)
-
+        return (_NanGrad.apply(loss_sum) if len(seen) in bad_calls else loss_sum), wsum
     monkeypatch.setattr(Molmo2, "forward", poisoned)
-    with pytest.raises(SystemExit, match=r"non-finite loss nan at step 4"):
-        train.main(run_args(tmp_path, max_steps=10, eval_interval=2, eval_prompts=2))
-    ck = torch.load(os.path.join(tmp_path, "ckpt.pt"), map_location="cpu", weights_only=False)
-    assert ck["step"] == 4 and all(l == l for l in ck["history"]["loss"])  # steps 1-4, all finite
+    return seen
+
+
+def test_a_nan_gradient_step_is_skipped_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    seen = poison(monkeypatch, {3})
+    steps = []
+    real_step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: (steps.append(1), real_step(self, *a, **k))[1])
+    res = train.main(run_args(tmp_path, max_steps=5))
+    assert "step 3: loss" in capsys.readouterr().out and len(res["losses"]) == 5 and len(steps) == 5
+    assert all(math.isfinite(l) for l in res["losses"])
+    assert torch.equal(seen[2], seen[3])  # the skipped step changed no weight (call 3 bad, call 4 retries step 3)
+
+
+def test_nan_steps_in_a_row_stop_the_run_at_a_finite_checkpoint(tmp_path, monkeypatch):
+    """max_bad_steps non-finite steps in a row stop the run; the message names the checkpoint that exists (written
+    at step 2), which loads safely and is finite; Adam stepped only for the good steps."""
+    seen = poison(monkeypatch, set(range(3, 100)))
+    with pytest.raises(SystemExit, match=r"3 steps in a row .*ckpt.pt \(step 2\)"):
+        train.main(run_args(tmp_path, max_steps=10, eval_interval=2, eval_prompts=2, max_bad_steps=3))
+    assert all(torch.equal(seen[2], w) for w in seen[3:])  # no bad step was applied
+    from checkpoint import load_checkpoint, non_finite
+    ck = load_checkpoint(os.path.join(tmp_path, "ckpt.pt"))
+    assert ck["step"] == 2 and not non_finite(ck["model"]) and len(ck["history"]["loss"]) == 2
 
 
 # ---------------------------------------------------------------------------------------------------------
