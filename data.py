@@ -308,6 +308,11 @@ def parse_points(text):
 # ----------------------------------------------------------------------------------------------------------
 # Images
 
+class MediaError(ValueError):
+    """An image or video file that exists but cannot be decoded (truncated, corrupt, not media at all). Training
+    skips the example that needs it and counts it (train.batch_source); elsewhere it is an error naming the file."""
+
+
 def _to_rgb(im):
     """PIL's own I;16 -> RGB conversion clips at 255 (a 16-bit image comes out almost all white): rescale
     16-bit grey to 8 bits first."""
@@ -328,7 +333,7 @@ def load_image(src):
     except FileNotFoundError:
         raise FileNotFoundError(f"image file not found: {src}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"cannot read image {src}: {e}") from None
+        raise MediaError(f"cannot read image {src}: {e}") from None
 
 
 def preprocess_image(img, size, width=None):
@@ -451,10 +456,10 @@ def _open_video(path):
     try:
         container = av.open(path)
     except av.error.FFmpegError as e:
-        raise ValueError(f"cannot read video {path}: {e}") from None
+        raise MediaError(f"cannot read video {path}: {e}") from None
     if not container.streams.video:
         container.close()
-        raise ValueError(f"no video stream in {path}")
+        raise MediaError(f"no video stream in {path}")
     return container, container.streams.video[0]
 
 
@@ -476,11 +481,11 @@ def video_index(path):
                 keys.append(t)
             end = max(end, t + (p.duration or 0) * tb)
     except av.error.FFmpegError as e:
-        raise ValueError(f"cannot read video {path}: {e}") from None
+        raise MediaError(f"cannot read video {path}: {e}") from None
     finally:
         container.close()
     if not times:
-        raise ValueError(f"no frames in video {path}")
+        raise MediaError(f"no frames in video {path}")
     start = min(times)
     times = sorted(t - start for t in times)
     return times, sorted(k - start for k in keys), max(end - start, times[-1]), start
@@ -518,13 +523,13 @@ def load_video(path, max_frames, fps=2.0, mode="seek"):
                     out[w] = f.to_image()
                     break
                 if t > w + 1e-6:  # the seek landed past the frame (should not happen): say so
-                    raise ValueError(f"cannot find the frame at {w:.3f} s in {path}")
+                    raise MediaError(f"cannot find the frame at {w:.3f} s in {path}")
     except av.error.FFmpegError as e:
-        raise ValueError(f"cannot decode video {path}: {e}") from None
+        raise MediaError(f"cannot decode video {path}: {e}") from None
     finally:
         container.close()
     if len(out) < len(wanted):
-        raise ValueError(f"video {path} is truncated or corrupt: decoded {len(out)} of {len(wanted)} sampled frames")
+        raise MediaError(f"video {path} is truncated or corrupt: decoded {len(out)} of {len(wanted)} sampled frames")
     return [out[w] for w in wanted], wanted
 
 
@@ -719,8 +724,8 @@ class Packer:
     a row starts with the oldest buffered example (so none waits forever), then repeatedly takes the longest
     buffered example that still fits both budgets, until none does.
 
-    source() returns the next key (e.g. a sampler's (dataset, index)); encode(key) makes the example. The
-    state is the buffered keys, re-encoded on resume, so a resumed run packs exactly the same rows."""
+    source() returns the next key (e.g. a sampler's (dataset, index)); encode(key) makes the example, or None to
+    skip the key. The state is the buffered keys, re-encoded on resume, so a resumed run packs exactly the same rows."""
 
     def __init__(self, source, encode, seq_len, max_images, buffer_size=32):
         self.source, self.encode = source, encode
@@ -731,6 +736,8 @@ class Packer:
         while len(self.buf) < self.buffer_size:
             key = self.source()
             e = self.encode(key)
+            if e is None:  # encode skipped it (media that cannot be decoded): the next key takes its place
+                continue
             if len(e["input_ids"]) > self.seq_len or len(e["images"]) > self.max_images:
                 raise ValueError(f"example {key} ({e['task']}) has {len(e['input_ids'])} tokens and "
                                  f"{len(e['images'])} images: it can never fit a row of seq_len={self.seq_len}, "

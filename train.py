@@ -122,6 +122,7 @@ beta2 = 0.95
 adam_eps = 1e-6
 weight_decay = 0.0
 grad_clip = 1.0
+max_broken_frac = 0.05          # real data: stop when more than this share of a dataset's media cannot be decoded
 max_bad_steps = 5               # steps in a row whose gradient norm is not finite (each skipped) before the run stops
 # system
 device = "auto"                 # 'auto' = cuda if present, else cpu
@@ -412,14 +413,58 @@ def batch_source(C, tok, mconf, sampler, dev, real=None):
         return data.encode_example(ex, tok, mconf, C.task_weights, C.loss_weighting, C.root_flat_weights,
                                    C.max_frames, C.video_fps, C.seq_len, C.first_token_mults.get(task, 1.0))
 
-    packer = data.Packer(sampler.draw, encode, C.seq_len, C.max_images_per_row, C.pack_buffer)
+    def encode_or_skip(key):  # None for an example whose image or video cannot be decoded: counted, skipped
+        try:
+            e = encode(key)
+        except (data.MediaError, FileNotFoundError) as err:
+            media.skip(key[0], err)
+            return None
+        media.seen[key[0]] += 1
+        return e
+
+    def draw_encoded():  # the next example that encodes
+        while True:
+            e = encode_or_skip(sampler.draw())
+            if e is not None:
+                return e
+
+    media = BrokenMedia(C.max_broken_frac, print)
+    packer = data.Packer(sampler.draw, encode_or_skip, C.seq_len, C.max_images_per_row, C.pack_buffer)
 
     def get_batch():
-        rows = packer.rows(C.batch_size) if C.packing else [encode(sampler.draw()) for _ in range(C.batch_size)]
+        rows = packer.rows(C.batch_size) if C.packing else [draw_encoded() for _ in range(C.batch_size)]
         b = data.collate(rows, tok.pad, C.seq_len)
         b["n_examples"] = sum(len(r) if isinstance(r, list) else 1 for r in rows)
         return {k: v.to(dev) if torch.is_tensor(v) else v for k, v in b.items()}
+    get_batch.media = media
     return get_batch, packer
+
+
+class BrokenMedia:
+    """Examples skipped because their image or video cannot be decoded (a truncated PNG, an empty JPEG, a text file
+    named .mp4: at PixMo scale some files always are), counted per dataset. The skip is deterministic (the same
+    key fails again), so a resumed run replays the same stream. Too many is a data problem, not bad luck: past
+    max_frac of a dataset's examples (once MIN_JUDGED of them were tried) the run stops, naming an example."""
+    MIN_JUDGED = 20
+
+    def __init__(self, max_frac, print=print):
+        from collections import Counter
+        self.max_frac, self.print = max_frac, print
+        self.skipped, self.seen, self.last = Counter(), Counter(), {}
+
+    def skip(self, name, err):
+        self.skipped[name] += 1
+        self.last[name] = str(err)
+        if self.skipped[name] <= 3:  # the first few by name; then only the counts (log lines, summary)
+            self.print(f"skipped an example of {name}: {err}")
+        tried = self.skipped[name] + self.seen[name]
+        if tried >= self.MIN_JUDGED and self.skipped[name] > self.max_frac * tried:
+            raise SystemExit(f"dataset {name}: {self.skipped[name]} of {tried} examples have media that cannot be "
+                             f"decoded, more than max_broken_frac={self.max_frac:g} (latest: {err})")
+
+    def summary(self):
+        """'name k of n, ...' for the datasets with skips (empty when none)."""
+        return ", ".join(f"{n} {k} of {k + self.seen[n]}" for n, k in sorted(self.skipped.items()))
 
 
 def pretrain_vit(model, C, dev, autocast, print=print):
@@ -683,6 +728,7 @@ def main(argv=()):
     os.makedirs(C.out_dir, exist_ok=True)
 
     get_batch, packer = batch_source(C, tok, mconf, sampler, dev, real)
+    media = get_batch.media
     evals = real is None  # held-out evals are the shapes world's (real benchmarks: not yet)
     if C.init_from == "resume":  # each rank's sampler, and the examples its packer had buffered (re-made from keys)
         states = ckpt["streams"]
@@ -812,8 +858,9 @@ def main(argv=()):
             print(f"step {step:5d}/{total} | loss {loss_total:.4f} | gnorm {float(gnorm):.2f} | "
                   f"lr {opt.param_groups[-1]['lr']:.2e} | {d['tokens'] / d['seconds']:,.0f} tok/s | "
                   f"non-pad {100 * d['tokens'] / d['cells']:.0f}% | {d['examples'] / d['seconds']:.1f} ex/s | "
-                  f"MFU {100 * d['flops'] / d['seconds'] / (peak * D.world):.1f}% | elapsed {fmt_time(el)} | ETA {fmt_time(eta)}",
-                  flush=True)
+                  f"MFU {100 * d['flops'] / d['seconds'] / (peak * D.world):.1f}% | elapsed {fmt_time(el)} | ETA {fmt_time(eta)}"
+                  + (f" | skipped {sum(media.skipped.values())} broken" if media.skipped else "")
+                  + (f" | {bad_total} non-finite steps skipped" if bad_total else ""), flush=True)
             mark = dict(tot)
         if step % C.eval_interval == 0 and step < total:
             t_eval = time.time()
@@ -829,6 +876,8 @@ def main(argv=()):
               f"{tot['tokens'] / tot['seconds']:,.0f} tok/s, {tot['examples'] / tot['seconds']:.1f} examples/s, "
               f"non-pad {100 * tot['tokens'] / tot['cells']:.1f}% of the rows, "
               f"{tot['examples'] / max(1, step - start_step) / C.grad_accum:.1f} examples per micro-batch")
+    if media.skipped:
+        print(f"examples skipped for media that cannot be decoded (this rank): {media.summary()}")
     if step > start_step or C.init_from == "resume":
         checkpoint()
     if C.final_eval_prompts and step >= total and evals:

@@ -180,3 +180,67 @@ def test_sample_refuses_an_empty_prompt_and_warns_on_a_long_one(trained, tmp_pat
     sample.main(["--ckpt", str(out / "ckpt.pt"), "--prompt", "red " * 300, "--out", str(tmp_path / "b.png"),
                  "--max_new_tokens", "2"])
     assert "longer than the" in capsys.readouterr().err
+
+
+def broken_media_copies(tmp_path, n_good=12):
+    """Local copies in the real formats: PixMo-Cap rows whose images are good, one a PNG cut in half (its header
+    intact, so the reader passes it) and one a zero-byte JPEG; Molmo2-Cap rows with good videos and one text file
+    named .mp4. Returns (data_paths, media_root)."""
+    import json
+    from PIL import Image
+    import data
+    media = tmp_path / "media"
+    media.mkdir()
+    rows = []
+    for i in range(n_good):
+        url = f"http://img/{i}.png"
+        Image.new("RGB", (40, 30), (20 * i, 90, 30)).save(data.media_path(str(media), url))
+        rows.append(dict(image_url=url, caption=f"A picture of shade {i}."))
+    Image.effect_noise((64, 64), 50).convert("RGB").save(data.media_path(str(media), "http://img/cut.png"))
+    whole = open(data.media_path(str(media), "http://img/cut.png"), "rb").read()
+    open(data.media_path(str(media), "http://img/cut.png"), "wb").write(whole[: len(whole) // 2])
+    open(data.media_path(str(media), "http://img/empty.jpg"), "wb").close()
+    rows += [dict(image_url="http://img/cut.png", caption="Cut."), dict(image_url="http://img/empty.jpg", caption="0.")]
+    frames = [np.full((32, 32, 3), 40 * k, dtype=np.uint8) for k in range(4)]
+    vids = []
+    for i in range(4):
+        data.write_video(str(media / f"v{i}.mp4"), frames, fps=2)
+        vids.append(dict(video_id=f"v{i}", video_caption=f"Clip {i}.", annotation_score=4))
+    (media / "text.mp4").write_text("this is not a video")
+    vids.append(dict(video_id="text", video_caption="Not a clip.", annotation_score=4))
+    paths = {}
+    for name, rs in (("pixmo_cap", rows), ("molmo2_cap", vids)):
+        paths[name] = str(tmp_path / f"{name}.jsonl")
+        open(paths[name], "w").write("\n".join(json.dumps(r) for r in rs) + "\n")
+    return paths, str(media)
+
+
+def test_broken_media_are_skipped_counted_and_bounded(tmp_path, capsys):
+    paths, media = broken_media_copies(tmp_path, n_good=3)  # few examples: every one is drawn
+    mix = {"images": (0.5, {"pixmo_cap": 1.0}), "videos": (0.5, {"molmo2_cap": 1.0})}
+    args = run_args(tmp_path / "run", max_steps=4, dataset="molmo2", mixture=mix, media_root=media, batch_size=6,
+                    max_frames=4, log_interval=2) + [f"--data_paths={paths!r}"]
+    res = train.main(args)
+    out = capsys.readouterr().out
+    assert len(res["losses"]) == 4 and all(np.isfinite(res["losses"]))
+    assert "dataset pixmo_cap: 4 examples from 4 rows; skipped 0 malformed, 1 with missing media" in out  # empty JPEG
+    summary = next(l for l in out.splitlines() if l.startswith("examples skipped for media"))
+    assert "molmo2_cap " in summary and "pixmo_cap " in summary  # the cut PNG and the text .mp4: at encoding
+    assert "cut.png" not in summary and "skipped an example of pixmo_cap: cannot read image" in out
+    assert "| skipped " in out  # the step lines count them too
+    with pytest.raises(SystemExit, match=r"dataset (molmo2|pixmo)_cap: \d+ of \d+ examples have media that cannot be decoded, "
+                                         r"more than max_broken_frac=0.01"):
+        train.main(args + ["--max_broken_frac=0.01", "--max_steps=30"])
+
+
+def test_resume_with_skipped_media_is_exact(tmp_path):
+    paths, media = broken_media_copies(tmp_path, n_good=3)
+    mix = {"images": (0.5, {"pixmo_cap": 1.0}), "videos": (0.5, {"molmo2_cap": 1.0})}
+
+    def run(out, **kw):
+        return train.main(run_args(tmp_path / out, max_steps=4, dataset="molmo2", mixture=mix, media_root=media,
+                                   batch_size=6, max_frames=4, packing=True, seq_len=256, max_broken_frac=0.5, **kw)
+                          + [f"--data_paths={paths!r}"])["losses"]
+    a = run("a")
+    run("b", stop_at=2)
+    assert run("b", init_from="resume") == a
