@@ -78,20 +78,6 @@ def train_bpe(texts, n_merges):
     return ranks
 
 
-def shapes_corpus(n=300):
-    """Text the shapes world produces (every task: stage 1's images, stage 2's videos and image sets), used to
-    train the offline BPE. Stage 2 starts from a stage-1 checkpoint and keeps its tokenizer, so the video words
-    must be in it from the start ("moves", "video", "seconds" were byte-split before 2026-11-27)."""
-    import shapes
-    texts = []
-    for task in shapes.IMAGE_TASKS + shapes.VIDEO_TASKS + shapes.MULTI_TASKS:
-        # videos are slow to draw and their text is templated: a tenth as many already gives every word its token
-        for seed in range(n if task in shapes.IMAGE_TASKS else n // 10):
-            ex = shapes.make_example(task, shapes.TRAIN_SEED_OFFSET + seed)
-            texts += [t for turn in ex["turns"] for t in turn] + ["user\n", "assistant\n"]  # the chat roles
-    return texts
-
-
 class Tokenizer:
     """A tiktoken.Encoding plus Molmo2's special tokens. Ids: [0, n_ranks) BPE tokens, then the chat tokens
     (together: base_vocab, the rows of the LLM's embedding and output head), then the vision tokens
@@ -208,13 +194,12 @@ def tokenizer_from_json(path, base_vocab=None):
     return Tokenizer(ranks, pats[0], os.path.basename(path), specials, base_vocab, norm)
 
 
-def build_tokenizer(name="shapes-bpe", n_merges=400, base_vocab=None):
-    """'shapes-bpe' (offline default), a path to a .tiktoken file or a Qwen-style tokenizer.json, or a tiktoken
+def build_tokenizer(name, base_vocab=None):
+    """A tokenizer from a local file: a path to a .tiktoken file or a Qwen-style tokenizer.json, or a tiktoken
     encoding name that is already in tiktoken's local cache. Nothing is downloaded: a missing encoding is a clear
     error. base_vocab: the LLM's embedding rows when the config fixes them (Qwen3: 151,936 rows for 151,669
-    ids), so the vision tokens land on the extra rows after them; None = right after the tokenizer's ids."""
-    if name == "shapes-bpe":
-        return Tokenizer(train_bpe(shapes_corpus(), n_merges), base_vocab=base_vocab)
+    ids), so the vision tokens land on the extra rows after them; None = right after the tokenizer's ids.
+    (The shapes world's own BPE, 'shapes-bpe', is trained from its text: shapes.tokenizer.)"""
     if name.endswith(".json"):  # a Qwen-style tokenizer.json
         return tokenizer_from_json(name, base_vocab)
     if name.endswith(".tiktoken"):
@@ -236,7 +221,7 @@ def build_tokenizer(name="shapes-bpe", n_merges=400, base_vocab=None):
     try:
         enc = tiktoken.get_encoding(name)
     except ValueError as e:
-        raise ValueError(f"unknown tokenizer {name!r}: use 'shapes-bpe', a .tiktoken path, or one of "
+        raise ValueError(f"unknown tokenizer {name!r}: use 'shapes-bpe', a .tiktoken or tokenizer.json path, or one of "
                          f"{tiktoken.list_encoding_names()}") from e
     finally:
         tiktoken.load.read_file = real

@@ -24,7 +24,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from data import (COUNT_ANSWER, COUNT_PROMPT, NONE_ANSWER, POINT_PROMPT, TRACK_PROMPT,  # Molmo2's prompts
-                  format_groups, format_points, preprocess_image)  # html-v2 writer, image normalisation
+                  Tokenizer, format_groups, format_points, preprocess_image, train_bpe)  # html-v2, images, BPE
 
 SHAPES = ["circle", "square", "triangle", "star"]
 COLORS = {  # name -> RGB; far apart so that a 2x2-pixel average already tells them apart
@@ -499,3 +499,25 @@ def make_multi_example(task, seed, size=64, n_turns=1):
         return dict(task=task, images=images, turns=[(POINT_PROMPT.format(label=label), a)],
                     gt=dict(label=label, groups=groups))
     raise ValueError(f"unknown shapes task {task!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The shapes world's tokenizer: a byte-level BPE trained, offline and deterministically, on the world's own text
+
+def shapes_corpus(n=300):
+    """Text the shapes world produces (every task: stage 1's images, stage 2's videos and image sets), used to
+    train the offline BPE. Stage 2 starts from a stage-1 checkpoint and keeps its tokenizer, so the video words
+    must be in it from the start (words such as "moves", "video", "seconds" each get a token of their own)."""
+    texts = []
+    for task in IMAGE_TASKS + VIDEO_TASKS + MULTI_TASKS:
+        # videos are slow to draw and their text is templated: a tenth as many already gives every word its token
+        for seed in range(n if task in IMAGE_TASKS else n // 10):
+            ex = make_example(task, TRAIN_SEED_OFFSET + seed)
+            texts += [t for turn in ex["turns"] for t in turn] + ["user\n", "assistant\n"]  # the chat roles
+    return texts
+
+
+def tokenizer(base_vocab=None, n_merges=400):
+    """The 'shapes-bpe' tokenizer (train.py's default): data.train_bpe over shapes_corpus(), ~660 ids with the
+    chat and vision tokens. The same every time (no randomness), so checkpoints and tests agree on the ids."""
+    return Tokenizer(train_bpe(shapes_corpus(), n_merges), base_vocab=base_vocab)

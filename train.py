@@ -316,6 +316,16 @@ def load_optimizer(model, opt, state):
     set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
 
 
+def make_tokenizer(name, base_vocab=None):
+    """Config key `tokenizer`: 'shapes-bpe' is the shapes world's own BPE (shapes.tokenizer); anything else a local
+    file or a cached tiktoken name (data.build_tokenizer)."""
+    if name == "shapes-bpe":
+        import shapes
+        return shapes.tokenizer(base_vocab)
+    import data
+    return data.build_tokenizer(name, base_vocab)
+
+
 def check_out_dir(out_dir):
     """Create out_dir and prove it writable with a probe file, before anything is built or trained."""
     probe = os.path.join(out_dir, f".write_probe_{os.getpid()}")
@@ -637,8 +647,7 @@ def main(argv=()):
                 raise SystemExit(str(e)) from None
     tok = None
     if not (C.dry_run and C.base_vocab):
-        tok = data.Tokenizer(**ckpt["tokenizer"]) if ckpt else data.build_tokenizer(C.tokenizer,
-                                                                                   base_vocab=C.base_vocab or None)
+        tok = data.Tokenizer(**ckpt["tokenizer"]) if ckpt else make_tokenizer(C.tokenizer, C.base_vocab or None)
     mc = {k: cfg[k] for k in MODEL_KEYS}
     if ckpt:
         mc.update(ckpt["model_config"])  # the architecture comes from the checkpoint

@@ -25,8 +25,8 @@ def tiny_overrides():
 
 @pytest.fixture(scope="session")
 def tok():
-    import data
-    return data.build_tokenizer()
+    import shapes
+    return shapes.tokenizer()
 
 
 @pytest.fixture(scope="session")

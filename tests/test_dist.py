@@ -51,7 +51,7 @@ def _model_and_batches(rank=0, world=1):
     import data
     import shapes
     from model import Molmo2, ModelConfig
-    tok = data.build_tokenizer()
+    tok = shapes.tokenizer()
     cfg = ModelConfig(**dict(TINY, base_vocab=tok.base_vocab, n_extra=tok.n_extra, im_patch_id=tok.im_patch))
     tw = {"track": 2.0, "video_qa": 1.0, "point": 2.0, "caption": 1.0, "text": 0.5}
     specs = [("track", 1), ("point", 2), ("text", 3), ("video_qa", 4), ("caption", 5), ("track", 6)]
