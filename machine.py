@@ -23,7 +23,8 @@ def matmul_rate(dt, n=1024, runs=5, slow_s=0.25):
     process sharing the core only ever makes a run slower, so the best is the closest to what this CPU can do, and a
     step's MFU measured against it stays under 100%. A first run slower than slow_s (a slow emulated path, ~2 s for
     bf16 without bf16 instructions) is answer enough. Cached: the dtype choice and the MFU share one measurement."""
-    a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
+    g = torch.Generator().manual_seed(0)  # its own generator: measuring never moves the run's random stream
+    a, b = torch.randn(n, n, generator=g).to(dt), torch.randn(n, n, generator=g).to(dt)
     t = time.perf_counter()
     a @ b  # warm-up: the first call picks the kernel
     best = time.perf_counter() - t

@@ -19,6 +19,7 @@ import os
 import random
 import sys
 import time
+import types
 from contextlib import nullcontext
 from datetime import timedelta
 
@@ -578,18 +579,38 @@ def fmt_time(s):
     return f"{int(s // 3600)}:{int(s % 3600 // 60):02d}:{int(s % 60):02d}"
 
 
+
+# ---------------------------------------------------------------------------------------------------------
+# The run, top to bottom: main() reads as its steps; each step is a function or a method of Trainer below.
+
 def main(argv=()):
-    t_start = time.time()  # max_minutes counts from here: building, vision pretraining, training, evals
-    given = set()  # the keys a config file or the command line set
-    cfg = configure(argv, {k: globals()[k] for k in CONFIG_KEYS}, given)
-    C = type("Config", (), cfg)  # attribute access: C.lr
-    for key, allowed in CHOICES.items():  # keys that take one of a few words: a typo stops here, named
-        if cfg[key] not in allowed:
-            raise SystemExit(f"config key {key!r} must be one of {allowed}, got {cfg[key]!r}")
+    """One training run. Returns dict(losses, steps) and, after a final eval, final (and blind) metrics."""
+    t_start = time.time()                           # max_minutes counts from here
+    given = set()                                   # the keys a config file or the command line set
+    C = types.SimpleNamespace(**configure(argv, {k: globals()[k] for k in CONFIG_KEYS}, given))
+    check_config(C)                                 # 1. configure: every key checked before anything is built
+    env = setup_run(C)                              # 2. device, processes, seeds, dtype
+    start = load_start(C, env.print)                # 3. what the run starts from: scratch, a checkpoint, a Molmo2 dir
+    tok, mconf = build_model_config(C, given, start, env.print)
+    data_src = build_mixture(C, env.print)          # 4. the data: the mixture and (real data) the local copies
+    model = build_model(C, mconf, start, env.print)
+    if C.dry_run:
+        env.print("dry_run: stopping before the first step")
+        return dict(model=model, counts=model.param_counts())
+    run = Trainer(C, env, tok, mconf, model, data_src, start, t_start)  # 5. initialise or resume
+    run.train()                                     # 6. the loop
+    return run.finish()                             # 7. final checkpoint, eval, baseline, curve
+
+
+def check_config(C):
+    """Keys that take one of a few words, lower bounds, and the keys that name tasks: a typo stops here, named."""
+    for key, allowed in CHOICES.items():
+        if getattr(C, key) not in allowed:
+            raise SystemExit(f"config key {key!r} must be one of {allowed}, got {getattr(C, key)!r}")
     for key, least in (("vit_pretrain_steps", 0), ("vit_pretrain_batch", 1), ("lr_vit_mult", 0),
-                       ("lr_connector_mult", 0)):
-        if cfg[key] < least:
-            raise SystemExit(f"config key {key!r} must be >= {least}, got {cfg[key]!r}")
+                       ("lr_connector_mult", 0), ("max_minutes", 0), ("max_bad_steps", 1), ("max_broken_frac", 0)):
+        if getattr(C, key) < least:
+            raise SystemExit(f"config key {key!r} must be >= {least}, got {getattr(C, key)!r}")
     if not 0.0 <= C.absent_rate <= 1.0:
         raise SystemExit(f"config key 'absent_rate' must be in [0, 1], got {C.absent_rate!r}")
     for task, m in C.first_token_mults.items():  # a misspelt task would silently weight nothing
@@ -600,64 +621,83 @@ def main(argv=()):
     bad = [t for t in C.eval_tasks if t not in SCORED_TASKS]  # found now, not at the first eval minutes later
     if bad:
         raise SystemExit(f"eval_tasks: {bad} cannot be scored; scored tasks are {', '.join(SCORED_TASKS)}")
-    import data
-    import mixing
-    from model import Molmo2, ModelConfig, check_token_ids, init_llm_from_qwen3, init_vit_from_siglip, load_hf_molmo2
+    for key in ("init_llm", "init_vit"):
+        if getattr(C, key) and C.init_from != "scratch":
+            raise SystemExit(f"{key} initialises a model built from scratch; init_from={C.init_from!r} loads one")
+    missing = missing_paths(C)  # every path the config names, checked before anything is built
+    if missing and not C.dry_run:
+        raise SystemExit("missing paths (nothing is downloaded; copy them here or override the keys):\n  "
+                         + "\n  ".join(missing))
 
+
+def setup_run(C):
+    """The device (one GPU per process under torchrun), the process layout (Dist), seeds, the training dtype and
+    its autocast, and `print`: rank 0 speaks for the run. Checks out_dir is writable before anything is built."""
     dev = torch.device("cuda" if C.device == "auto" and torch.cuda.is_available() else
                        ("cpu" if C.device == "auto" else C.device))
     D = setup_distributed(C, dev.type)
-    if dev.type == "cuda" and D.world > 1:  # one GPU per process
+    if dev.type == "cuda" and D.world > 1:
         dev = torch.device("cuda", D.local_rank)
         torch.cuda.set_device(dev)
-    print = builtins.print if D.rank == 0 else (lambda *a, **k: None)  # rank 0 speaks for the run
+    say = builtins.print if D.rank == 0 else (lambda *a, **k: None)
     if C.threads:
         torch.set_num_threads(C.threads)
     torch.manual_seed(C.seed)
     random.seed(C.seed)
     np.random.seed(C.seed)
-    pt_dtype = resolve_dtype(C.dtype, dev, print)
-    autocast = (lambda: torch.autocast(dev.type, dtype=pt_dtype)) if pt_dtype != torch.float32 else nullcontext
-
-    # tokenizer and model config ------------------------------------------------------------------------
-    missing = missing_paths(C)  # every path the config names, checked before anything is built
-    if missing and not C.dry_run:
-        raise SystemExit("missing paths (nothing is downloaded; copy them here or override the keys):\n  "
-                         + "\n  ".join(missing))
+    dtype = resolve_dtype(C.dtype, dev, say)
+    autocast = (lambda: torch.autocast(dev.type, dtype=dtype)) if dtype != torch.float32 else nullcontext
     if not C.dry_run:
         check_out_dir(C.out_dir)  # now, not at the first checkpoint after hours of training
         if remove_stale_tmp(os.path.join(C.out_dir, "ckpt.pt")):
-            print(f"removed {os.path.join(C.out_dir, 'ckpt.pt.tmp')}, a checkpoint write that never finished")
-    for key in ("init_llm", "init_vit"):
-        if cfg[key] and C.init_from != "scratch":
-            raise SystemExit(f"{key} initialises a model built from scratch; init_from={C.init_from!r} loads one")
-    ckpt, hf_model = None, None
-    if C.dry_run and C.init_from != "scratch":
+            say(f"removed {os.path.join(C.out_dir, 'ckpt.pt.tmp')}, a checkpoint write that never finished")
+    return types.SimpleNamespace(dev=dev, D=D, print=say, dtype=dtype, autocast=autocast)
+
+
+def load_start(C, print=print):
+    """init_from: 'scratch' (nothing), 'resume' (out_dir/ckpt.pt, the whole state), a ckpt.pt (its weights) or a
+    Hugging Face Molmo2 directory (its architecture and weights). Returns a namespace: path, ckpt (the loaded dict
+    or None), hf_model and hf_ids (a Molmo2 directory's model and special-token ids, or None)."""
+    start = types.SimpleNamespace(path=None, ckpt=None, hf_model=None, hf_ids=None)
+    if C.init_from == "scratch":
+        return start
+    if C.dry_run:
         print(f"dry_run: init_from={C.init_from!r} not loaded; the model is built from the config")
-    elif C.init_from != "scratch":
-        path = os.path.join(C.out_dir, "ckpt.pt") if C.init_from == "resume" else C.init_from
-        if not os.path.exists(path):
-            raise SystemExit(f"init_from={C.init_from!r}: checkpoint {path} not found")
-        if os.path.isdir(path):  # a Hugging Face Molmo2 checkpoint: its model, and the special-token ids of its config
-            hf_model, hf_ids = load_hf_molmo2(path)
-        else:
-            try:
-                ckpt = load_checkpoint(path, trust=C.trust_checkpoint)
-            except CheckpointError as e:
-                raise SystemExit(str(e)) from None
+        return start
+    start.path = os.path.join(C.out_dir, "ckpt.pt") if C.init_from == "resume" else C.init_from
+    if not os.path.exists(start.path):
+        raise SystemExit(f"init_from={C.init_from!r}: checkpoint {start.path} not found")
+    if os.path.isdir(start.path):
+        from model import load_hf_molmo2
+        start.hf_model, start.hf_ids = load_hf_molmo2(start.path)
+        return start
+    try:
+        start.ckpt = load_checkpoint(start.path, trust=C.trust_checkpoint)
+    except CheckpointError as e:
+        raise SystemExit(str(e)) from None
+    return start
+
+
+def build_model_config(C, given, start, print=print):
+    """(tokenizer, model.ModelConfig). A checkpoint brings its tokenizer and fixes the architecture
+    (check_against_checkpoint); from scratch, base_vocab / n_extra of 0 take the tokenizer's counts, its vision
+    tokens landing on the extra embedding rows. A dry run with base_vocab set builds no tokenizer (real vocab)."""
+    import data
+    from model import ModelConfig, check_token_ids
     tok = None
     if not (C.dry_run and C.base_vocab):
-        tok = data.Tokenizer(**ckpt["tokenizer"]) if ckpt else make_tokenizer(C.tokenizer, C.base_vocab or None)
-    mc = {k: cfg[k] for k in MODEL_KEYS}
-    if ckpt:
-        mc.update(ckpt["model_config"])  # the architecture comes from the checkpoint
-    if hf_model is not None:
-        mc = dataclasses.asdict(hf_model.c)
-        check_token_ids(hf_ids, tok, f"init_from={path}")
-    if ckpt or hf_model is not None:
-        check_against_checkpoint(cfg, given, mc, ckpt["config"] if ckpt and C.init_from == "resume" else None,
-                                 path, print)
-    elif tok:  # 0 = the tokenizer's: its ids, then its vision tokens on the extra rows
+        tok = data.Tokenizer(**start.ckpt["tokenizer"]) if start.ckpt else make_tokenizer(C.tokenizer,
+                                                                                         C.base_vocab or None)
+    mc = {k: getattr(C, k) for k in MODEL_KEYS}
+    if start.ckpt:
+        mc.update(start.ckpt["model_config"])
+    if start.hf_model is not None:
+        mc = dataclasses.asdict(start.hf_model.c)
+        check_token_ids(start.hf_ids, tok, f"init_from={start.path}")
+    if start.ckpt or start.hf_model is not None:
+        check_against_checkpoint(vars(C), given, mc, start.ckpt["config"] if start.ckpt and C.init_from == "resume"
+                                 else None, start.path, print)
+    elif tok:
         mc["base_vocab"], mc["n_extra"] = mc["base_vocab"] or tok.base_vocab, mc["n_extra"] or tok.n_extra
         if tok.base_vocab != mc["base_vocab"] or tok.n_extra > mc["n_extra"]:
             raise SystemExit(f"tokenizer {C.tokenizer!r}: base_vocab {tok.base_vocab} and {tok.n_extra} vision rows "
@@ -665,19 +705,30 @@ def main(argv=()):
         mc["im_patch_id"] = tok.im_patch
     else:
         mc["im_patch_id"] = mc["base_vocab"]
-    mconf = ModelConfig(**mc)
+    return tok, ModelConfig(**mc)
 
+
+def build_mixture(C, print=print):
+    """The data side: (weights, sizes, real). real: {dataset: examples} read from the local copies (None for the
+    shapes world); their sizes replace dataset_sizes for the sqrt rule. Prints the mixture table."""
+    import mixing
     real = None
     if C.dataset != "shapes" and not C.dry_run:
         real = load_datasets(C, print)
-        C.dataset_sizes = {n: len(v) for n, v in real.items()}  # the local copies' sizes, for the sqrt rule
+        C.dataset_sizes = {n: len(v) for n, v in real.items()}
     weights, sizes = mixture_of(C)
     print(f"mixture ({C.mixing_rule} rule; examples drawn i.i.d. per example):")
     n_run = None if C.packing else C.max_steps * C.batch_size * C.grad_accum  # packed rows hold a varying number
     print(mixing.mixture_table(weights, C.dataset_sizes, n_run, C.dataset_caps))
+    return types.SimpleNamespace(weights=weights, sizes=sizes, real=real)
 
-    model = hf_model if hf_model is not None else Molmo2(mconf)
-    if hf_model is not None:
+
+def build_model(C, mconf, start, print=print):
+    """The model: a Molmo2 directory's, or a new one (its LLM from Qwen3, its ViT from SigLIP when the config
+    names them). A ckpt.pt's weights are loaded later (Trainer), on the device."""
+    from model import Molmo2, init_llm_from_qwen3, init_vit_from_siglip
+    model = start.hf_model if start.hf_model is not None else Molmo2(mconf)
+    if start.hf_model is not None:
         print(f"initialised from {C.init_from}: a Hugging Face Molmo2 checkpoint (its architecture and weights)")
     if C.init_llm and not C.dry_run:
         init_llm_from_qwen3(model, C.init_llm)
@@ -688,109 +739,131 @@ def main(argv=()):
     counts = model.param_counts()
     print("parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()) +
           f", total {sum(counts.values()) / 1e6:.2f}M")
-    if C.dry_run:
-        print("dry_run: stopping before the first step")
-        return dict(model=model, counts=counts)
-    model.to(dev)
-    if D.world > 1:
-        print(f"torchrun: {D.world} processes = dp {D.dp} x cp {D.cp}"
-              + (f" ({C.cp_mode} attention)" if D.cp > 1 else "") + f", {'FSDP2' if C.fsdp else 'DDP'}, "
-              f"{dist.get_backend()}; global batch {D.dp * C.batch_size * C.grad_accum} rows")
+    return model
 
-    sampler = mixing.MixtureSampler(weights, sizes, seed=C.seed, rank=D.dp_rank, world_size=D.dp)
-    step, history, budget_steps = 0, dict(step=[], loss=[], evals=[]), None
-    if ckpt:  # weights before wrapping: DDP broadcasts them, FSDP2 shards them
-        model.load_state_dict(ckpt["model"])
-        if C.init_from != "resume":
-            print(f"initialised weights from {C.init_from}")
-    if C.vit_pretrain_steps and C.init_from == "scratch" and not C.init_vit:  # other runs have a ViT already
-        pretrain_vit(model, C, dev, autocast, print)
-    if C.lr_vit_mult == 0:  # a frozen ViT: no gradients through it at all, not just a zero LR. In stage 2 its
-        # backward is a third of the step: ~150 frames and images x 64 patches = 9.7k ViT tokens per 4k LLM tokens
-        for p in model.vit.parameters():
-            p.requires_grad_(False)
-    model.attn_impl = C.attn_impl
-    model.act_ckpt = model.vit.act_ckpt = C.act_ckpt  # the LLM's blocks and the ViT's
-    model.loss_chunk = C.loss_chunk
-    if D.cp > 1:
-        from cp_attention import ContextParallel
-        if C.cp_mode == "ulysses" and mconf.n_head % D.cp:
-            raise SystemExit(f"cp_mode='ulysses' splits the {mconf.n_head} heads over cp={D.cp} ranks: it must divide")
-        model.cp = ContextParallel(D.cp_group, C.cp_mode)
-    wrapped = wrap_model(model, C, D, dev)  # FSDP2 swaps the parameters for sharded ones: the optimizer comes after
-    no_sync = wrapped.no_sync if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) else None
-    groups = model.param_groups()
-    mults = {"llm": 1.0, "connector": C.lr_connector_mult, "vit": C.lr_vit_mult}
-    opt = torch.optim.AdamW([dict(params=groups[k], name=k, peak=C.lr * mults[k]) for k in groups],
-                            lr=C.lr, betas=(C.beta1, C.beta2), eps=C.adam_eps, weight_decay=C.weight_decay)
-    if C.init_from == "resume":  # full state: optimizer, step, RNG, sampler, curve so far
-        load_optimizer(model, opt, ckpt["optimizer"])
-        for g in opt.param_groups:  # the loaded state carries the old run's hyperparameters: this run's config rules
-            g.update(peak=C.lr * mults[g["name"]], betas=(C.beta1, C.beta2), eps=C.adam_eps,
+
+class Trainer:
+    """The training state of one run and what is done with it: initialise or resume (__init__), the loop (train),
+    checkpoints, evals, the end (finish). Attributes: C (the configuration), env (device, processes, dtype),
+    model and wrapped (DDP / FSDP2 around it), opt, sampler and packer (the data stream), step, history."""
+
+    def __init__(self, C, env, tok, mconf, model, data_src, start, t_start):
+        import mixing
+        self.C, self.env, self.tok, self.mconf, self.model, self.t_start = C, env, tok, mconf, model, t_start
+        D, dev, print = env.D, env.dev, env.print
+        model.to(dev)
+        if D.world > 1:
+            print(f"torchrun: {D.world} processes = dp {D.dp} x cp {D.cp}"
+                  + (f" ({C.cp_mode} attention)" if D.cp > 1 else "") + f", {'FSDP2' if C.fsdp else 'DDP'}, "
+                  f"{dist.get_backend()}; global batch {D.dp * C.batch_size * C.grad_accum} rows")
+        self.sampler = mixing.MixtureSampler(data_src.weights, data_src.sizes, seed=C.seed, rank=D.dp_rank,
+                                             world_size=D.dp)
+        self.step, self.history, self.budget_steps = 0, dict(step=[], loss=[], evals=[]), None
+        ckpt, resume = start.ckpt, C.init_from == "resume"
+        # weights: before wrapping (DDP broadcasts them, FSDP2 shards them)
+        if ckpt:
+            model.load_state_dict(ckpt["model"])
+            if not resume:
+                print(f"initialised weights from {C.init_from}")
+        if C.vit_pretrain_steps and C.init_from == "scratch" and not C.init_vit:  # other runs have a ViT already
+            pretrain_vit(model, C, dev, env.autocast, print)
+        if C.lr_vit_mult == 0:  # a frozen ViT: no gradients through it at all, not just a zero LR (stage 2: its
+            for p in model.vit.parameters():  # backward would be a third of the step, ~150 frames a batch)
+                p.requires_grad_(False)
+        model.attn_impl = C.attn_impl
+        model.act_ckpt = model.vit.act_ckpt = C.act_ckpt  # the LLM's blocks and the ViT's
+        model.loss_chunk = C.loss_chunk
+        if D.cp > 1:
+            from cp_attention import ContextParallel
+            if C.cp_mode == "ulysses" and mconf.n_head % D.cp:
+                raise SystemExit(f"cp_mode='ulysses' splits the {mconf.n_head} heads over cp={D.cp} ranks: it must "
+                                 f"divide")
+            model.cp = ContextParallel(D.cp_group, C.cp_mode)
+        self.wrapped = wrap_model(model, C, D, dev)  # FSDP2 swaps in sharded parameters: the optimizer comes after
+        self.no_sync = self.wrapped.no_sync if isinstance(self.wrapped, torch.nn.parallel.DistributedDataParallel) \
+            else None
+        # AdamW, one group per component at its multiple of lr (Molmo2: connector 10x, ViT 0.3x in pretraining)
+        groups = model.param_groups()
+        self.mults = {"llm": 1.0, "connector": C.lr_connector_mult, "vit": C.lr_vit_mult}
+        self.opt = torch.optim.AdamW([dict(params=groups[k], name=k, peak=C.lr * self.mults[k]) for k in groups],
+                                     lr=C.lr, betas=(C.beta1, C.beta2), eps=C.adam_eps, weight_decay=C.weight_decay)
+        self.fwd = torch.compile(self.wrapped) if C.compile else self.wrapped
+        self.get_batch, self.packer = batch_source(C, tok, mconf, self.sampler, dev, data_src.real)
+        self.media = self.get_batch.media
+        self.evals = data_src.real is None  # held-out evals are the shapes world's (real benchmarks: not yet)
+        if resume:
+            self.resume(ckpt)
+        self.saved_at = self.step if resume else None  # the step of the checkpoint now in out_dir, if any
+
+    def resume(self, ckpt):
+        """The whole state of the run that wrote ckpt: optimizer (this run's hyperparameters), step, the budget's
+        step count, the curve, the random generators, and each rank's sampler and packer buffer."""
+        C, D = self.C, self.env.D
+        load_optimizer(self.model, self.opt, ckpt["optimizer"])
+        for g in self.opt.param_groups:  # the loaded state carries the old run's hyperparameters: this config rules
+            g.update(peak=C.lr * self.mults[g["name"]], betas=(C.beta1, C.beta2), eps=C.adam_eps,
                      weight_decay=C.weight_decay)
-        step = ckpt["step"]
-        budget_steps = ckpt.get("budget_steps")  # a max_minutes run's fixed step count
-        history = ckpt["history"]
+        self.step, self.history = ckpt["step"], ckpt["history"]
+        self.budget_steps = ckpt.get("budget_steps")  # a max_minutes run's fixed step count
         set_rng_state(ckpt["rng"])
-        print(f"resumed from {C.out_dir} at step {step}")
-    fwd = torch.compile(wrapped) if C.compile else wrapped
-    os.makedirs(C.out_dir, exist_ok=True)
-
-    get_batch, packer = batch_source(C, tok, mconf, sampler, dev, real)
-    media = get_batch.media
-    evals = real is None  # held-out evals are the shapes world's (real benchmarks: not yet)
-    if C.init_from == "resume":  # each rank's sampler, and the examples its packer had buffered (re-made from keys)
         states = ckpt["streams"]
         if len(states) != D.world:
             raise SystemExit(f"resume: the checkpoint was written by {len(states)} process(es), this run has "
                              f"{D.world}; resume with the same number (or start a new run with init_from=PATH)")
-        sampler.load_state(states[D.rank]["sampler"])
-        packer.load_state(states[D.rank]["packer"])
+        self.sampler.load_state(states[D.rank]["sampler"])
+        self.packer.load_state(states[D.rank]["packer"])  # the examples it had buffered, re-made from their keys
+        self.env.print(f"resumed from {C.out_dir} at step {self.step}")
 
-    saved_at = [step if C.init_from == "resume" else None]  # the step of the checkpoint now in out_dir, if any
+    def last_checkpoint_note(self):
+        path = os.path.join(self.C.out_dir, "ckpt.pt")
+        if self.saved_at is not None:
+            return f"the last checkpoint is {path} (step {self.saved_at})"
+        return "no checkpoint of this run was written" + (f" (an older one is at {path})" if os.path.exists(path)
+                                                          else "")
 
-    def last_checkpoint_note():
-        path = os.path.join(C.out_dir, "ckpt.pt")
-        return (f"the last checkpoint is {path} (step {saved_at[0]})" if saved_at[0] is not None else
-                f"no checkpoint of this run was written{' (an older one is at ' + path + ')' if os.path.exists(path) else ''}")
-
-    def checkpoint():
-        msd, osd = full_state(model, opt, D)  # every rank takes part (FSDP2 gathers); rank 0 writes
-        streams = [dict(sampler=sampler.state(), packer=packer.state())]  # this rank's; one per rank under torchrun
+    def checkpoint(self):
+        """Every rank takes part (FSDP2 gathers the shards, each rank's stream state is collected); rank 0 writes.
+        Weights that are not finite are never written over a good checkpoint."""
+        C, D = self.C, self.env.D
+        msd, osd = full_state(self.model, self.opt, D)
+        streams = [dict(sampler=self.sampler.state(), packer=self.packer.state())]  # this rank's
         if D.world > 1:
             mine, streams = streams[0], [None] * D.world
             dist.all_gather_object(streams, mine)
         if D.rank == 0:
-            path = os.path.join(C.out_dir, "ckpt.pt")
             bad = non_finite(msd)
-            if bad:  # never overwrite a good checkpoint with a broken one
-                raise SystemExit(f"step {step}: weights {bad[:3]} are not finite; not saved. "
-                                 + last_checkpoint_note())
+            if bad:
+                raise SystemExit(f"step {self.step}: weights {bad[:3]} are not finite; not saved. "
+                                 + self.last_checkpoint_note())
             try:
-                save_checkpoint(path, dict(
-                    model=msd, optimizer=osd, step=step, config=cfg, model_config=mc, tokenizer=tok.state(),
-                    streams=streams, history=history, budget_steps=budget_steps, rng=rng_state()))
+                save_checkpoint(os.path.join(C.out_dir, "ckpt.pt"), dict(
+                    model=msd, optimizer=osd, step=self.step, config=vars(C),
+                    model_config=dataclasses.asdict(self.mconf), tokenizer=self.tok.state(), streams=streams,
+                    history=self.history, budget_steps=self.budget_steps, rng=rng_state()))
             except CheckpointError as e:
                 raise SystemExit(str(e)) from None
-            saved_at[0] = step
+        self.saved_at = self.step
 
-    def run_eval(n, blind=False):  # -> (metrics, records [(task, question, answer, reference, score)])
-        """Rank 0 evaluates the whole model, single-process (no cp), with every CPU thread of the node's ranks;
-        the others wait. Under FSDP2 the full weights are gathered into a plain copy first."""
+    def run_eval(self, n, blind=False):
+        """Held-out shapes eval of n prompts per task -> (metrics, records [(task, question, answer, reference,
+        score)]). Rank 0 evaluates the whole model, single-process (no cp), with every CPU thread of the node's
+        ranks; the others wait. Under FSDP2 the full weights are gathered into a plain copy first."""
         from eval import evaluate_shapes
-        res, ev = None, model
+        from model import Molmo2
+        C, env = self.C, self.env
+        D, res, ev = env.D, None, self.model
         if C.fsdp and D.world > 1:
-            msd, _ = full_state(model, opt, D)
+            msd, _ = full_state(self.model, self.opt, D)
             if D.rank == 0:
-                ev = Molmo2(mconf).to(dev)
+                ev = Molmo2(self.mconf).to(env.dev)
                 ev.load_state_dict(msd)
         if D.rank == 0:
             cp, threads = ev.cp, torch.get_num_threads()
             ev.cp = None  # one process: whole sequences
             torch.set_num_threads(threads * int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
             try:
-                res = evaluate_shapes(ev, tok, mconf, n_prompts=n, tasks=C.eval_tasks, blind=blind,
-                                      autocast=autocast if pt_dtype != torch.float32 else None,
+                res = evaluate_shapes(ev, self.tok, self.mconf, n_prompts=n, tasks=C.eval_tasks, blind=blind,
+                                      autocast=env.autocast if env.dtype != torch.float32 else None,
                                       video_frames=C.video_frames)
             finally:
                 ev.cp = cp
@@ -801,115 +874,143 @@ def main(argv=()):
             res = box[0]
         return res
 
-    peak = peak_flops(dev, pt_dtype)
-    t0 = time.time()
-    # running totals; a log line reports the change since the previous one, the last line the whole run
-    tot = dict(tokens=0, cells=0, examples=0, flops=0, seconds=0.0)
-    mark = dict(tot)
-    eval_seconds = 0.0
-    start_step = step
-    # The step count the schedule is laid over: max_steps, or under max_minutes the count that fits the budget, fixed
-    # once after BUDGET_PROBE_STEPS and saved in the checkpoint (a resumed run keeps it: the schedule stays exact).
-    # The probe ends inside the warmup, whose LR does not depend on the total, so the steps before it are the same.
-    decide_at = max(BUDGET_PROBE_STEPS, start_step + BUDGET_PROBE_STEPS) if C.max_minutes and not budget_steps else None
-    total = budget_steps or C.max_steps
-    if decide_at is not None and decide_at >= C.warmup_steps:
-        print(f"max_minutes: note, the step count is fixed at step {decide_at}, after warmup_steps={C.warmup_steps}: "
-              f"the LR of the steps before it assumed max_steps={C.max_steps}")
-    t_probe, bad_in_a_row, bad_total = None, 0, 0
-    while step < total and not (C.stop_at and step >= C.stop_at):
+    def train_step(self):
+        """One optimizer step: grad_accum micro-batches forward and backward, clip, AdamW. Returns (loss, gradient
+        norm, the batches). A step whose loss or gradient is not finite is not applied and returns loss None."""
+        C, env, opt = self.C, self.env, self.opt
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, g["peak"], C.warmup_steps, total, C.min_lr_frac)
-        batches = [get_batch() for _ in range(C.grad_accum)]
-        loss_total = accumulate(fwd, batches, autocast, D, no_sync)
-        if D.world > 1:  # the ranks' parts -> the global batch loss (for the log; the gradients are reduced already)
-            t = torch.tensor(loss_total, dtype=torch.float64)
+            g["lr"] = lr_at(self.step, g["peak"], C.warmup_steps, self.total, C.min_lr_frac)
+        batches = [self.get_batch() for _ in range(C.grad_accum)]
+        loss = accumulate(self.fwd, batches, env.autocast, env.D, self.no_sync)
+        if env.D.world > 1:  # the ranks' parts -> the global batch loss (the gradients are reduced already)
+            t = torch.tensor(loss, dtype=torch.float64)
             dist.all_reduce(t)
-            loss_total = t.item()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), C.grad_clip)  # over DTensors too (FSDP2)
-        if not (math.isfinite(loss_total) and torch.isfinite(gnorm)):
-            # A NaN / inf loss or gradient: the step is not applied (weights, Adam state and schedule unchanged)
-            # and its batch is dropped. Every rank sees the same reduced values, so all skip it together.
+            loss = t.item()
+        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), C.grad_clip)  # over DTensors too (FSDP2)
+        if not (math.isfinite(loss) and torch.isfinite(gnorm)):
+            # A NaN / inf loss or gradient: not applied (weights, Adam state and schedule unchanged), the batch is
+            # dropped. Every rank sees the same reduced values, so all skip it together.
             opt.zero_grad(set_to_none=True)
-            bad_in_a_row, bad_total = bad_in_a_row + 1, bad_total + 1
-            print(f"step {step + 1}: loss {loss_total:.4g}, gradient norm {float(gnorm):.4g}: not finite, step skipped "
-                  f"({bad_in_a_row} in a row, {bad_total} in this run)", flush=True)
-            if bad_in_a_row >= C.max_bad_steps:
-                raise SystemExit(f"stopped at step {step}: {bad_in_a_row} steps in a row had a non-finite loss or "
-                                 f"gradient (max_bad_steps={C.max_bad_steps}); lower lr? " + last_checkpoint_note())
-            continue
-        bad_in_a_row = 0
-        for b in batches:  # whole-run figures: this dp rank's batch x dp (the dp ranks' batches are alike in size)
-            tot["tokens"] += D.dp * int(b["attention_mask"].sum())
-            tot["cells"] += D.dp * b["attention_mask"].numel()
-            tot["examples"] += D.dp * b["n_examples"]
-            tot["flops"] += D.dp * model.flops(b)
+            self.bad_in_a_row, self.bad_total = self.bad_in_a_row + 1, self.bad_total + 1
+            env.print(f"step {self.step + 1}: loss {loss:.4g}, gradient norm {float(gnorm):.4g}: not finite, step "
+                      f"skipped ({self.bad_in_a_row} in a row, {self.bad_total} in this run)", flush=True)
+            if self.bad_in_a_row >= C.max_bad_steps:
+                raise SystemExit(f"stopped at step {self.step}: {self.bad_in_a_row} steps in a row had a non-finite "
+                                 f"loss or gradient (max_bad_steps={C.max_bad_steps}); lower lr? "
+                                 + self.last_checkpoint_note())
+            return None, gnorm, batches
+        self.bad_in_a_row = 0
         opt.step()
         opt.zero_grad(set_to_none=True)
-        step += 1
-        history["step"].append(step)
-        history["loss"].append(loss_total)
-        tot["seconds"] = time.time() - t0 - eval_seconds
-        if decide_at is not None and step == decide_at - BUDGET_PROBE_STEPS + 2:
-            t_probe = time.time()  # the first two steps (allocation, kernel choice) are not timed
-        if step == decide_at:
-            total = fit_budget(C, step, (time.time() - t_probe) / (BUDGET_PROBE_STEPS - 2), t_start, evals,
-                               run_eval, print)
-            if D.world > 1:  # rank 0's count for every rank: their clocks differ a little, their loops must not
-                t = torch.tensor(total)
-                dist.broadcast(t, src=0)
-                total = int(t)
-            budget_steps, decide_at = total, None
-        if step % C.log_interval == 0 or step == total:
-            d = {k: tot[k] - mark[k] for k in tot}  # since the previous log line
-            el = time.time() - t0
-            eta = el / (step - start_step) * (total - step)
-            print(f"step {step:5d}/{total} | loss {loss_total:.4f} | gnorm {float(gnorm):.2f} | "
-                  f"lr {opt.param_groups[-1]['lr']:.2e} | {d['tokens'] / d['seconds']:,.0f} tok/s | "
-                  f"non-pad {100 * d['tokens'] / d['cells']:.0f}% | {d['examples'] / d['seconds']:.1f} ex/s | "
-                  f"MFU {100 * d['flops'] / d['seconds'] / (peak * D.world):.1f}% | elapsed {fmt_time(el)} | ETA {fmt_time(eta)}"
-                  + (f" | skipped {sum(media.skipped.values())} broken" if media.skipped else "")
-                  + (f" | {bad_total} non-finite steps skipped" if bad_total else ""), flush=True)
-            mark = dict(tot)
-        if step % C.eval_interval == 0 and step < total:
-            t_eval = time.time()
-            checkpoint()  # saved before the eval, so an eval crash never loses the work (nanochat #446)
-            if evals:
-                m = run_eval(C.eval_prompts)[0]
-                history["evals"].append(dict(step=step, **m))
-                print(f"eval @ {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in m.items()), flush=True)
-            eval_seconds += time.time() - t_eval
-    result = dict(losses=history["loss"], steps=history["step"])
-    if tot["seconds"] > 0:
-        print(f"training throughput over {step - start_step} steps (evals excluded): "
-              f"{tot['tokens'] / tot['seconds']:,.0f} tok/s, {tot['examples'] / tot['seconds']:.1f} examples/s, "
-              f"non-pad {100 * tot['tokens'] / tot['cells']:.1f}% of the rows, "
-              f"{tot['examples'] / max(1, step - start_step) / C.grad_accum:.1f} examples per micro-batch")
-    if media.skipped:
-        print(f"examples skipped for media that cannot be decoded (this rank): {media.summary()}")
-    if step > start_step or C.init_from == "resume":
-        checkpoint()
-    if C.final_eval_prompts and step >= total and evals:
-        from eval import breakdown
-        m, records = run_eval(C.final_eval_prompts)
-        history["evals"].append(dict(step=step, final=True, **m))
-        print(f"final eval @ {step} ({C.final_eval_prompts} prompts/task): " +
-              ", ".join(f"{k} {v:.3f}" for k, v in m.items()), flush=True)
-        # the same scores by question kind (eval.breakdown): what the model can and cannot do yet
-        print("  by kind: " + ", ".join(f"{k} {s:.2f} (n={n})" for k, (n, s) in breakdown(records).items()))
-        result["final"] = m
-        if C.blind_baseline:
-            mb = run_eval(C.final_eval_prompts, blind=True)[0]
-            history["evals"][-1]["blind"] = mb
-            print("image-blind baseline (same checkpoint, blank images): " +
-                  ", ".join(f"{k} {v:.3f}" for k, v in mb.items()), flush=True)
-            result["blind"] = mb
-        checkpoint()
-        plot_curve(history, os.path.join(C.out_dir, "curve.png"))
-    print(f"done in {fmt_time(time.time() - t_start)}; checkpoint {os.path.join(C.out_dir, 'ckpt.pt')}")
-    if D.world > 1:
-        dist.destroy_process_group()
-    return result
+        self.step += 1
+        self.history["step"].append(self.step)
+        self.history["loss"].append(loss)
+        return loss, gnorm, batches
+
+    def train(self):
+        """The loop: steps until the total (max_steps, or what the max_minutes budget fixes) or stop_at; a log line
+        every log_interval steps, a checkpoint and a held-out eval every eval_interval."""
+        C, env = self.C, self.env
+        D, print = env.D, env.print
+        peak = peak_flops(env.dev, env.dtype)
+        self.t0, self.start_step = time.time(), self.step
+        # running totals; a log line reports the change since the previous one, the last line the whole run
+        self.tot = tot = dict(tokens=0, cells=0, examples=0, flops=0, seconds=0.0)
+        mark, eval_seconds = dict(tot), 0.0
+        self.bad_in_a_row = self.bad_total = 0
+        # The step count the schedule is laid over: max_steps, or under max_minutes the count that fits the
+        # budget, fixed once after BUDGET_PROBE_STEPS and saved in the checkpoint (a resumed run keeps it: the
+        # schedule stays exact). The probe ends inside the warmup, whose LR does not depend on the total.
+        decide_at = max(BUDGET_PROBE_STEPS, self.step + BUDGET_PROBE_STEPS) if C.max_minutes and not \
+            self.budget_steps else None
+        self.total = self.budget_steps or C.max_steps
+        if decide_at is not None and decide_at >= C.warmup_steps:
+            print(f"max_minutes: note, the step count is fixed at step {decide_at}, after warmup_steps="
+                  f"{C.warmup_steps}: the LR of the steps before it assumed max_steps={C.max_steps}")
+        t_probe = None
+        while self.step < self.total and not (C.stop_at and self.step >= C.stop_at):
+            loss, gnorm, batches = self.train_step()
+            if loss is None:
+                continue
+            step = self.step
+            for b in batches:  # whole-run figures: this dp rank's batch x dp (the dp ranks' batches are alike)
+                tot["tokens"] += D.dp * int(b["attention_mask"].sum())
+                tot["cells"] += D.dp * b["attention_mask"].numel()
+                tot["examples"] += D.dp * b["n_examples"]
+                tot["flops"] += D.dp * self.model.flops(b)
+            tot["seconds"] = time.time() - self.t0 - eval_seconds
+            if decide_at is not None and step == decide_at - BUDGET_PROBE_STEPS + 2:
+                t_probe = time.time()  # the first two steps (allocation, kernel choice) are not timed
+            if step == decide_at:
+                self.total = self.fix_budget((time.time() - t_probe) / (BUDGET_PROBE_STEPS - 2))
+                decide_at = None
+            if step % C.log_interval == 0 or step == self.total:
+                d = {k: tot[k] - mark[k] for k in tot}  # since the previous log line
+                el = time.time() - self.t0
+                eta = el / (step - self.start_step) * (self.total - step)
+                print(f"step {step:5d}/{self.total} | loss {loss:.4f} | gnorm {float(gnorm):.2f} | "
+                      f"lr {self.opt.param_groups[-1]['lr']:.2e} | {d['tokens'] / d['seconds']:,.0f} tok/s | "
+                      f"non-pad {100 * d['tokens'] / d['cells']:.0f}% | {d['examples'] / d['seconds']:.1f} ex/s | "
+                      f"MFU {100 * d['flops'] / d['seconds'] / (peak * D.world):.1f}% | elapsed {fmt_time(el)} | "
+                      f"ETA {fmt_time(eta)}"
+                      + (f" | skipped {sum(self.media.skipped.values())} broken" if self.media.skipped else "")
+                      + (f" | {self.bad_total} non-finite steps skipped" if self.bad_total else ""), flush=True)
+                mark = dict(tot)
+            if step % C.eval_interval == 0 and step < self.total:
+                t_eval = time.time()
+                self.checkpoint()  # saved before the eval, so an eval crash never loses the work (nanochat #446)
+                if self.evals:
+                    m = self.run_eval(C.eval_prompts)[0]
+                    self.history["evals"].append(dict(step=step, **m))
+                    print(f"eval @ {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in m.items()), flush=True)
+                eval_seconds += time.time() - t_eval
+
+    def fix_budget(self, step_s):
+        """max_minutes: the total step count from the measured step time (fit_budget), the same on every rank
+        (rank 0's: their clocks differ a little, their loops must not), kept in the checkpoint."""
+        total = fit_budget(self.C, self.step, step_s, self.t_start, self.evals, self.run_eval, self.env.print)
+        if self.env.D.world > 1:
+            t = torch.tensor(total)
+            dist.broadcast(t, src=0)
+            total = int(t)
+        self.budget_steps = total
+        return total
+
+    def finish(self):
+        """The throughput summary, the final checkpoint, and after a complete run the final eval (500 prompts a
+        task), its breakdown by question kind, the image-blind baseline and the learning curve."""
+        C, print, tot, step = self.C, self.env.print, self.tot, self.step
+        result = dict(losses=self.history["loss"], steps=self.history["step"])
+        if tot["seconds"] > 0:
+            print(f"training throughput over {step - self.start_step} steps (evals excluded): "
+                  f"{tot['tokens'] / tot['seconds']:,.0f} tok/s, {tot['examples'] / tot['seconds']:.1f} examples/s, "
+                  f"non-pad {100 * tot['tokens'] / tot['cells']:.1f}% of the rows, "
+                  f"{tot['examples'] / max(1, step - self.start_step) / C.grad_accum:.1f} examples per micro-batch")
+        if self.media.skipped:
+            print(f"examples skipped for media that cannot be decoded (this rank): {self.media.summary()}")
+        if step > self.start_step or C.init_from == "resume":
+            self.checkpoint()
+        if C.final_eval_prompts and step >= self.total and self.evals:
+            from eval import breakdown
+            m, records = self.run_eval(C.final_eval_prompts)
+            self.history["evals"].append(dict(step=step, final=True, **m))
+            print(f"final eval @ {step} ({C.final_eval_prompts} prompts/task): " +
+                  ", ".join(f"{k} {v:.3f}" for k, v in m.items()), flush=True)
+            # the same scores by question kind (eval.breakdown): what the model can and cannot do yet
+            print("  by kind: " + ", ".join(f"{k} {s:.2f} (n={n})" for k, (n, s) in breakdown(records).items()))
+            result["final"] = m
+            if C.blind_baseline:
+                mb = self.run_eval(C.final_eval_prompts, blind=True)[0]
+                self.history["evals"][-1]["blind"] = mb
+                print("image-blind baseline (same checkpoint, blank images): " +
+                      ", ".join(f"{k} {v:.3f}" for k, v in mb.items()), flush=True)
+                result["blind"] = mb
+            self.checkpoint()
+            plot_curve(self.history, os.path.join(C.out_dir, "curve.png"))
+        print(f"done in {fmt_time(time.time() - self.t_start)}; checkpoint {os.path.join(C.out_dir, 'ckpt.pt')}")
+        if self.env.D.world > 1:
+            dist.destroy_process_group()
+        return result
 
 
 def plot_curve(history, path):
