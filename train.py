@@ -10,6 +10,21 @@ The one training loop, for every stage. nanoGPT-shaped: the defaults below are p
 Under torchrun the ranks form a (dp x cp) device mesh: dp groups see different examples, the cp ranks of a dp
 group split the same sequences (context parallelism, cp_attention.py). Gradients are reduced over all dp x cp
 ranks by DDP, or FSDP2 (fsdp=True) shards parameters, gradients and Adam state over them.
+
+What one optimizer step does, end to end (the shapes stage-1 config's numbers in brackets):
+  1. the sampler (mixing.py) draws (dataset, index) keys by the mixture's weights; each key becomes an encoded
+     example (data.encode_example: token ids, labels shifted by one, per-token loss weights, its images'
+     pixels and pooling indices) [~43 scenes a step, 3 questions each];
+  2. the packer (data.Packer) fits whole examples into rows of seq_len tokens, and collate pads them into one
+     batch dict: input_ids (B, T), doc_ids (B, T) (which example of the row a token belongs to), position_ids
+     restarting at 0 for every example, loss_weights (B, T), pixel_values (B, F, 3, H, W) [B=8, T=512];
+  3. the model (model.Molmo2) encodes every image (ViT -> connector: pooled tokens (N_tok, d)), adds them at
+     the <im_patch> slots, runs the decoder under Molmo2's mask and returns sum(w * CE) and sum(w);
+  4. accumulate divides by the weight sum of the WHOLE optimizer batch and back-propagates, micro-batch after
+     micro-batch; the gradients are clipped to norm 1 and AdamW steps (LR: linear warmup, then cosine to 10%).
+Everything a long run needs around that lives here too: resume (the checkpoint holds the sampler and packer
+state, so a resumed run sees the very same batches), skipped non-finite steps, a wall-clock budget
+(max_minutes), periodic held-out evals, and the learning curve.
 """
 import ast
 import builtins
@@ -32,6 +47,12 @@ from checkpoint import (CheckpointError, load_checkpoint, non_finite, remove_sta
 from machine import peak_flops, resolve_dtype
 
 # ---------------------------------------------------------------------------------------------------------
+# The configuration. Every global below is a key: a config file (config/*.py, plain Python assignments) or a
+# --key=value on the command line overrides it, with its type checked against the default's (configure).
+# The groups: I/O (where a run starts from and writes to, how often it evaluates), data (what a batch holds and
+# how the datasets are mixed), model (model.ModelConfig: the architecture), optimizer (AdamW and the schedule),
+# system (device, precision, attention kernel) and scale-out (torchrun layouts). The defaults train a small model
+# on the shapes world; config/shapes_stage*.py set up the three CPU demos, config/stage*.py the real stages.
 # defaults: a small model on the shapes world (config/*.py set up each stage); every one can be overridden
 # by a config file or --key=value
 # I/O
@@ -55,16 +76,16 @@ blind_baseline = True           # after the final eval, evaluate again with blan
 dataset = "shapes"              # 'shapes': the built-in world; anything else: local copies (data_paths, data.READERS)
 data_paths = {}                 # real data: mixture dataset name -> its local jsonl copy (data.read_dataset)
 media_root = ""                 # real data: the images (data.media_path of each URL) and videos (<video id>.mp4)
-mixture = {"captions": (0.6, {"caption": 1.0, "qa": 1.0}),   # seed stage 1: captions 60% (QA on the same
-           "pointing": (0.3, {"point": 1.0, "count": 1.0}),  # scenes, PixMo-CapQA style), pointing 30%
+mixture = {"captions": (0.6, {"caption": 1.0, "qa": 1.0}),   # stage 1 (docs/molmo2.md): captions 60% (QA on the
+           "pointing": (0.3, {"point": 1.0, "count": 1.0}),  # same scenes, PixMo-CapQA style), pointing 30%
            "text": (0.1, {"text": 1.0})}                     # (points and point-then-count), text 10%
 mixing_rule = "fixed"           # 'fixed': the mixture's ratios (stage 1) | 'sqrt': rate * sqrt(size) (stages 2-3)
 dataset_sizes = {}              # examples per dataset (sqrt rule, mixture table); shapes tasks are procedural
 dataset_caps = {}               # sqrt rule: an int replaces a dataset's size, a fraction < 1 scales it (Molmo2)
-task_weights = {"caption": 1.0, "qa": 1.0, "count": 1.5, "point": 2.0, "track": 2.0, "text": 1.0,  # seed
+task_weights = {"caption": 1.0, "qa": 1.0, "count": 1.5, "point": 2.0, "track": 2.0, "text": 1.0,  # targets
                 "video_caption": 1.0, "video_qa": 1.0, "subtitle_qa": 1.0, "video_count": 1.5,
                 "video_point": 2.0, "multi_qa": 1.0, "multi_point": 2.0}
-loss_weighting = "task"         # 'task': task_weights per answer token (seed) | 'root': Molmo2 SFT 2/sqrt(n)
+loss_weighting = "task"         # 'task': task_weights per answer token | 'root': Molmo2 SFT's 2/sqrt(n)
 root_flat_weights = {"point": 0.2, "count": 0.2, "track": 0.2}  # 'root': flat per-token weights (Molmo2)
 first_token_mults = {}          # task -> x weight on its answers' first token (pointing: "There are none." or points)
 tokenizer = "shapes-bpe"        # 'shapes-bpe' (trained offline, here), a .tiktoken or tokenizer.json path, or a
@@ -72,9 +93,9 @@ tokenizer = "shapes-bpe"        # 'shapes-bpe' (trained offline, here), a .tikto
 absent_rate = 0.2               # shapes: share of training point/count questions about absent objects (eval: 0.2)
 turns_per_image = 1             # questions per image in one sequence (>1: the image is encoded once for all)
 video_frames = (6, 11)          # shapes videos: frames per video, lo..hi at 2 fps (stage 3 shapes: longer)
-max_frames = 128                # video: Molmo2 samples 2 fps up to this many frames (seed: 128 stage 2, 384 stage 3)
-video_fps = 2.0                 # video: Molmo2's sampling rate (seed: "Sample frames at 2 fps")
-seq_len = 256                   # max tokens per row (4,096 in the seed's stage 1)
+max_frames = 128                # video: Molmo2 samples 2 fps up to this many frames (128 in stage 2, 384 in stage 3)
+video_fps = 2.0                 # video: Molmo2's sampling rate, 2 frames a second
+seq_len = 256                   # max tokens per row (4,096 in stage 1 at real scale)
 batch_size = 32                 # rows per micro-batch (one example per row, or several when packing)
 packing = False                 # pack several examples per row (doc ids + restarted positions keep them apart)
 max_images_per_row = 8          # packing: vision budget per row (Molmo2: max crops per sequence)
@@ -97,7 +118,7 @@ video_pool_h = 3
 video_pool_w = 3
 col_tokens = True
 frame_tokens = True             # <frame_start>/<frame_end> around each video frame (False: <im_start>/<im_end>)
-max_crops = 0                   # images: 0 = one crop of image_size (seed); n = Molmo2 multi-crop, up to n tiles
+max_crops = 0                   # images: 0 = one crop of image_size; n = Molmo2's multi-crop, up to n tiles
 crop_margins = (4, 4)           # multi-crop: the tiles' overlap, in patches a side (Molmo2: 4 + 4 of 27)
 proj_ff = 0                     # the projector's SwiGLU width; 0 = d_ff (Molmo2-8B: 18944)
 base_vocab = 0                  # 0 = from the tokenizer; else the embedding's rows (Qwen3 pads to 151,936; dry runs)
@@ -136,7 +157,7 @@ threads = 0                     # CPU threads for torch; 0 = torch's default
 seed = 1337
 # scale-out, under torchrun (README "GPU nodes"): world = dp x cp ranks
 cp = 1                          # context-parallel degree: ranks that split one sequence (stage 3); dp = world / cp
-cp_mode = "ulysses"             # 'ulysses': all-to-all over heads (Molmo2's choice, DESIGN) | 'ring': zigzag ring
+cp_mode = "ulysses"             # 'ulysses': all-to-all over heads (Molmo2's choice) | 'ring': zigzag ring
 fsdp = False                    # FSDP2: shard params, grads and Adam state over all ranks (else DDP replicates them)
 act_ckpt = False                # activation checkpointing of the LLM blocks: recompute in backward, save memory
 loss_chunk = 0                  # loss-head tokens per chunk (0 = all at once): only one chunk's logits in memory
@@ -162,6 +183,9 @@ def configure(argv, defaults, given=None):
     cfg = dict(defaults)
     given = set() if given is None else given
 
+    # One check for both sources: the key must exist (a typo is an error listing the valid keys, never a new
+    # global nobody reads) and the value must have the default's type, so `--lr=1e-3` is a float, `--dry_run=1` is
+    # refused (an int is not a bool), and a tuple key given as a list is taken as the tuple it means.
     def check(key, val, where):
         if key not in defaults:
             raise SystemExit(f"unknown config key {key!r} ({where}). Valid keys:\n  " + ", ".join(sorted(defaults)))
@@ -175,6 +199,7 @@ def configure(argv, defaults, given=None):
         cfg[key] = val
         given.add(key)
 
+    # Left to right: a later file or --key=value wins over an earlier one, as in nanoGPT.
     for arg in argv:
         if arg.startswith("--"):
             if "=" not in arg:
@@ -237,6 +262,7 @@ def accumulate(fwd, batches, autocast=nullcontext, D=None, no_sync=None):
     D: the distributed layout (setup_distributed). DDP and FSDP2 AVERAGE gradients over the world's ranks, while
     the global loss is the SUM of the ranks' parts: each part is scaled by the world size, so the average is the
     sum. no_sync: DDP's context that skips the all-reduce, for every micro-batch but the last."""
+    # The weights are known before any forward (they come with the data), so the global divisor is fixed first.
     wsum = sum(b["loss_weights"].sum() for b in batches).float()
     if D is not None and D.world > 1:
         dist.all_reduce(wsum, group=D.dp_group)
@@ -253,6 +279,13 @@ def accumulate(fwd, batches, autocast=nullcontext, D=None, no_sync=None):
     return total
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Scale-out. A process per GPU (torchrun). The world of W processes is a 2-D mesh dp x cp: the dp dimension
+# splits the batch (each dp group draws its own examples), the cp dimension splits each sequence (stage 3's
+# 36,864-token rows: cp_attention.py). Parameters are replicated (DDP) or sharded (FSDP2) over the whole world,
+# and gradients are reduced over all of it: a cp rank's gradient is its tokens' part of the same examples', a dp
+# rank's is its examples' part, and the sum over both is the whole batch's (accumulate explains the scaling).
+
 class Dist:
     """The layout of the run: rank, world = dp x cp, this rank's place in the mesh and its process groups.
     One process (plain python): world 1, no groups."""
@@ -263,6 +296,8 @@ def setup_distributed(C, dev_type):
     """Under torchrun (RANK in the environment): the process group (NCCL on CUDA, gloo on CPU) and a 2-D device
     mesh (dp, cp), cp the inner dimension so a cp group sits on neighbouring ranks (one node, the fast links,
     for the ring's and the all-to-all's traffic every layer). Returns a Dist."""
+    # torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous address in each process's environment;
+    # plain `python train.py` sets none of them and runs as one process with no process group at all.
     D = Dist()
     if "RANK" not in os.environ:
         if C.cp != 1 and not C.dry_run:  # (a dry run only builds the model)
@@ -313,6 +348,8 @@ def full_state(model, opt, D):
 
 
 def load_optimizer(model, opt, state):
+    """Load a full (gathered) optimizer state into opt, on one process, DDP or FSDP2 alike (the inverse of
+    full_state's second half: under FSDP2 each rank keeps its own shard of Adam's m and v)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
 
@@ -413,7 +450,10 @@ def batch_source(C, tok, mconf, sampler, dev, real=None):
     import data
     import shapes
 
-    def encode(key):  # (dataset, index) -> encoded example; shapes: the dataset is the task, index the scene seed
+    # A key is (dataset, index). For the shapes world the dataset is a task name and the index a scene seed (offset
+    # into the training seed range, so held-out scenes are never trained on); for real data the index wraps around
+    # the local copy's examples (the sampler's indices run past its size once a dataset is repeated).
+    def encode(key):  # (dataset, index) -> encoded example dict (data.encode_example)
         name, idx = key
         if real is not None:  # a local copy: its examples carry their task
             ex = real[name][idx % len(real[name])]
@@ -442,6 +482,9 @@ def batch_source(C, tok, mconf, sampler, dev, real=None):
     media = BrokenMedia(C.max_broken_frac, print)
     packer = data.Packer(sampler.draw, encode_or_skip, C.seq_len, C.max_images_per_row, C.pack_buffer)
 
+    # One micro-batch: B rows. Packed, a row is a list of whole examples chosen best-fit from a buffer of pack_buffer
+    # encoded examples (their doc ids keep them apart in attention); unpacked, a row is one example. collate pads to
+    # the longest row (seq_len at most) and stacks: input_ids (B, T), labels (B, T), loss_weights (B, T), ...
     def get_batch():
         rows = packer.rows(C.batch_size) if C.packing else [draw_encoded() for _ in range(C.batch_size)]
         b = data.collate(rows, tok.pad, C.seq_len)
@@ -494,6 +537,8 @@ def pretrain_vit(model, C, dev, autocast, print=print):
     from data import pooling_index
     c = model.c
     n_pairs, nb = len(shapes.ATTRIBUTE_PAIRS), shapes.CENTRE_BINS
+    # The temporary head: one linear layer from each pooled token (d_model) to three groups of logits, the 21-way
+    # "which pair is centred here" (20 pairs + none), the centre's x and y as nb bins each, and 20 cover bits.
     head = torch.nn.Linear(c.d_model, (n_pairs + 1) + 2 * nb + n_pairs).to(dev)
     params = list(model.vit.parameters()) + list(model.connector.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=C.vit_pretrain_lr, betas=(C.beta1, C.beta2), eps=C.adam_eps, weight_decay=0.0)
@@ -532,6 +577,8 @@ def pretrain_vit(model, C, dev, autocast, print=print):
     for s in range(n):
         for grp in opt.param_groups:
             grp["lr"] = lr_at(s, C.vit_pretrain_lr, max(1, n // 10), n, C.min_lr_frac)
+        # a fresh batch of bs training scenes with its dense labels: centre (N, T) class ids (n_pairs = none),
+        # bins (N, T, 2) x/y bin ids (-100 where no centre), cover (N, T, n_pairs) 0/1
         x, centre, bins, cover = shapes.dense_batch(s * bs, bs, size, c.patch_size, pool)
         pc, pb, pv = predict(x)
         loss = (F.cross_entropy(pc.flatten(0, 1), centre.to(dev).flatten())
@@ -576,6 +623,7 @@ def fit_budget(C, step, step_s, t_start, evals, run_eval, print=print):
 
 
 def fmt_time(s):
+    """Seconds -> 'h:mm:ss' for the log lines."""
     return f"{int(s // 3600)}:{int(s % 3600 // 60):02d}:{int(s % 60):02d}"
 
 
@@ -748,6 +796,11 @@ class Trainer:
     model and wrapped (DDP / FSDP2 around it), opt, sampler and packer (the data stream), step, history."""
 
     def __init__(self, C, env, tok, mconf, model, data_src, start, t_start):
+        """Initialise (or resume) a run. The order matters: the weights are loaded before the model is wrapped
+        (DDP broadcasts rank 0's weights at wrapping, FSDP2 shards whatever it finds), the ViT is pretrained or
+        frozen before the optimizer sees its parameters, and the optimizer is built after wrapping (FSDP2
+        replaces the parameters by sharded DTensors). A resume then overwrites the fresh state: optimizer,
+        step, random generators and the data stream's position."""
         import mixing
         self.C, self.env, self.tok, self.mconf, self.model, self.t_start = C, env, tok, mconf, model, t_start
         D, dev, print = env.D, env.dev, env.print
@@ -806,6 +859,8 @@ class Trainer:
         self.step, self.history = ckpt["step"], ckpt["history"]
         self.budget_steps = ckpt.get("budget_steps")  # a max_minutes run's fixed step count
         set_rng_state(ckpt["rng"])
+        # One stream state per rank: each dp rank draws its own share of the global sample stream, and the cp ranks
+        # of a dp group hold the same one. Resuming on another process count would change who draws what.
         states = ckpt["streams"]
         if len(states) != D.world:
             raise SystemExit(f"resume: the checkpoint was written by {len(states)} process(es), this run has "
@@ -928,6 +983,8 @@ class Trainer:
             print(f"max_minutes: note, the step count is fixed at step {decide_at}, after warmup_steps="
                   f"{C.warmup_steps}: the LR of the steps before it assumed max_steps={C.max_steps}")
         t_probe = None
+        # The loop. A skipped (non-finite) step leaves self.step where it was, so the same step is tried again
+        # on the next batch; stop_at ends a run early (checkpointed) with the schedule of the full run intact.
         while self.step < self.total and not (C.stop_at and self.step >= C.stop_at):
             loss, gnorm, batches = self.train_step()
             if loss is None:
@@ -988,6 +1045,8 @@ class Trainer:
                   f"{tot['examples'] / max(1, step - self.start_step) / C.grad_accum:.1f} examples per micro-batch")
         if self.media.skipped:
             print(f"examples skipped for media that cannot be decoded (this rank): {self.media.summary()}")
+        # The last state is always saved (a run stopped by stop_at resumes from exactly here), then the final eval
+        # runs on that checkpoint's weights: a crash in the eval loses nothing, and eval.py can repeat it.
         if step > self.start_step or C.init_from == "resume":
             self.checkpoint()
         if C.final_eval_prompts and step >= self.total and self.evals:
@@ -1022,6 +1081,8 @@ def plot_curve(history, path):
     steps, loss = np.array(history["step"]), np.array(history["loss"])
     if len(loss) < 2:
         return
+    # The loss is smoothed over a window of 1% of the run (k steps) and drawn on a log scale, so the long flat
+    # tail stays readable; the eval metrics (0..1) are dots on a linear scale over the same steps.
     k = max(1, len(loss) // 100)
     sm = np.convolve(loss, np.ones(k) / k, mode="valid")
     xs = lambda s: pad + (W - 2 * pad) * (s - steps[0]) / max(1, steps[-1] - steps[0])
