@@ -1,20 +1,27 @@
 """
-Data: text -> token ids, images -> pixels, examples -> the seed's batch fields.
+Data: text -> token ids, images -> pixels, examples -> the batch fields every stage trains on.
 
     tokenizer     tiktoken only. Offline default: a small BPE trained here on shapes text (deterministic,
                   under a second), plus Molmo2's special tokens. A named tiktoken encoding (or a local
                   .tiktoken file) is used only if it is already on disk: nothing is fetched at run time.
-    chat format   Qwen3 turns (molmo2_reference.md 1.3); BOS is <|im_end|>; the image goes right after BOS.
+    chat format   Qwen3 turns; BOS is <|im_end|>; the image goes right after BOS (docs/molmo2.md, Architecture).
     images        Pillow, any mode -> RGB, stretched to image_size, scaled to [-1, 1] (mean = std = 0.5).
-    image tokens  <im_start> + rows of (pooled <im_patch> tokens [+ <im_col>]) + <im_end>   (reference 1.6)
+    image tokens  <im_start> + rows of (pooled <im_patch> tokens [+ <im_col>]) + <im_end>; what an image
+                  and a frame cost per config: image_block, visual_tokens (docs/molmo2.md, Token layout)
     video         PyAV, Molmo2's frame times (2 fps + last frame, or max_frames uniformly), true timestamps;
-                  per frame "{t:.1f} " <frame_start> pooled <im_patch> tokens <frame_end>; subtitles (2)
-    points        Molmo2 html-v2: <points coords="1 1 453 612 2 501 600">dog</points>, ints 0-1000 (3.2)
-    packing       several examples per row, best-fit over a small buffer (reference 4.5); each row keeps
-                  its examples apart with doc_ids and restarted position_ids
+                  per frame "{t:.1f} " <frame_start> pooled <im_patch> tokens <frame_end>; then subtitles
+    points        Molmo2 html-v2: <points coords="1 1 453 612 2 501 600">dog</points>, ints 0-1000
+                  (docs/molmo2.md, Prompts and points)
+    packing       several examples per row, best-fit over a small buffer (docs/molmo2.md, Stages); each row
+                  keeps its examples apart with doc_ids and restarted position_ids
     batch         input_ids [B,T], attention_mask [B,T], labels [B,T], loss_weights [B,T],
-                  pixel_values [B,F,3,H,W], image_mask [B,F], timestamps [B,F]  (the seed's fields)
+                  pixel_values [B,F,3,H,W], image_mask [B,F], timestamps [B,F]  (docs/molmo2.md, Stages)
                   + doc_ids [B,T], position_ids [B,T], pool_idx [N_tok, k] (packing, pooling)
+
+The path of one example: encode_example (turns -> ids, labels, loss weights; visual_tokens -> the pixels and
+their token layout) -> Packer (whole examples into rows) -> collate (rows -> the padded batch dict of tensors)
+-> model.Molmo2. Readers at the end turn local copies of the real datasets into the same example dicts that
+shapes.make_example returns, so everything after them is shared by the shapes world and real data.
 """
 import bisect
 import itertools
@@ -45,7 +52,7 @@ PAT_STR = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}| ?[^\s\p{L
            r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
 # The same split for ASCII text in Python's re (no \p{L}), used to train the BPE. It must cut where PAT_STR
 # cuts: a word keeps its leading space (" the" is one piece, so one token), else every word costs a second
-# token for its space (it did before 2026-11-27: shapes text was 30% longer).
+# token for its space (shapes text would be ~30% longer).
 _ASCII_PRESPLIT = re.compile(r"""'(?:[sdmt]|ll|ve|re)|[^\r\nA-Za-z0-9]?[A-Za-z]+|[0-9]| ?[^\sA-Za-z0-9]+[\r\n]*|\s+""")
 
 
@@ -118,14 +125,18 @@ class Tokenizer:
         self.vision_ids = [specials[t] for t in VISION_TOKENS]
 
     def encode(self, text, allow_special=False):
+        """str -> [int]. Special tokens written in the text stay plain text unless allow_special: a caption that
+        happens to contain "<im_patch>" must not turn into a vision slot."""
         if self.normalize:
             text = unicodedata.normalize(self.normalize, text)
         return self.enc.encode(text, allowed_special="all") if allow_special else self.enc.encode_ordinary(text)
 
     def decode(self, ids):
+        """[int] or a 1-D tensor -> str (special tokens written out by name)."""
         return self.enc.decode(list(ids))
 
     def state(self):
+        """The constructor's arguments: Tokenizer(**state()) rebuilds the very same ids (checkpoints store it)."""
         return dict(name=self.name, pat_str=self.pat_str, ranks=self.ranks, specials=self.given,
                     base_vocab=self.base_vocab, normalize=self.normalize)
 
@@ -212,6 +223,8 @@ def build_tokenizer(name, base_vocab=None):
         return Tokenizer(ranks, name=os.path.basename(name), base_vocab=base_vocab)
     import tiktoken.load
 
+    # stands in for tiktoken's file reader while the encoding loads: reading from the cache still works, any
+    # attempt to fetch the file from the network (path: its URL) becomes this clear error instead
     def offline(path):
         raise FileNotFoundError(
             f"tiktoken encoding {name!r} is not in the local cache and nanoMolmo2 never downloads at run time. "
@@ -231,7 +244,7 @@ def build_tokenizer(name, base_vocab=None):
 # ----------------------------------------------------------------------------------------------------------
 # Points: Molmo2 html-v2
 
-# Molmo2's prompt templates (GENERAL_PROMPTS_V1, molmo2_reference.md section 3.2), for shapes and real data alike
+# Molmo2's prompt templates (GENERAL_PROMPTS_V1; docs/molmo2.md, Prompts and points), for shapes and real data alike
 POINT_PROMPT = "Point to the {label}\nPlease say 'There are none.' if it is not in the image."
 COUNT_PROMPT = "How many {label} are there?"
 NONE_ANSWER = "There are none."
@@ -240,7 +253,7 @@ TRACK_PROMPT = "Track the {label}."  # Molmo2 GENERAL_PROMPTS_V1: "Track {label}
 
 def format_points(points, width, height, label, frame="1"):
     """points: [(x_px, y_px)] -> '<points coords="1 1 453 612 2 501 600">label</points>'.
-    A single image's frame prefix is always 1 (molmo2_reference.md 3.2)."""
+    A single image's frame prefix is always 1 (docs/molmo2.md, Prompts and points)."""
     return format_groups([(frame, points)], width, height, label)
 
 
@@ -265,7 +278,8 @@ def format_groups(groups, width, height, label, tag="points"):
     return f'<{tag} coords="{";".join(parts)}">{label}</{tag}>'
 
 
-# Molmo2's parsing regexes (reference 3.2): the tag, then frame groups, then (id, x, y) triples.
+# Molmo2's parsing regexes (Molmo2 code: olmo/preprocessing/point_formatter.py): the tag, then frame groups,
+# then (id, x, y) triples.
 _TAG = re.compile(r'<(?:points|tracks).*? coords="([0-9\t:;, .]+)"/?>')
 _FRAME = re.compile(r"(?:^|\t|:|,|;)([0-9\.]+) ([0-9\. ]+)")
 _POINT = re.compile(r"([0-9]+) ([0-9]{3,4}) ([0-9]{3,4})")
@@ -384,7 +398,7 @@ def crop_geometry(height, width, crop, patch, max_crops, margins):
 
 
 def multicrop_tokens(tok, height, width, crop=378, patch=14, pool=2, max_crops=8, margins=(4, 4)):
-    """Molmo2's multi-crop image tokens (crop_mode overlap-and-resize-c2, molmo2_reference.md 1.6) for a
+    """Molmo2's multi-crop image tokens (crop_mode overlap-and-resize-c2, docs/molmo2.md, Token layout) for a
     height x width image, with Molmo2's settings as defaults. Returns (token ids, (rows, cols) of the tiling).
       global crop  the whole image at crop px: 27 x 27 patches, padded to 28 and pooled 2x2 to 14 x 14 = 196
                    tokens: <low_res_im_start> + 196 <im_patch> + <im_end> (no column tokens)
@@ -420,7 +434,7 @@ def multicrop_pixels(img, crop=378, patch=14, pool=2, max_crops=8, margins=(4, 4
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Video: PyAV decoding at Molmo2's frame times (reference section 2)
+# Video: PyAV decoding at Molmo2's frame times (docs/molmo2.md, Video sampling)
 
 def frame_times(duration, max_frames, fps=2.0):
     """Molmo2's "uniform_last_frame" sampling (video_loader.py TimeSampler): while the video lasts at most
@@ -435,6 +449,8 @@ def frame_times(duration, max_frames, fps=2.0):
 
 
 def _open_video(path):
+    """(container, its first video stream) through PyAV; a missing file or one with no video stream is a clear
+    error naming it. The caller closes the container."""
     import av
     if not os.path.exists(path):
         raise FileNotFoundError(f"video file not found: {path}")
@@ -581,7 +597,7 @@ def subtitle_text(cues, times, window=1.0):
 
 
 def visual_tokens(ex, tok, cfg, max_frames=128, fps=2.0, budget=None):
-    """The example's pixels and their token layout (reference 1.6 and 2). Returns (ids, images, pool_idx,
+    """The example's pixels and their token layout (docs/molmo2.md, Token layout). Returns (ids, images, pool_idx,
     timestamps) for, in order of precedence:
       video   a path (decoded with PyAV at Molmo2's frame times) or dict(frames=[PIL], times=[s]):
               per frame "{t:.1f} " + <frame_start> + pooled <im_patch> tokens + <frame_end>, frames after the
@@ -597,8 +613,16 @@ def visual_tokens(ex, tok, cfg, max_frames=128, fps=2.0, budget=None):
         idx, rows, cols = pooling_index(g, g, cfg.video_pool_h, cfg.video_pool_w)
         cues = parse_subtitles(ex["subtitles"]) if ex.get("subtitles") is not None else []
         start, end = (tok.frame_start, tok.frame_end) if cfg.frame_tokens else (tok.im_start, tok.im_end)
+        # A frame: video_pool_h x video_pool_w pooling (the grid padded with -1 to a multiple of 3), no column
+        # tokens, the start/end pair, and its time as text ("0.0 " is 4 tokens, " 2.5 " 5, " 12.5 " 6: every
+        # digit is its own token):
+        #   shapes configs (64 px, patch 8): 8 x 8 -> 9 x 9 padded -> 3 x 3 = 9 + 2 = 11, + time = 15-16 tokens
+        #   config/stage2.py, stage3.py (224 px, patch 16): 14 x 14 -> 15 x 15 -> 5 x 5 = 25 + 2 = 27,
+        #   + time = 31-34 tokens; (Molmo2's 378 px, patch 14: 27 x 27 -> 9 x 9 = 81 + 2 = 83, + time ~ 88)
+        # So 128 frames at 224 px take ~4,200 tokens, just over stage 2's 4,096: the budget loop below drops frames.
 
         def layout(keep):
+            """Token ids for the frames at indices keep (sorted), then the subtitle cues near those frames."""
             ids = []
             for j, i in enumerate(keep):
                 ids += tok.encode((" " if j else "") + f"{times[i]:.1f} ")
@@ -628,11 +652,17 @@ def visual_tokens(ex, tok, cfg, max_frames=128, fps=2.0, budget=None):
 
 
 def image_block(img, tok, cfg):
-    """One image -> (ids, crops, pool_idx per crop). The seed's single crop of image_size px, or with
+    """One image -> (ids, crops, pool_idx per crop). A single crop of image_size px (the default), or with
     cfg.max_crops Molmo2's multi-crop (multicrop_pixels): the first crop's pool_idx then holds every token of
     the image, indexing the patches of all its crops (collate offsets it by the patches before them), and the
     other crops' are empty."""
     if not cfg.max_crops:
+        # One crop: image_size / patch_size patches a side, pooled pool_h x pool_w into rows x cols tokens; with
+        # a column token after each row and the start/end pair, an image costs rows * (cols + 1) + 2 LLM tokens:
+        #   shapes configs (64 px, patch 8): 8 x 8 patches -> 2x2 pooling -> 4 x 4 = 16 <im_patch>
+        #                                    + 4 <im_col> + <im_start>, <im_end> = 22 tokens
+        #   config/stage1.py, stage2.py (224 px, patch 16): 14 x 14 -> 7 x 7 = 49 + 7 + 2 = 58 tokens
+        #   (Molmo2's 378 px, patch 14: 27 x 27, padded to 28 x 28 -> 14 x 14 = 196 + 14 + 2 = 212)
         g = cfg.image_size // cfg.patch_size
         idx, rows, cols = pooling_index(g, g, cfg.pool_h, cfg.pool_w)
         return image_tokens(tok, rows, cols, cfg.col_tokens), [preprocess_image(img, cfg.image_size)], [idx]
@@ -655,13 +685,13 @@ def encode_example(ex, tok, cfg, task_weights, weighting="task", flat_weights=No
     Layout (Qwen3 chat turns, visual input right after BOS as Molmo2 does with no <|image|> placeholder):
       <|im_end|> [visual tokens] <|im_start|>user\\n{q}<|im_end|>\\n<|im_start|>assistant\\n{a}<|im_end|> ...
     Loss only on assistant tokens (the answer and its closing <|im_end|>). Their weight:
-      weighting="task"  the task's multiplier (seed: caption 1.0, QA 1.0, counting 1.5, pointing 2.0,
-                        tracking 2.0), on every answer token;
-      weighting="root"  Molmo2 SFT's root_subsegments_root_tokens (reference 4.4): 2 / sqrt(answer tokens of
-                        the conversation) per token, so a long answer counts ~sqrt(n), not n, times a short
-                        one; tasks in flat_weights get that flat weight per token instead (Molmo2: pointing
-                        and tracking 0.2).
-    first_token_mult: the first token of every answer gets this many times its weight (1.0 = the seed). In a
+      weighting="task"  the task's multiplier (caption 1.0, QA 1.0, counting 1.5, pointing 2.0, tracking 2.0:
+                        docs/molmo2.md, Loss weighting), on every answer token;
+      weighting="root"  Molmo2 SFT's root_subsegments_root_tokens (docs/molmo2.md, Loss weighting):
+                        2 / sqrt(answer tokens of the conversation) per token, so a long answer counts
+                        ~sqrt(n), not n, times a short one; tasks in flat_weights get that flat weight per
+                        token instead (Molmo2: pointing and tracking 0.2).
+    first_token_mult: the first token of every answer gets this many times its weight (1.0 = no extra). In a
       pointing or counting answer that one token decides "There are none." against "<points": a yes/no about the
       whole image, outweighed ~20:1 by the coordinate tokens after it.
     seq_len: a video that would not fit is given fewer frames (visual_tokens)."""
@@ -669,6 +699,8 @@ def encode_example(ex, tok, cfg, task_weights, weighting="task", flat_weights=No
         raise KeyError(f"task {ex['task']!r} has no loss weight; task_weights has {sorted(task_weights)}")
     if weighting not in ("task", "root"):
         raise ValueError(f"loss weighting must be 'task' or 'root', got {weighting!r}")
+    # the text first, so the vision budget (what is left of seq_len) is known before the frames are laid out;
+    # is_answer flags, token by token, what the loss is taken on
     text, is_answer = [], []
     for i, (q, a) in enumerate(ex["turns"]):
         prompt = ([tok.encode("\n")] if i else []) + [[tok.chat_start], tok.encode("user\n" + q),
@@ -682,9 +714,11 @@ def encode_example(ex, tok, cfg, task_weights, weighting="task", flat_weights=No
         is_answer += [True] * len(ans)
     budget = None if seq_len is None else seq_len - 1 - len(text)
     vis, images, pool, stamps = visual_tokens(ex, tok, cfg, max_frames, fps, budget)
+    # BOS, the visual tokens, then the conversation: ids (T,), is_answer (T,)
     ids = [tok.bos] + vis + text
     is_answer = [False] * (1 + len(vis)) + is_answer
     n_ans = sum(is_answer)
+    # one weight per answer token, the same for all of them (only the first-token multiplier differs)
     if weighting == "task":
         w = float(task_weights[ex["task"]])
     elif flat_weights and ex["task"] in flat_weights:
@@ -701,7 +735,7 @@ def encode_example(ex, tok, cfg, task_weights, weighting="task", flat_weights=No
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Packing: several examples in one row (reference 4.5)
+# Packing: several examples in one row (docs/molmo2.md, Stages)
 
 class Packer:
     """Fills rows of at most seq_len tokens and max_images images with whole examples, best-fit over a small
@@ -713,11 +747,15 @@ class Packer:
     skip the key. The state is the buffered keys, re-encoded on resume, so a resumed run packs exactly the same rows."""
 
     def __init__(self, source, encode, seq_len, max_images, buffer_size=32):
+        """seq_len: tokens a row; max_images: images or frames a row (the ViT's budget); buffer_size: examples
+        the best fit chooses from (bigger packs tighter, and holds more encoded pixels in memory)."""
         self.source, self.encode = source, encode
         self.seq_len, self.max_images, self.buffer_size = seq_len, max_images, buffer_size
         self.buf = []  # [(key, encoded)]
 
     def _fill(self):
+        """Top the buffer up to buffer_size encoded examples. An example that can never fit a row is an error
+        naming it, raised here rather than as an over-long row later."""
         while len(self.buf) < self.buffer_size:
             key = self.source()
             e = self.encode(key)
@@ -730,6 +768,7 @@ class Packer:
             self.buf.append((key, e))
 
     def row(self):
+        """One packed row: a list of encoded examples whose tokens sum to <= seq_len and images to <= max_images."""
         self._fill()
         row = [self.buf.pop(0)[1]]
         room, imgs = self.seq_len - len(row[0]["input_ids"]), self.max_images - len(row[0]["images"])
@@ -744,12 +783,15 @@ class Packer:
             room, imgs = room - len(e["input_ids"]), imgs - len(e["images"])
 
     def rows(self, n):
+        """n packed rows: one micro-batch for collate."""
         return [self.row() for _ in range(n)]
 
     def state(self):
+        """The buffered keys, oldest first: small (no pixels), and enough to rebuild the buffer."""
         return [k for k, _ in self.buf]
 
     def load_state(self, keys):
+        """Rebuild the buffer from state(), re-encoding each key, so the next rows are the saved run's."""
         self.buf = [(k, self.encode(k)) for k in keys]
 
 
@@ -760,19 +802,20 @@ def collate(rows, pad_id, seq_len, left_pad=False):
 
     timestamps [B,F] are the frames' times in s (0 for images). Windows of different sizes (2x2 image,
     3x3 frame) share pool_idx, the narrower ones padded with -1.
-    Packed rows carry what keeps their examples apart (reference 4.5):
+    Packed rows carry what keeps their examples apart (as Molmo2's packing does: docs/molmo2.md, Stages):
       doc_ids [B,T]       1, 2, ... for the examples of a row, 0 on padding: attention never crosses them
       position_ids [B,T]  restart at 0 for every example, so each sees the positions it would see alone
     pool_idx is global: row j lists the flat patch indices (into all valid images of the batch, P patches
     each, in row-major example order) pooled into the j-th <im_patch> slot of the batch in row-major order."""
-    rows = [r if isinstance(r, list) else [r] for r in rows]
+    rows = [r if isinstance(r, list) else [r] for r in rows]  # an unpacked row is a row of one example
     B = len(rows)
     lens = [sum(len(e["input_ids"]) for e in r) for r in rows]
     T = max(lens)
     if T > seq_len:
         bad = max(range(B), key=lambda b: lens[b])
         raise ValueError(f"row {bad} ({', '.join(e['task'] for e in rows[bad])}) has {T} tokens > seq_len={seq_len}")
-    F = max(sum(len(e["images"]) for e in r) for r in rows)
+    F = max(sum(len(e["images"]) for e in r) for r in rows)  # image slots per row: the row with the most images
+    # padding: pad_id tokens, label -1 (no target), weight 0, doc id 0 (no real token attends to it)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
     labels = torch.full((B, T), -1, dtype=torch.long)
     loss_w = torch.zeros(B, T)
@@ -782,6 +825,8 @@ def collate(rows, pad_id, seq_len, left_pad=False):
     pixel_values = torch.zeros(B, F, *shape)
     image_mask = torch.zeros(B, F, dtype=torch.bool)
     timestamps = torch.zeros(B, F)
+    # fill row by row, example by example; pool gathers each image's pooling rows, re-indexed into the batch's
+    # flat patch list (offset = patches of the images before it), in the order the <im_patch> slots appear
     pool, offset = [], 0
     for b, r in enumerate(rows):
         t = T - lens[b] if left_pad else 0
@@ -810,7 +855,7 @@ def collate(rows, pad_id, seq_len, left_pad=False):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Datasets: readers for local copies (molmo2_reference.md section 6). PixMo stores image URLs, not images:
+# Datasets: readers for local copies of the Hugging Face datasets. PixMo stores image URLs, not images:
 # users download the media themselves, under media_root, named by media_path. A reader turns each jsonl row
 # into this module's example dicts (as shapes.make_example returns), grouped per image the way Molmo2 groups
 # its annotations into one conversation. Rows that are malformed or whose media is missing are skipped and
@@ -818,7 +863,7 @@ def collate(rows, pad_id, seq_len, left_pad=False):
 # or parquet (the Hugging Face datasets' own format; read with pyarrow, optional: without it, a clear error).
 
 class MissingMedia(Exception):
-    pass
+    """A row whose image or video is not under media_root (not downloaded) or cannot be read: skipped, counted."""
 
 
 class Filtered(Exception):
@@ -857,6 +902,7 @@ def _image_size(path):
 
 
 def _text(rec, key):
+    """A row's non-empty string field; anything else is a malformed row (ValueError naming the field)."""
     v = rec[key]
     if not isinstance(v, str) or not v.strip():
         raise ValueError(f"{key} must be a non-empty string, got {v!r}")
@@ -966,7 +1012,7 @@ def _molmo2_videopoint(rec, media_root, i):
 def _videopoint_bin(lo, hi):
     """Molmo2-VideoPoint rows whose count is in [lo, hi]: Molmo2 samples its video pointing by count bins
     (config/stage2.py: videopoint_0_5, videopoint_6_25, videopoint_26_60)."""
-    def read(rec, media_root, i):
+    def read(rec, media_root, i):  # a reader (rec, media_root, row number) -> (key, example), as READERS hold
         n = rec["count"]
         if not isinstance(n, int):
             raise ValueError(f"count must be an integer, got {n!r}")

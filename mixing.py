@@ -1,10 +1,10 @@
 """
 Mixing: which dataset each training example comes from.
 
-Two rules, both Molmo2's (olmo/data/data_loader.py _build_mixture, molmo2_reference.md 4.3):
-  fixed   stage 1: fixed ratios (seed: dense captions 60% / pointing 30% / text 10%).
-  sqrt    stages 2 and 3: sqrt-proportional, w_i = sqrt(n_i) / sum_j sqrt(n_j) (seed, "SQRT-PROPORTIONAL
-          SAMPLING"), so a 1M-example set gets 10x, not 100x, the draws of a 10k one.
+Two rules, both Molmo2's (Molmo2 code: olmo/data/data_loader.py _build_mixture; docs/molmo2.md, Mixing):
+  fixed   stage 1: fixed ratios (dense captions 60% / pointing 30% / text 10%: docs/molmo2.md, Stages).
+  sqrt    stages 2 and 3: sqrt-proportional, w_i = sqrt(n_i) / sum_j sqrt(n_j), so a 1M-example set gets
+          10x, not 100x, the draws of a 10k one: big sets still lead, small ones are not drowned out.
 A mixture is written as groups, Molmo2's shape: {group: (group_rate, {dataset: rate})}. Inside a group a
 dataset's share is rate (fixed rule) or rate * sqrt(size) (sqrt rule), normalised within the group and then
 multiplied by the group rate, so the groups keep their rates whatever their sizes. Flat {dataset: rate}
@@ -34,26 +34,28 @@ def mixture_weights(mixture, sizes=None, caps=None):
     sizes=None: fixed ratios. sizes={dataset: n}: the sqrt-proportional rule (every dataset needs a size,
     except in a group whose datasets have none: Molmo2's root_size_factor=0, flat rates)."""
     caps = caps or {}
+    # split the spec: (rate, {dataset: rate}) tuples are groups, plain numbers are loose datasets
     groups = {name: spec for name, spec in mixture.items() if isinstance(spec, (tuple, list))}
     loose = {name: float(spec) for name, spec in mixture.items() if not isinstance(spec, (tuple, list))}
     if loose:  # flat entries form one group whose rate is their sum (a flat mixture is a single group)
         groups[""] = (sum(loose.values()), loose)
-    flat = {}
+    flat = {}  # {dataset: probability before the final normalisation}
     for gname, (grate, members) in groups.items():
         if any(r < 0 for r in members.values()) or grate < 0:
             raise ValueError(f"mixture rates must be >= 0, got group {gname!r}: {grate}, {members}")
-        share = dict(members)
+        share = dict(members)  # fixed rule: the rates themselves
         if sizes is not None:
             sized = [ds for ds in members if ds in sizes]
             if sized and len(sized) < len(members):
                 missing = sorted(set(members) - set(sized))
                 raise ValueError(f"sqrt mixing: group {gname!r} has sizes for {sized} but not for {missing}; "
                                  f"give every dataset of a group a size, or none (flat rates)")
-            if sized:
+            if sized:  # sqrt rule: rate x sqrt(size), the size capped as Molmo2 caps it
                 share = {ds: r * capped_size(sizes[ds], caps.get(ds)) ** 0.5 for ds, r in members.items()}
         tot = sum(share.values())
         if tot <= 0:
             raise ValueError(f"mixture group {gname!r} has no positive weight: {members}")
+        # normalise inside the group, then scale by the group's rate: a group keeps its rate whatever its sizes
         for ds, s in share.items():
             flat[ds] = flat.get(ds, 0.0) + grate * s / tot
     total = sum(flat.values())
@@ -78,6 +80,8 @@ class MixtureSampler:
     CHUNK = 4096
 
     def __init__(self, weights, sizes=None, seed=0, rank=0, world_size=1):
+        """weights: {dataset: probability} (mixture_weights); sizes: {dataset: examples} for the finite ones
+        (the rest are procedural); rank, world_size: this process's place among the data-parallel ranks."""
         self.names = list(weights)
         self.p = np.array([weights[n] for n in self.names])
         self.sizes = {n: int(sizes[n]) for n in self.names if sizes and sizes.get(n)}
@@ -87,13 +91,20 @@ class MixtureSampler:
         self._perm = {}
 
     def _choice(self, k):
+        """The dataset of global draw k. Draws come CHUNK at a time from one generator per chunk, so a resumed
+        run (or a rank far along the stream) regenerates only the chunk it is in, never the stream before it."""
         c = k // self.CHUNK
         if self._chunk[0] != c:
-            rng = np.random.default_rng([self.seed, 0, c])  # (the 0: kept so that earlier runs' streams are unchanged)
+            # key (seed, 0, chunk): the 0 keeps the dataset-choice stream apart from the per-dataset orders
+            # (_order's keys are (seed, crc32 of the name, epoch))
+            rng = np.random.default_rng([self.seed, 0, c])
             self._chunk = (c, rng.choice(len(self.names), size=self.CHUNK, p=self.p))
         return self.names[self._chunk[1][k % self.CHUNK]]
 
     def _order(self, name, epoch):
+        """The shuffled order of a finite dataset in one epoch: a permutation of range(size), the same on every
+        rank. Draws interleave datasets, so a few (dataset, epoch) orders are cached; past 8 the cache is cleared
+        and an order is recomputed when next needed."""
         key = (name, epoch)
         if key not in self._perm:
             if len(self._perm) > 8:
@@ -103,6 +114,8 @@ class MixtureSampler:
         return self._perm[key]
 
     def _next_global(self):
+        """Advance the global stream by one draw -> (dataset, example index). A finite dataset's c-th draw is
+        place c mod size of epoch c // size; a procedural one gets the draw's global number."""
         name = self._choice(self.drawn)
         if name in self.sizes:
             epoch, j = divmod(self.counts[name], self.sizes[name])
@@ -119,12 +132,16 @@ class MixtureSampler:
         return mine[self.rank]
 
     def take(self, n):
+        """The next n draws of this rank, [(dataset, index)]."""
         return [self.draw() for _ in range(n)]
 
     def state(self):
+        """Everything the stream depends on, small and picklable: stored in checkpoints for an exact resume."""
         return dict(seed=self.seed, rank=self.rank, world=self.world, drawn=self.drawn, counts=dict(self.counts))
 
     def load_state(self, s):
+        """Continue from state(): the next draw is the one the saved run would have made. The layout must match
+        (a rank of W strides the global stream by W, so another layout would draw another sequence)."""
         if (s["rank"], s["world"]) != (self.rank, self.world):
             raise ValueError(f"sampler state is for rank {s['rank']} of {s['world']}, "
                              f"this sampler is rank {self.rank} of {self.world}")

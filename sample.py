@@ -28,12 +28,15 @@ def load_model(path, device="cpu", trust=False):
     import data
     from checkpoint import CheckpointError, load_checkpoint
     from model import Molmo2, ModelConfig, check_token_ids, load_hf_molmo2
+    # a directory: a released Hugging Face Molmo2 (config.json + safetensors), mapped onto this model's names
     if os.path.isdir(path):
         model, ids = load_hf_molmo2(path)
         tok = data.build_tokenizer(os.path.join(path, "tokenizer.json"), base_vocab=model.c.base_vocab)
         check_token_ids(ids, tok, path)
         model.trained_len = None
         return model.to(device).eval(), tok, model.c
+    # a train.py checkpoint: the tokenizer's whole state and the model config travel with the weights, so the
+    # ids and the architecture are exactly the trained ones
     try:
         ckpt = load_checkpoint(path, trust=trust)
     except CheckpointError as e:
@@ -47,16 +50,23 @@ def load_model(path, device="cpu", trust=False):
 
 
 def answer(model, tok, mc, visual, prompt, max_new_tokens=128, temperature=0.0, seed=0):
-    """visual: a PIL image, or an example dict holding image / images / video (data.encode_example)."""
+    """visual: a PIL image, or an example dict holding image / images / video (data.encode_example).
+    Returns the decoded answer text (without the closing <|im_end|>). temperature 0 answers greedily; above 0
+    it samples, from a generator seeded by seed, so a sampled answer can be reproduced.
+
+    The prompt is laid out exactly as in training (data.encode_example with an empty answer), then cut after
+    "assistant\n", where the model's answer starts."""
     import data
     visual = visual if isinstance(visual, dict) else dict(image=visual)
     e = data.encode_example(dict(visual, task="qa", turns=[(prompt, "")]), tok, mc, {"qa": 1.0})
+    # the three lists are aligned position by position, so they are cut together
     for k in ("input_ids", "labels", "loss_weights"):
         e[k] = e[k][:-1]  # end the prompt at "assistant\n"
     n, trained = len(e["input_ids"]), getattr(model, "trained_len", None)
     if trained and n > trained:  # positions past the trained length: RoPE extrapolates, answers degrade
         print(f"warning: the prompt is {n} tokens (vision tokens included), longer than the {trained}-token rows "
               f"this checkpoint was trained on", file=sys.stderr)
+    # a batch of one, in the same batch dict that training uses: input_ids (1, T), pixel_values (1, F, 3, H, W)
     batch = data.collate([e], tok.pad, 10 ** 9, left_pad=True)
     g = torch.Generator().manual_seed(seed)
     out = model.generate(batch, max_new_tokens, stop_id=tok.chat_end, temperature=temperature, generator=g)
@@ -65,6 +75,7 @@ def answer(model, tok, mc, visual, prompt, max_new_tokens=128, temperature=0.0, 
 
 def draw(image, points, text, scale=None):
     """Image scaled up (small shapes scenes become visible), points as red-ringed dots, the answer underneath."""
+    # nearest-neighbour upscaling to ~384 px keeps a 64 px scene's pixels crisp; 40 px below for the text
     scale = scale or max(1, 384 // max(image.size))
     W, H = image.size[0] * scale, image.size[1] * scale
     canvas = Image.new("RGB", (W, H + 40), "white")
@@ -74,11 +85,13 @@ def draw(image, points, text, scale=None):
         px, py = x / 1000 * W, y / 1000 * H
         d.ellipse([px - 6, py - 6, px + 6, py + 6], outline=(255, 0, 0), width=3)
         d.ellipse([px - 2, py - 2, px + 2, py + 2], fill=(0, 0, 0))
+    # the answer in two lines of up to 110 characters (a long answer is cut: the terminal shows all of it)
     d.text((4, H + 4), text[:110], fill="black")
     d.text((4, H + 20), text[110:220], fill="black")
     return canvas
 
 
+# one colour per track id (ids past six reuse them): the same object keeps its colour in every frame
 TRACK_COLORS = [(255, 0, 0), (0, 90, 255), (0, 170, 0), (255, 140, 0), (170, 0, 200), (0, 0, 0)]
 
 
@@ -86,6 +99,7 @@ def draw_video(frames, times, parsed, text, path, scale=None):
     """An animated GIF: every sampled frame scaled up, the points answered for that time drawn in their track
     id's colour, the time and the answer underneath (2 fps, like the sampling)."""
     out = []
+    # parsed holds (t, id, x, y) with x, y on 0-1000; each frame shows the points whose time is its own
     for f, t in zip(frames, times):
         pts = [(i, x, y) for ft, i, x, y in parsed if abs(ft - t) < 0.26]  # times are printed to 0.1 s
         im = draw(f, [], f"t = {t:.1f} s   " + text, scale)
@@ -100,6 +114,8 @@ def draw_video(frames, times, parsed, text, path, scale=None):
 
 
 def main(argv=None):
+    """The command line (module docstring). Returns (answer text, parsed points): [(x, y)] on 0-1000 for an
+    image, [(t, id, x, y)] for a video."""
     import data
     import shapes
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -118,8 +134,10 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.prompt is not None and not a.prompt.strip():
         ap.error("--prompt is empty: give a question, or leave --prompt out for the default one")
+    # mc.image_size: shapes scenes are drawn at the size the checkpoint was trained on
     model, tok, mc = load_model(a.ckpt, trust=a.trust_checkpoint)
     if a.video:
+        # a held-out shapes video and its own tracking question, or a file decoded at Molmo2's 2 fps frame times
         if a.video == "shapes":
             ex = shapes.make_example("track", a.seed, mc.image_size)
             frames, times, prompt = ex["video"]["frames"], ex["video"]["times"], a.prompt or ex["turns"][0][0]
@@ -128,12 +146,14 @@ def main(argv=None):
             prompt = a.prompt or shapes.TRACK_PROMPT.format(label="objects")
         text = answer(model, tok, mc, dict(video=dict(frames=frames, times=times)), prompt, a.max_new_tokens or 512,
                       a.temperature, a.seed)
+        # tracks come back as (t, id, x, y): drawn frame by frame, one colour per id
         parsed = data.parse_points(text)
         out = a.out or "sample.gif"
         print(f"prompt: {prompt}\nanswer: {text}\npoints (t, id, x, y on 0-1000): {parsed}")
         draw_video(frames, times, parsed, text, out)
         print(f"saved {out} ({len(frames)} frames)")
         return text, parsed
+    # an image file with its question, or a held-out shapes scene (eval seeds, which training never draws)
     if a.image:
         image = data.load_image(a.image)
         prompt = a.prompt or shapes.POINT_PROMPT.format(label="objects")
@@ -142,6 +162,7 @@ def main(argv=None):
         ex = shapes.make_example("point", a.seed, mc.image_size)
         image, prompt = ex["image"], a.prompt or ex["turns"][0][0]
     text = answer(model, tok, mc, image, prompt, a.max_new_tokens or 128, a.temperature, a.seed)
+    # a single image's points: drop the frame prefix (always 1) and the point ids
     points = [(x, y) for _, _, x, y in data.parse_points(text)]
     print(f"prompt: {prompt}\nanswer: {text}\npoints (0-1000): {points}")
     draw(image, points, text).save(a.out or "sample.png")

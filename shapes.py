@@ -2,18 +2,27 @@
 The shapes world: a procedural, infinite, exactly-labelled stand-in for Molmo2's image data.
 
 Every example is a pure function of (task, seed), so a run is reproducible, a data position is just an
-integer, and held-out evaluation uses a seed range that training never touches (DESIGN.md section 4).
+integer, and held-out evaluation uses a seed range that training never touches: eval scenes are seeds
+[0, TRAIN_SEED_OFFSET), training scenes TRAIN_SEED_OFFSET + the sampler's index.
 
 One scene = 1..6 non-overlapping objects on a plain background. Each object has a shape (4 kinds),
 a colour (5 kinds) and a size (radius varies 2x). We keep each object's exact pixel mask, so pointing is
 scored the way Molmo2's PointingEval scores it: a predicted point is a hit if it lands inside the mask.
 
-Tasks (the tag picks the per-task loss weight, seed: caption 1.0, QA 1.0, counting 1.5, pointing 2.0):
+Tasks (the tag picks the per-task loss weight: caption 1.0, QA 1.0, counting 1.5, pointing and tracking 2.0,
+docs/molmo2.md, Loss weighting):
   caption   "Describe this image."            -> dense description from the scene graph
   qa        "What colour is the star?"        -> "red"           (only asked when the answer is unique)
   point     "Point to the red circles ..."    -> Molmo2 html-v2 points, or "There are none."
   count     "How many blue shapes are there?" -> points, then the count (Molmo2 counts by pointing)
   text      "What is 12 plus 7?"              -> "19"            (the text-only share of the mix)
+In motion (stage 2 on): the same objects moving in short videos sampled at 2 fps, and sets of 2-3 images:
+  video_caption, video_qa, subtitle_qa   what moves where, what comes first, what a subtitle calls an object
+  video_point, video_count               each object once, at the time it is first seen ("2.5 1 x y;...")
+  track                                  every visible object in every frame, with an id it keeps throughout
+  multi_qa, multi_point                  "Which image has ...?", points prefixed by the image's number
+Each example is a dict: task, image (PIL) / video / images, turns [(question, answer)], and gt, the ground
+truth the evaluator scores against (points in pixels, per-object masks, counts, answers).
 """
 import functools
 import math
@@ -43,21 +52,24 @@ ABSENT_RATE = 0.2  # share of pointing/counting queries about something absent; 
 
 
 def plural(shape):
+    """The label's plural, as the prompts use it ("Point to the red circles")."""
     return shape + "es" if shape.endswith("s") else shape + "s"  # only "circles", "squares", ... here
 
 
 class Scene:
     """objects: list of dicts {shape, color, cx, cy, r, mask (H, W) bool}; image: PIL RGB (H, W)."""
 
-    def __init__(self, objects, image):
+    def __init__(self, objects, image):  # built by make_scene
         self.objects, self.image = objects, image
 
     def select(self, color=None, shape=None):
+        """The objects a label picks: both attributes, one of them, or (both None) all of them."""
         return [o for o in self.objects
                 if (color is None or o["color"] == color) and (shape is None or o["shape"] == shape)]
 
 
 def _polygon(shape, cx, cy, r):
+    """The vertices [(x, y)] of a shape centred on (cx, cy) that fits in the disc of radius r."""
     if shape == "square":
         s = r * 0.7  # half side; corners at 0.99 r, so the disc of radius r used for placement bounds it
         return [(cx - s, cy - s), (cx + s, cy - s), (cx + s, cy + s), (cx - s, cy + s)]
@@ -72,6 +84,8 @@ def _polygon(shape, cx, cy, r):
 
 
 def draw_object(draw, shape, cx, cy, r, fill):
+    """Draw one shape with PIL. The same call draws the visible image and the object's mask (fill 255 or an
+    object number), so the mask is exactly the pixels the model sees."""
     if shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
     else:
@@ -79,7 +93,9 @@ def draw_object(draw, shape, cx, cy, r, fill):
 
 
 def make_scene(rng, size=64, n_min=1, n_max=MAX_OBJECTS, r_min=None, r_max=None):
-    """Sample a scene. Radii in [size/10, size/5] by default: 2x size variation (the difficulty floor)."""
+    """Sample a scene -> Scene (objects with exact masks, the RGB image). Radii in [size/10, size/5] by default:
+    2x size variation (the difficulty floor). At 64 px an object spans 13-26 px: about 2-3 patches of 8 px, or
+    1-2 pooled tokens (a 2x2 window is 16 px) across."""
     r_min = r_min or size / 10
     r_max = r_max or size / 5
     n = rng.randint(n_min, n_max)
@@ -97,6 +113,8 @@ def make_scene(rng, size=64, n_min=1, n_max=MAX_OBJECTS, r_min=None, r_max=None)
     image = Image.new("RGB", (size, size), BACKGROUND)
     draw = ImageDraw.Draw(image)
     objects = []
+    # attributes drawn independently: a scene may hold two red circles, which is what makes pointing "all of
+    # them" and counting non-trivial; the mask of each object is rendered alone, on its own canvas
     for cx, cy, r in placed:
         shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
         m = Image.new("L", (size, size), 0)
@@ -107,12 +125,15 @@ def make_scene(rng, size=64, n_min=1, n_max=MAX_OBJECTS, r_min=None, r_max=None)
 
 
 def _where(o, size):
+    """The object's place on a 3 x 3 grid of the image, in words: "top left", "bottom", "center"."""
     col = ["left", "", "right"][min(2, int(3 * o["cx"] / size))]
     row = ["top", "", "bottom"][min(2, int(3 * o["cy"] / size))]
     return (f"{row} {col}".strip() or "center")
 
 
 def caption(scene, size):
+    """The dense caption: every object's size, colour, shape and place, in reading order (top row first).
+    Like PixMo-Cap's long captions it names everything in the image, so it teaches what and where at once."""
     objs = sorted(scene.objects, key=lambda o: (int(3 * o["cy"] / size), o["cx"]))  # reading order
     mid = 0.15 * size  # half way between the smallest and the largest radius
     parts = [f"a {'large' if o['r'] > mid else 'small'} {o['color']} {o['shape']} at the {_where(o, size)}"
@@ -124,6 +145,8 @@ def caption(scene, size):
 def _query(rng, scene, absent_rate):
     """A referring label and the objects it picks. Mixes colour+shape, colour-only and shape-only queries,
     and about absent_rate of them (1 in 5) is absent from the scene, so answers range over 0..6 objects."""
+    # kind picks the label's form: colour + shape below 0.6 ("red circles"), colour only up to 0.8 ("red
+    # shapes"), shape only above ("circles"); the same split for absent and present targets
     kind = rng.random()
     if rng.random() < absent_rate:  # an absent combination -> "There are none."
         for _ in range(20):
@@ -155,7 +178,7 @@ def make_example(task, seed, size=64, n_turns=1, absent_rate=ABSENT_RATE, max_ob
 
     n_turns > 1 asks several different questions of the same task about the same scene, as one multi-turn
     conversation: the image is encoded once for all of them, the way Molmo2 groups the annotations of one
-    image into one sequence (message trees, molmo2_reference.md 4.5). Captions have one turn.
+    image into one sequence (its message trees: docs/molmo2.md, Stages). Captions have one turn.
     video_frames (lo, hi): the frame count range of video scenes (2 fps: (6, 11) is 2.5-5 s)."""
     if task in VIDEO_TASKS:
         return make_video_example(task, seed, size, n_turns, video_frames=video_frames)
@@ -170,6 +193,8 @@ def make_example(task, seed, size=64, n_turns=1, absent_rate=ABSENT_RATE, max_ob
     if task == "caption":
         cap = caption(scene, size)
         return dict(task=task, image=scene.image, turns=[("Describe this image.", cap)], gt=dict(answer=cap))
+    # draw questions until n_turns distinct ones are found (at most 4 tries each): a scene with one object has
+    # few distinct questions, so such an example may hold fewer turns
     turns, gts = [], []
     for _ in range(4 * n_turns):  # distinct questions only
         if task in ("point", "count"):
@@ -193,6 +218,7 @@ def make_example(task, seed, size=64, n_turns=1, absent_rate=ABSENT_RATE, max_ob
             gts.append(gt)
         if len(turns) == n_turns:
             break
+    # the ground truth scored by eval.py is the first turn's: evaluation asks one question per scene
     return dict(task=task, image=scene.image, turns=turns, gt=gts[0])
 
 
@@ -212,16 +238,19 @@ def dense_batch(start, n, size=64, patch=8, pool=(2, 2), offset=TRAIN_SEED_OFFSE
     Eval scenes use offset=0, training scenes the training offset, as everywhere in this world."""
     from data import pooling_index
     g = size // patch
+    # the same windows the connector pools (data.pooling_index): idx (T, pool_h * pool_w) patch numbers, -1 pads
     idx, _, _ = pooling_index(g, g, *pool)
     boxes = []  # pixel box (y0, y1, x0, x1) of each window: the span of its valid patches
     for row in idx:
         r, c = row[row >= 0] // g, row[row >= 0] % g
         boxes.append((r.min() * patch, (r.max() + 1) * patch, c.min() * patch, (c.max() + 1) * patch))
     T = len(boxes)
+    # defaults: no object's centre (class 20), no centre bin (-100, ignored by cross-entropy), nothing covering
     xs = []
     centre = torch.full((n, T), len(ATTRIBUTE_PAIRS), dtype=torch.long)
     bins = torch.full((n, T, 2), -100, dtype=torch.long)
     cover = torch.zeros(n, T, len(ATTRIBUTE_PAIRS))
+    # the "vit:" prefix keeps these scenes apart from every task's scenes of the same seed
     for i in range(n):
         scene = make_scene(random.Random(f"vit:{offset + start + i}"), size)
         xs.append(preprocess_image(scene.image, size))
@@ -238,7 +267,7 @@ def dense_batch(start, n, size=64, patch=8, pool=(2, 2), offset=TRAIN_SEED_OFFSE
 
 
 def _qa(rng, scene):
-    """Three question kinds, each asked only when the answer is unique in the scene."""
+    """-> (question, answer): three question kinds, each asked only when the answer is unique in the scene."""
     for _ in range(20):
         kind = rng.randrange(3)
         o = rng.choice(scene.objects)
@@ -253,7 +282,8 @@ def _qa(rng, scene):
 
 
 def _text_example(rng):
-    """The text-only share (seed: 10% NLP): small arithmetic and list tasks, no image."""
+    """The text-only share (stage 1's 10% text, standing in for Tulu): small arithmetic and list tasks, no
+    image. It keeps the LLM answering without an image, as the real mixture's text data does."""
     kind = rng.randrange(3)
     if kind == 0:
         a, b = rng.randint(0, 50), rng.randint(0, 50)
@@ -268,11 +298,13 @@ def _text_example(rng):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# In motion: videos and multi-image sets (stage 2, molmo2_reference.md 2 and 3.2)
+# In motion: videos and multi-image sets (stage 2; docs/molmo2.md, Video sampling and Prompts and points)
 
+# the task names of stage 2's shapes mixture (config/shapes_stage2.py), besides stage 1's IMAGE_TASKS
 VIDEO_TASKS = ["video_caption", "video_qa", "video_point", "video_count", "track", "subtitle_qa"]
 MULTI_TASKS = ["multi_qa", "multi_point"]
 VIDEO_FPS = 2.0  # Molmo2 samples 2 fps; shapes videos are rendered on that grid, so the mp4 path gives the same frames
+# the four directions of motion, as (sign of vx, sign of vy) -> the word captions and QA use (y grows downwards)
 DIRS = {(1, 0): "right", (-1, 0): "left", (0, 1): "down", (0, -1): "up"}
 
 
@@ -289,10 +321,11 @@ class VideoScene:
     times: the frame times (0, 0.5, ... on Molmo2's 2 fps grid). Objects may pass over each other: a pixel
     belongs to the object drawn last, and an object with under 4 visible pixels counts as occluded there."""
 
-    def __init__(self, objects, times, size):
+    def __init__(self, objects, times, size):  # built by make_video_scene; size: the frame's side in px
         self.objects, self.times, self.size = objects, times, size
 
     def position(self, o, t):
+        """Object o's centre (x, y) in pixels at time t s, bouncing off the borders (its disc stays inside)."""
         return (_bounce(o["x0"], o["vx"], t, o["r"], self.size - o["r"]),
                 _bounce(o["y0"], o["vy"], t, o["r"], self.size - o["r"]))
 
@@ -316,6 +349,7 @@ class VideoScene:
         return [(t, *self.render(t)) for t in self.times]
 
     def select(self, color=None, shape=None):
+        """Indices of the objects a label picks (as Scene.select, but indices: videos track objects by index)."""
         return [k for k, o in enumerate(self.objects)
                 if (color is None or o["color"] == color) and (shape is None or o["shape"] == shape)]
 
@@ -330,6 +364,8 @@ def make_video_scene(rng, size=64, n_min=1, n_max=3, frames=VIDEO_FRAMES):
     2.5-5 s)."""
     if not 2 <= frames[0] <= frames[1]:
         raise ValueError(f"video_frames must be (lo, hi) with 2 <= lo <= hi, got {frames!r}")
+    # the frames lie on the 2 fps grid Molmo2 samples, so decoding the written mp4 (data.load_video) gives
+    # back exactly these times, and the answers' "{t:.1f}" prefixes are the frames' own timestamps
     n_frames = rng.randint(*frames)
     times = [i / VIDEO_FPS for i in range(n_frames)]
     duration = times[-1]
@@ -338,6 +374,8 @@ def make_video_scene(rng, size=64, n_min=1, n_max=3, frames=VIDEO_FRAMES):
         r = rng.uniform(size / 10, size / 6)
         dx, dy = rng.choice(list(DIRS))
         speed = rng.uniform(size / 8, size / 4)  # pixels per second: 1/4 to 1/2 of the frame over 4 s
+        # enter in the first half / leave in the second half, so "which appears first" and tracking have
+        # objects that are not there in every frame
         t_in = rng.choice(times[1:n_frames // 2]) if rng.random() < 0.3 else 0.0
         t_out = rng.choice(times[n_frames // 2 + 1:]) if rng.random() < 0.3 else duration
         objects.append(dict(shape=rng.choice(SHAPES), color=rng.choice(list(COLORS)), r=r,
@@ -360,8 +398,11 @@ def _video_query(rng, scene):
 
 
 def _video_answer(task, rng, scene, size):
-    """One (question, answer, ground truth) of a video task."""
+    """One (question, answer, ground truth) of a video task. frames: [(t, image, {object: mask})] per frame;
+    answers with points are html-v2 with the frame's time as each group's prefix (data.format_groups)."""
     frames = scene.frames
+    # captions: one sentence per object in order of appearance, its direction and, if not there throughout,
+    # when it enters or leaves
     if task == "video_caption":
         order = sorted(range(len(scene.objects)), key=lambda k: scene.objects[k]["t_in"])
         parts = []
@@ -373,6 +414,8 @@ def _video_answer(task, rng, scene, size):
             parts.append(s + ".")
         cap = " ".join(parts)
         return "Describe this video.", cap, dict(answer=cap)
+    # QA needs the whole video: the first direction (one frame is not enough to tell), which of two objects
+    # appears first, or when one appears; asked only of objects whose colour + shape is unique in the scene
     if task == "video_qa":
         for _ in range(20):
             kind = rng.randrange(3)
@@ -396,6 +439,8 @@ def _video_answer(task, rng, scene, size):
                 return f"When does the {name} first appear? Answer in seconds.", a, dict(answer=a)
         a = str(len(scene.objects))
         return "How many shapes appear in the video?", a, dict(answer=a)
+    # subtitles: a one-second cue when the object appears gives it a name; the answer is only in the speech,
+    # so the model must read the subtitle block and tie it to the object on screen
     if task == "subtitle_qa":
         k = rng.randrange(len(scene.objects))
         o = scene.objects[k]
@@ -406,7 +451,9 @@ def _video_answer(task, rng, scene, size):
     label, objs = _video_query(rng, scene)
     # ids by sorted first appearance (Molmo2: persistent object ids assigned by first appearance)
     objs = sorted(objs, key=lambda k: (scene.first_seen(k) or (99, 0))[0])
-    objs = [k for k in objs if scene.first_seen(k) is not None]
+    objs = [k for k in objs if scene.first_seen(k) is not None]  # an object hidden throughout is not pointable
+    # gt for the evaluator: per frame, the masks of the objects the label picks (eval.video_pointing_prf,
+    # eval.tracking_prf)
     gt = dict(label=label, objects=objs, times=scene.times,
               masks=[{k: m[k] for k in objs if k in m} for _, _, m in frames])
     center = _mask_point
@@ -422,6 +469,8 @@ def _video_answer(task, rng, scene, size):
             return POINT_PROMPT.format(label=label), text if objs else NONE_ANSWER, gt
         q = f"How many {label} appear in the video?"
         return q, (COUNT_ANSWER.format(points=text, n=len(objs)) if objs else NONE_ANSWER), gt
+    # tracking: every frame where a picked object is visible, each object under its id (1, 2, ... by first
+    # appearance) in every frame: <tracks coords="0.0 1 x y;0.5 1 x y 2 x y">label</tracks>
     if task == "track":
         groups = []
         for t, _, m in frames:
@@ -450,7 +499,7 @@ def make_video_example(task, seed, size=64, n_turns=1, video_dir=None, video_fra
     decoded back by data.load_video at the same 2 fps grid, so the answers hold for both)."""
     import os
     from data import write_video
-    rng = random.Random(f"{task}:{seed}")
+    rng = random.Random(f"{task}:{seed}")  # one stream for the scene, then its questions: all from (task, seed)
     scene = make_video_scene(rng, size, frames=video_frames)
     turns, gts = [], []
     for _ in range(4 * n_turns):
@@ -460,6 +509,8 @@ def make_video_example(task, seed, size=64, n_turns=1, video_dir=None, video_fra
             gts.append(gt)
         if len(turns) == n_turns or task in ("video_caption", "subtitle_qa"):
             break
+    # in memory: data.visual_tokens takes dict(frames, times) as an already decoded video; the scene itself
+    # (objects, motion, masks) stays in the example for inspection
     frames = [img for _, img, _ in scene.frames]
     video = dict(frames=frames, times=list(scene.times))
     if video_dir is not None:
@@ -476,6 +527,8 @@ def make_multi_example(task, seed, size=64, n_turns=1):
     """2-3 images in one example (Molmo2 multi-image): "Which image ...?" QA, and pointing whose frame prefix
     is the 1-based image index (`1 1 x y;3 2 x y`, ids counting on across images)."""
     rng = random.Random(f"{task}:{seed}")
+    # 2-3 images of 1-3 objects each: short sequences, and an object is often in one image only (what
+    # "which image" asks)
     scenes = [make_scene(rng, size, n_max=3) for _ in range(rng.randint(2, 3))]
     images = [s.image for s in scenes]
     if task == "multi_qa":
@@ -486,6 +539,7 @@ def make_multi_example(task, seed, size=64, n_turns=1):
                 a = f"Image {has[0] + 1}"
                 return dict(task=task, images=images, turns=[(f"Which image has a {o['color']} {o['shape']}?", a)],
                             gt=dict(answer=a))
+        # no object unique to one image after 40 tries: fall back to counting across the set
         a = str(sum(len(s.objects) for s in scenes))
         return dict(task=task, images=images, turns=[("How many shapes are there in all the images?", a)],
                     gt=dict(answer=a))
@@ -494,7 +548,7 @@ def make_multi_example(task, seed, size=64, n_turns=1):
         label = f"{o['color']} {plural(o['shape'])}"
         groups = [(str(i + 1), [(p["cx"], p["cy"]) for p in s.select(o["color"], o["shape"])])
                   for i, s in enumerate(scenes)]
-        groups = [g for g in groups if g[1]]
+        groups = [g for g in groups if g[1]]  # images without the object get no group
         a = format_groups(groups, size, size, label)
         return dict(task=task, images=images, turns=[(POINT_PROMPT.format(label=label), a)],
                     gt=dict(label=label, groups=groups))
@@ -509,6 +563,7 @@ def shapes_corpus(n=300):
     train the offline BPE. Stage 2 starts from a stage-1 checkpoint and keeps its tokenizer, so the video words
     must be in it from the start (words such as "moves", "video", "seconds" each get a token of their own)."""
     texts = []
+    # training scenes (TRAIN_SEED_OFFSET on): the tokenizer is fitted without reading the held-out scenes
     for task in IMAGE_TASKS + VIDEO_TASKS + MULTI_TASKS:
         # videos are slow to draw and their text is templated: a tenth as many already gives every word its token
         for seed in range(n if task in IMAGE_TASKS else n // 10):

@@ -1,27 +1,28 @@
-# Stage 1 at real scale: image pretraining, the seed's numbers (shared/seed: "Stage 1: Pre-training").
+# Stage 1 at real scale: image pretraining, with the target numbers of docs/molmo2.md, Stages.
 #   torchrun --nproc_per_node=4 train.py config/stage1.py           (the paths below must exist: checkpoints, data)
 #   python train.py config/stage1.py --dry_run=True                  (build the model, print, stop)
 out_dir = "out/stage1"
 dataset = "molmo2"
-# seed: "60% Dense Captioning / 30% Pointing / 10% NLP", fixed ratios
+# dense captions 60% / pointing 30% / text 10%, fixed ratios (docs/molmo2.md, Stages and Mixing)
 mixture = {"captions": (0.6, {"pixmo_cap": 1.0}),
            "pointing": (0.3, {"pixmo_points": 1.0}),
            "text": (0.1, {"tulu": 1.0})}
-dataset_sizes = {"pixmo_cap": 710_000, "pixmo_points": 1_000_000, "tulu": 980_000}  # seed: ~710k, ~1M, ~980k
+dataset_sizes = {"pixmo_cap": 710_000, "pixmo_points": 1_000_000, "tulu": 980_000}  # target example counts
 # Local copies (data.read_dataset; a missing file stops the run before the model is built). When read, their
 # own sizes replace dataset_sizes. Override: --data_paths="{'pixmo_cap': '/data/pixmo_cap.jsonl', ...}" --media_root=...
 data_paths = {name: f"data/{name}.jsonl" for _, leaves in mixture.values() for name in leaves}
 media_root = "data/media"  # images at data.media_path(media_root, url), videos at <media_root>/<video id>.mp4
-seq_len = 4096             # seed: "Sequence length: 4,096 tokens"
-batch_size = 32            # seed: "Batch size: 32 (per GPU)"
-grad_accum = 4             # seed: "Gradient accumulation: 4 steps" (x 4 GPUs = 512 per step)
-max_steps = 100_000        # seed: "Steps: ~100,000"
-lr = 1e-4                  # seed: "Learning rate: 1e-4", taken as the LLM's; connector 10x, ViT 0.3x (Molmo2)
-warmup_steps = 2000        # seed: "with warmup (2K steps)"
+seq_len = 4096             # docs/molmo2.md, Stages: 4,096 tokens a row
+batch_size = 32            # rows per GPU
+grad_accum = 4             # 32 rows x 4 GPUs x 4 = 512 rows a step
+max_steps = 100_000        # docs/molmo2.md, stage 1: ~100,000 steps
+lr = 1e-4                  # the LLM's peak; connector 10x, ViT 0.3x (Molmo2's ratios, the train.py defaults)
+warmup_steps = 2000        # linear warmup, then cosine to 10%
 eval_interval = 2000
 loss_chunk = 4096          # the loss head 4,096 tokens at a time: 6 GB of logits, not 25-56 (bench.py --plan)
-# ViT: SigLIP2-B/16 at the seed's 224 px (google/siglip2-base-patch16-224; Molmo2's own is SigLIP2 so400m/14
-# at 378 px, 411M parameters to this one's 85M): 14x14 patches -> 7x7 pooled tokens an image, 5x5 a video frame
+# ViT: SigLIP2-B/16 at the target 224 px (google/siglip2-base-patch16-224; Molmo2's own is SigLIP2 so400m/14
+# at 378 px, 411M parameters to this one's 85M): 14x14 patches -> 7x7 pooled tokens an image, 5x5 a video
+# frame (the LLM tokens each costs: data.image_block, data.visual_tokens; docs/molmo2.md, Token layout)
 image_size = 224
 patch_size = 16
 vit_width = 768

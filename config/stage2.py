@@ -1,4 +1,4 @@
-# Stage 2 at real scale: multimodal SFT with video, the seed's numbers (shared/seed: "Stage 2").
+# Stage 2 at real scale: multimodal SFT with video, with the target numbers of docs/molmo2.md, Stages.
 #   python train.py config/stage2.py --dry_run=True          (build the model, print the mixture, stop)
 # The datasets are read from local jsonl copies (data_paths; their sizes replace dataset_sizes below); VQA v2
 # and the academic point sets have no reader yet (a clear error: drop them from the mixture or add a reader).
@@ -7,11 +7,11 @@
 import os  # (modules in a config are not config keys)
 exec(open(os.path.join(os.path.dirname(__file__), "stage1.py")).read())
 out_dir = "out/stage2"
-init_from = "out/stage1/ckpt.pt"  # weights of stage 1 (seed: "Stage1 checkpoint -> feeds into Stage 2"), or a
+init_from = "out/stage1/ckpt.pt"  # weights of stage 1 (stage 2 continues from it), or a
 #                                   released Molmo2 directory (its tokenizer.json as tokenizer) to fine-tune it
 init_llm = init_vit = ""           # stage 1's initialisation is already in its checkpoint
-# Sqrt-proportional mixing (seed: "Weight_i = sqrt(Size_i) / sum_j sqrt(Size_j)") inside Molmo2's SFT groups,
-# whose rates are kept whatever the sizes (molmo2_reference.md 4.3, sft.py get_training_mixture).
+# Sqrt-proportional mixing, w_i = sqrt(n_i) / sum_j sqrt(n_j), inside Molmo2's SFT groups, whose rates are
+# kept whatever the sizes (docs/molmo2.md, Mixing; Molmo2 code: launch_scripts/sft.py get_training_mixture).
 mixing_rule = "sqrt"
 mixture = {
     "demo": (0.15, {"pixmo_cap": 1.0, "molmo2_cap": 1.5}),            # Molmo2-Cap at sampling_rate 1.5
@@ -24,22 +24,22 @@ mixture = {
     "image_pointing": (0.10, {"pixmo_points": 1.0}),
     "nlp": (0.0995, {"tulu": 1.0}),
 }
-# The seed's example sizes (its sqrt table: Molmo2-CapQA 1,000k, VQA-v2 440k, PixMo-Cap 710k, Molmo2-Track
-# 220k; stage 1: PixMo-Points ~1M, Tulu ~980k). Molmo2-Cap and SubtitleQA: the seed gives no size; 100k is
-# a placeholder until the readers count the local copies.
+# The target example counts (Molmo2-CapQA 1,000k, VQA-v2 440k, PixMo-Cap 710k, Molmo2-Track 220k; as in
+# stage 1, PixMo-Points ~1M, Tulu ~980k). Molmo2-Cap and SubtitleQA have no target count: 100k is a
+# placeholder until the readers count the local copies.
 dataset_sizes = {"molmo2_capqa": 1_000_000, "vqa_v2": 440_000, "pixmo_cap": 710_000, "molmo2_track": 220_000,
                  "pixmo_points": 1_000_000, "tulu": 980_000, "molmo2_cap": 100_000, "molmo2_subtitleqa": 100_000}
 data_paths = {name: f"data/{name}.jsonl" for _, leaves in mixture.values() for name in leaves}  # as stage 1
 dataset_caps = {"pixmo_cap": 100_000}  # Molmo2 caps PixMo-Cap at 100k in SFT so captions do not dominate
 loss_weighting = "root"    # Molmo2 SFT: root_subsegments_root_tokens (2/sqrt(n)), pointing/tracking flat 0.2
-packing = True             # Molmo2 packs SFT sequences (reference 4.5)
-max_images_per_row = 128   # the vision budget of a row: one 128-frame video (seed: "Max 128 frames")
-seq_len = 4096             # seed: "attention_mask: [16, 4096]"
-batch_size = 16            # seed: "Stage 2 (Video 128 frames, batch=16, seq=4096)"
-grad_accum = 8             # seed: "Gradient accumulation: 8 steps"
-max_steps = 50_000         # seed: "Steps: ~50,000"
-lr = 5e-5                  # seed: "Learning rate: 5e-5 with warmup (1K steps)"
-warmup_steps = 1000        # (same line)
-lr_connector_mult = 1.0    # Molmo2 SFT: connector and ViT 5e-6, LLM 1e-5 (reference 4.2): 0.5x, 0.5x
-lr_vit_mult = 0.5
+packing = True             # Molmo2 packs SFT sequences (docs/molmo2.md, Stages)
+max_images_per_row = 128   # the vision budget of a row: one 128-frame video (2 fps, at most 128)
+seq_len = 4096             # docs/molmo2.md, Stages (a 128-frame video just overflows it: Token layout)
+batch_size = 16            # rows per GPU
+grad_accum = 8             # 16 rows x 4 GPUs x 8 = 512 rows a step
+max_steps = 50_000         # docs/molmo2.md, stage 2: ~50,000 steps
+lr = 5e-5                  # the LLM's peak, below stage 1's 1e-4
+warmup_steps = 1000        # linear warmup, then cosine to 10%
+lr_connector_mult = 1.0    # the connector at the LLM's LR (Molmo2 SFT: connector and ViT 5e-6, LLM 1e-5,
+lr_vit_mult = 0.5          # i.e. 0.5x each; the ViT follows it)
 eval_interval = 2000
