@@ -4,15 +4,32 @@ Benchmarks and fast-path checks. Timing targets live here, never in tests.
     python bench.py                    # check fast paths against the fp32 CPU reference, then time training
     python bench.py --steps=50 --batch_size=64 --dtype=float32
     python bench.py config/shapes_stage1.py   # any train.py config / overrides pick the model
+    python bench.py --real config/stage1.py [--steps=N --media=image|video --batch_size=B --seq_len=T ...]
+                                              # a stage's real-width model on synthetic batches of its shape:
+                                              # step time, tok/s, MFU, peak memory, and the step's parts
+    python bench.py --real config/stage1.py --steps=1 --batch_size=1 --seq_len=512   # reduced, for a CPU
+    python bench.py --vs_transformers [--steps=3 --warmup=1 --batch_size=8 --seq_len=512 --d_model=384 ...]
+                                              # the same weights and batch through transformers' Molmo2 and ours:
+                                              # equal losses, then training steps timed side by side
     python bench.py --video                   # the video frame sampler vs decoding every frame (3-minute mp4)
     python bench.py --plan                    # per-GPU memory of stages 1-3 (real configs) over GPU layouts
     python bench.py --plan config/stage3.py --dp=2 --cp=4 --fsdp=True --act_ckpt=True   # one layout
     python bench.py --losses out/a/ckpt.pt out/b/ckpt.pt [--n=10]   # two runs' first losses, side by side
+    python bench.py --help                    # this text
+
+Flags are --key=value: each mode's own (above) or, where a config is read (the default mode, --real, --plan),
+any train.py config key. Anything else is an error.
 
 Checks: the same weights and batch on (cpu fp32 sdpa, the reference) vs cpu bf16 autocast, cpu fp32 FlexAttention
 (eager), cuda fp32, cuda bf16, cuda bf16 FlexAttention (compiled): loss, logits and gradients, as max abs
 differences. Timing: optimizer steps/s, tokens/s, MFU, peak memory,
-and the share of the step spent making data.
+and the share of the step spent making data. dtype and attn_impl 'auto' resolve as in training
+(train.resolve_dtype, model.resolve_attn_impl); MFU is against train.peak_flops in the dtype the step runs in.
+
+--real: random weights, random pixels and token ids, packed rows of the config's seq_len (several examples a
+row, doc ids, positions restarting per example, one image per example with its <im_patch> slots, or for a
+video stage one video of max_images_per_row frames a row, 3x3-pooled), so no tokenizer, checkpoint or dataset
+is read. The breakdown times ViT + connector, embeddings + LLM blocks, loss head and optimizer each alone.
 """
 import os
 import sys
@@ -26,9 +43,8 @@ import train
 def build(argv):
     import data
     from model import Molmo2, ModelConfig
-    cfg = train.configure([a for a in argv if not a.startswith(("--steps=",))],
-                          {k: getattr(train, k) for k in train.CONFIG_KEYS})
-    tok = data.build_tokenizer(cfg["tokenizer"], base_vocab=cfg["base_vocab"] or None)  # as train.py builds it
+    cfg = train.configure(argv, {k: getattr(train, k) for k in train.CONFIG_KEYS})
+    tok = train.make_tokenizer(cfg["tokenizer"], base_vocab=cfg["base_vocab"] or None)  # as train.py builds it
     mc = {k: cfg[k] for k in train.MODEL_KEYS}
     mc.update(base_vocab=tok.base_vocab, n_extra=max(cfg["n_extra"], tok.n_extra), im_patch_id=tok.im_patch)
     mconf = ModelConfig(**mc)
@@ -82,12 +98,42 @@ def check(cfg, tok, mconf, model):
     return out
 
 
+def resolve_attn(name, dev):
+    """The attention a training step runs: model.resolve_attn_impl ('auto' = flex on CUDA, sdpa on a CPU), with
+    'flex' refused on a CPU, where FlexAttention has no backward (torch 2.13). A bad name: a one-line SystemExit."""
+    from model import resolve_attn_impl
+    try:
+        impl = resolve_attn_impl(name, dev.type)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    if impl == "flex" and dev.type == "cpu":
+        raise SystemExit("attn_impl='flex' cannot train on a CPU (FlexAttention has no CPU backward): use sdpa or auto")
+    return impl
+
+
+def train_dtype(cfg, dev):
+    """The autocast dtype of config key dtype on dev, as train.py resolves it (train.resolve_dtype: 'auto' = bf16 on
+    CUDA, on a CPU the faster of bf16 and fp32 here, printed); an unknown name is a one-line SystemExit."""
+    if cfg["dtype"] not in ("auto", "bfloat16", "float16", "float32"):
+        raise SystemExit(f"dtype must be one of auto, bfloat16, float16, float32; got {cfg['dtype']!r}")
+    return train.resolve_dtype(cfg["dtype"], dev)
+
+
+def sync(dev):
+    """Wait for the device's queued kernels, so a wall-clock interval covers the work it names."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
 def speed(cfg, tok, mconf, model, steps):
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dt = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[cfg["dtype"]]
+    dt = train_dtype(cfg, dev)  # 'auto' (the default): bf16 on CUDA, the faster of bf16 and fp32 on a CPU
     model = model.to(dev)
+    model.attn_impl = resolve_attn(cfg["attn_impl"], dev)
+    model.act_ckpt = model.vit.act_ckpt = cfg["act_ckpt"]
+    model.loss_chunk = cfg["loss_chunk"]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    peak = train.peak_flops(dev, dt)
+    peak = train.peak_flops(dev, dt)  # the peak of the dtype the matmuls run in: MFU is against what it can do
     t_data = t_all = 0.0
     tokens = flops = cells = examples = 0
     if dev.type == "cuda":
@@ -102,8 +148,7 @@ def speed(cfg, tok, mconf, model, steps):
         (ls / ws).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
+        sync(dev)
         t2 = time.perf_counter()
         if i >= 3:  # warm-up steps excluded
             t_data += t1 - t0
@@ -114,9 +159,11 @@ def speed(cfg, tok, mconf, model, steps):
             flops += model.flops(b)
     name = torch.cuda.get_device_name() if dev.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
     mem = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB" if dev.type == "cuda" else ""
-    print(f"{name}, {cfg['dtype']}, batch {cfg['batch_size']}: {steps / t_all:.2f} steps/s, "
+    dname = str(dt).split(".")[-1]
+    print(f"{name}, {dname}{' (auto)' if cfg['dtype'] == 'auto' else ''}, {model.attn_impl}, "
+          f"batch {cfg['batch_size']}: {steps / t_all:.2f} steps/s, "
           f"{tokens / t_all:,.0f} tok/s ({100 * tokens / cells:.0f}% non-pad), {examples / t_all:.1f} examples/s, "
-          f"MFU {100 * flops / t_all / peak:.1f}% of {peak / 1e12:.2f} TFLOP/s, "
+          f"MFU {100 * flops / t_all / peak:.1f}% of {peak / 1e12:.2f} TFLOP/s ({dname}), "
           f"data {100 * t_data / t_all:.0f}% of step time{mem}")
 
 
@@ -312,19 +359,538 @@ def losses(argv):
     print(f"max |diff| over the first {n} losses: {max(abs(a - b) for a, b in zip(*runs)):.1e}")
 
 
-if __name__ == "__main__":
-    argv = sys.argv[1:]
-    if "--losses" in argv:
-        losses([a for a in argv if a != "--losses"])
-        sys.exit(0)
-    if "--video" in argv:
-        video()
-        sys.exit(0)
-    if "--plan" in argv:
-        plan([a for a in argv if a != "--plan"])
-        sys.exit(0)
-    steps = next((int(a.split("=")[1]) for a in argv if a.startswith("--steps=")), 20)
-    cfg, tok, mconf, model = build(argv)
+# ---------------------------------------------------------------------------------------------------------
+# synthetic batches of a stage's real shape: data.collate's tensors, without a tokenizer, media or datasets
+
+MIN_TEXT = 16  # the fewest text tokens (prompt + answer) an example carries
+
+
+def vision_ids(base_vocab):
+    """Ids of Molmo2's vision tokens on the extra rows, in data.VISION_TOKENS order as a tokenizer without its own
+    vision ids assigns them: <im_patch> = base_vocab, <im_col> = base_vocab + 1, ... (attribute names as
+    data.Tokenizer's: im_patch, im_col, im_start, low_res_im_start, im_end, frame_start, frame_end)."""
+    import types
+    import data
+    names = ["im_patch", "im_col", "im_start", "low_res_im_start", "im_end", "frame_start", "frame_end", "image",
+             "video"]
+    assert len(names) == len(data.VISION_TOKENS)
+    return types.SimpleNamespace(**{n: base_vocab + i for i, n in enumerate(names)})
+
+
+def vision_unit(mconf, ids, video):
+    """One image (single crop) or one video frame as the model reads it: (token layout, pool_idx, patches).
+    Image: data.image_tokens, <im_start> + rows x (cols <im_patch> [+ <im_col>]) + <im_end>, pool_h x pool_w
+    windows. Frame: <frame_start> + rows*cols <im_patch> + <frame_end> (or <im_start>/<im_end> without
+    frame_tokens), video_pool_h x video_pool_w windows; its timestamp text is added per frame by the caller.
+    pool_idx (rows*cols, k) int64: the patches of this crop (0 .. g*g-1) pooled into each <im_patch>, -1 = pad."""
+    import data
+    g = mconf.image_size // mconf.patch_size
+    if video:
+        idx, rows, cols = data.pooling_index(g, g, mconf.video_pool_h, mconf.video_pool_w)
+        start, end = (ids.frame_start, ids.frame_end) if mconf.frame_tokens else (ids.im_start, ids.im_end)
+        return [start] + [ids.im_patch] * (rows * cols) + [end], idx, g * g
+    idx, rows, cols = data.pooling_index(g, g, mconf.pool_h, mconf.pool_w)
+    return data.image_tokens(ids, rows, cols, mconf.col_tokens), idx, g * g
+
+
+TIMESTAMP_TOKENS = 4  # a frame's "{t:.1f} " text before it: digit by digit, e.g. " 1 2 . 5 " -> ~4 tokens
+
+
+def synthetic_example(mconf, ids, n_vision, video, n_text, weighting, rng, gen):
+    """One example in data.encode_example's layout and output keys:
+        <bos> [n_vision images or frames] prompt (n_text // 4 tokens) answer (the rest, >= 1 token)
+    Token ids are random text ids (< base_vocab) outside the vision layout; pixels are uniform in [-1, 1] as
+    preprocessed images are. labels[t] = input_ids[t + 1] (the last -1); loss_weights[t] > 0 where the target
+    input_ids[t + 1] is an answer token: 1.0 each ('task' weighting) or 2/sqrt(answer tokens) ('root')."""
+    layout, idx, patches = vision_unit(mconf, ids, video)
+    V, H = mconf.base_vocab, mconf.image_size
+    vis = []
+    for f in range(n_vision):
+        if video:  # the frame's timestamp, as text
+            vis += torch.randint(0, V, (TIMESTAMP_TOKENS,), generator=gen).tolist()
+        vis += layout
+    n_prompt = n_text // 4
+    n_ans = n_text - n_prompt
+    text = torch.randint(0, V, (1 + n_text,), generator=gen).tolist()  # <bos>, prompt, answer
+    input_ids = text[:1] + vis + text[1:]
+    is_answer = [False] * (1 + len(vis) + n_prompt) + [True] * n_ans
+    w = 1.0 if weighting == "task" else 2.0 / n_ans ** 0.5
+    labels = input_ids[1:] + [-1]
+    loss_w = [w if a else 0.0 for a in is_answer[1:]] + [0.0]
+    images = [torch.rand(3, H, H, generator=gen) * 2 - 1 for _ in range(n_vision)]
+    return dict(input_ids=input_ids, labels=labels, loss_weights=loss_w, images=images, pool_idx=[idx] * n_vision,
+                timestamps=[0.5 * f for f in range(n_vision)] if video else [0.0] * n_vision,
+                n_patches=[patches] * n_vision, task="synthetic")
+
+
+def synthetic_row(mconf, seq_len, max_images, video, weighting, rng, gen):
+    """One packed row of exactly seq_len tokens, as data.Packer fills one (a list of examples).
+    Images: examples of one image and 16 .. seq_len/4 (at most 480) text tokens, while the row's image budget
+    (max_images) lasts, then text-only examples. Video: one video of max_images frames (fewer where they would
+    not fit), then text-only examples. An example that would leave less room than the smallest one (<bos> and
+    MIN_TEXT tokens) takes that room too, so the room left is always 0 or enough for one more example."""
+    if seq_len < 2:
+        raise SystemExit(f"seq_len={seq_len}: a row needs at least 2 tokens (<bos> and one answer token)")
+    ids = vision_ids(mconf.base_vocab)
+    layout, _, _ = vision_unit(mconf, ids, video)
+    unit = len(layout) + (TIMESTAMP_TOKENS if video else 0)  # tokens of one image / frame
+    text_hi = max(MIN_TEXT, min(480, seq_len // 4))
+    row, room, left = [], seq_len, max_images
+    while room > 0:
+        if video:  # the row's one video first, as many frames as fit beside <bos> and MIN_TEXT text tokens
+            n_vis = min(left, max(0, (room - 1 - MIN_TEXT) // unit)) if not row else 0
+        else:
+            n_vis = 1 if left > 0 and room >= 1 + unit + MIN_TEXT else 0
+        length = min(room, 1 + n_vis * unit + rng.randint(MIN_TEXT, text_hi))
+        if room - length < 1 + MIN_TEXT:  # no room for another example: this one fills the row
+            length = room
+        n_text = length - 1 - n_vis * unit  # >= MIN_TEXT beside images or frames, >= 1 alone
+        row.append(synthetic_example(mconf, ids, n_vis, video, n_text, weighting, rng, gen))
+        room, left = room - length, left - n_vis
+    return row
+
+
+def synthetic_batch(mconf, batch_size, seq_len, max_images, video, weighting="task", key=0):
+    """batch_size packed rows (synthetic_row), collated by data.collate exactly as training collates them:
+    input_ids, labels, loss_weights, attention_mask, doc_ids, position_ids (B, T); pixel_values (B, F, 3, H, W),
+    image_mask, timestamps (B, F); pool_idx (N_tok, k) into the batch's patches; plus n_examples."""
+    import random
+    import data
+    rng, gen = random.Random(key), torch.Generator().manual_seed(key)  # key: the same batch every time
+    rows = [synthetic_row(mconf, seq_len, max_images, video, weighting, rng, gen) for _ in range(batch_size)]
+    b = data.collate(rows, 0, seq_len)
+    b["n_examples"] = sum(len(r) for r in rows)
+    return b
+
+
+VIDEO_TASKS = ("video", "track", "subtitle", "molmo2_", "videopoint", "academic_points")
+
+
+def is_video_stage(cfg):
+    """Whether a config trains on video: its mixture names a video dataset or task (shapes' video_* / track /
+    subtitle_qa, Molmo2's molmo2_* / videopoint_*)."""
+    return any(n.startswith(VIDEO_TASKS) for _, leaves in cfg["mixture"].values() for n in leaves)
+
+
+def real_model_config(cfg):
+    """ModelConfig of a config at its real widths, without its tokenizer: base_vocab from the config (a config
+    with base_vocab 0 takes its tokenizer's, which must then be buildable here, as the shapes BPE is), the vision
+    tokens on the extra rows (vision_ids), at least as many extra rows as there are vision tokens."""
+    import data
+    from model import ModelConfig
+    mc = {k: cfg[k] for k in train.MODEL_KEYS}
+    if not mc["base_vocab"]:
+        mc["base_vocab"] = train.make_tokenizer(cfg["tokenizer"]).base_vocab
+    mc["n_extra"] = max(mc["n_extra"], len(data.VISION_TOKENS))
+    mc["im_patch_id"] = mc["base_vocab"]
+    return ModelConfig(**mc)
+
+
+def timed(fn, n, dev):
+    """Wall seconds of fn(): the best of n runs after one warm-up run (allocator, kernel choice, compilation). The
+    best, not the mean: another process sharing the machine only ever makes a run slower (on a 2-core machine
+    shared with other jobs, runs of one step vary 2x), so the best is the closest to what the code costs."""
+    fn()
+    best = float("inf")
+    for _ in range(n):
+        sync(dev)
+        t = time.perf_counter()
+        fn()
+        sync(dev)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def real(argv, steps=3, media="auto"):
+    """--real: the stage config's real-width model on synthetic batches of its shape (synthetic_batch), one
+    process. Prints step time, tokens/s, MFU (model.flops over train.peak_flops in the run's dtype), peak memory,
+    and the step's parts, each run and timed alone after a warm-up:
+      ViT + connector   forward + backward of the vision path on the batch's images, a random output gradient
+      embed + LLM       the token embeddings, every block and the final norm (mask and RoPE included), forward +
+                        backward with a random gradient on the hidden states (the vision features not added)
+      loss head         Molmo2.forward's head on detached hidden states: logits of the loss tokens, weighted CE
+                        (chunked as loss_chunk says), backward
+      optimizer         gradient clipping + AdamW step (fused on CUDA)
+    Their sum beside the whole step shows what the split leaves out (the vision features' scatter into the
+    embeddings, gradient accumulation across parts). Returns a dict of the figures (seconds, FLOP/s, bytes)."""
+    import resource
+    from model import Molmo2
+    cfg = train.configure(argv, {k: getattr(train, k) for k in train.CONFIG_KEYS})
+    dev = torch.device("cuda" if cfg["device"] == "auto" and torch.cuda.is_available() else
+                       ("cpu" if cfg["device"] == "auto" else cfg["device"]))
+    if cfg["threads"]:  # as train.py: CPU threads for torch
+        torch.set_num_threads(cfg["threads"])
+    dt = train_dtype(cfg, dev)
+    impl = resolve_attn(cfg["attn_impl"], dev)
+    if cfg["max_crops"]:
+        raise SystemExit("--real builds single-crop images: max_crops must be 0")
+    if media not in ("auto", "image", "video"):
+        raise SystemExit(f"--media must be image, video or auto; got {media!r}")
+    video = is_video_stage(cfg) if media == "auto" else media == "video"
+    mconf = real_model_config(cfg)
+    torch.manual_seed(cfg["seed"])
+    with torch.device(dev):  # initialised where it runs: 0.7B parameters take seconds on a GPU, longer on a CPU
+        model = Molmo2(mconf)
+    if cfg["lr_vit_mult"] == 0:  # a frozen ViT, as train.py freezes it: no gradients through it
+        for p in model.vit.parameters():
+            p.requires_grad_(False)
+    model.attn_impl = impl
+    model.act_ckpt = model.vit.act_ckpt = cfg["act_ckpt"]
+    model.loss_chunk = cfg["loss_chunk"]
+    groups = model.param_groups()
+    mults = {"llm": 1.0, "connector": cfg["lr_connector_mult"], "vit": cfg["lr_vit_mult"]}
+    trained = {k: [p for p in ps if p.requires_grad] for k, ps in groups.items()}  # train.py's three LR groups
+    opt = torch.optim.AdamW([dict(params=ps, lr=cfg["lr"] * mults[k]) for k, ps in trained.items() if ps],
+                            lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]), eps=cfg["adam_eps"],
+                            weight_decay=cfg["weight_decay"], fused=dev.type == "cuda")
+    B, T = cfg["batch_size"], cfg["seq_len"]
+    b = synthetic_batch(mconf, B, T, cfg["max_images_per_row"], video, cfg["loss_weighting"], cfg["seed"])
+    n_examples = b.pop("n_examples")
+    b = {k: v.to(dev) for k, v in b.items()}
+    n_img, n_tok = int(b["image_mask"].sum()), b["pool_idx"].shape[0]
+    n_loss = int((b["loss_weights"] > 0).sum())
+    params = sum(p.numel() for p in model.parameters())
+    autocast = lambda: torch.autocast(dev.type, dtype=dt, enabled=dt != torch.float32)  # noqa: E731
+    dname = str(dt).split(".")[-1]
+    dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else \
+        f"{cpu_name()}, {torch.get_num_threads()} threads"
+    counts = model.param_counts()
+    print(f"{' '.join(a for a in argv if not a.startswith('--')) or 'train.py defaults'} at real width, synthetic "
+          f"batches: {params / 1e6:,.1f}M parameters (" + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in counts.items())
+          + f"), vocabulary {mconf.base_vocab:,} + {mconf.n_extra}")
+    unit = "frames" if video else "images"
+    pool = (mconf.video_pool_h, mconf.video_pool_w) if video else (mconf.pool_h, mconf.pool_w)
+    print(f"batch {B} x {T:,} tokens, packed: {n_examples} examples, {n_img} {unit} at {mconf.image_size} px "
+          f"({pool[0]}x{pool[1]} pooling: {n_tok // max(1, n_img)} <im_patch> each, {n_tok} in all), "
+          f"{n_loss:,} loss tokens" + ("" if cfg["packing"] else " (the config does not pack; rows packed here so "
+                                        "every token is real)"))
+    print(f"{dev_name}: {dname}{' (auto)' if cfg['dtype'] == 'auto' else ''}, attention {impl}, act_ckpt "
+          f"{cfg['act_ckpt']}, loss_chunk {cfg['loss_chunk']}, AdamW {'fused' if dev.type == 'cuda' else 'foreach'}"
+          + (f"; one process (cp={cfg['cp']}, fsdp={cfg['fsdp']} not used)" if cfg["cp"] > 1 or cfg["fsdp"] else ""))
+
+    def step():  # one training step, as train.py takes it (one micro-batch)
+        opt.zero_grad(set_to_none=True)
+        with autocast():
+            ls, ws = model(b)
+        (ls / ws).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+        opt.step()
+
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    t_step = timed(step, steps, dev)
+    if dev.type == "cuda":
+        mem = f"peak GPU memory {torch.cuda.max_memory_allocated(dev) / 2 ** 30:.2f} GiB (max_memory_allocated)"
+        mem_bytes = torch.cuda.max_memory_allocated(dev)
+    else:  # Linux reports ru_maxrss in KiB
+        mem_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        mem = f"peak memory {mem_bytes / 2 ** 30:.2f} GiB (process max RSS, model build included)"
+    peak = train.peak_flops(dev, dt)
+    flops = model.flops(b)
+    tokens = int(b["attention_mask"].sum())
+    print(f"step {t_step * 1e3:,.0f} ms (best of {steps} after 1 warm-up) | {tokens / t_step:,.0f} tok/s | MFU "
+          f"{100 * flops / t_step / peak:.1f}% ({flops / 1e12:.2f} TFLOP a step over {peak / 1e12:.2f} TFLOP/s "
+          f"{dname} peak) | {mem}")
+
+    # -- the parts, each alone --------------------------------------------------------------------------------
+    def optimizer():  # first, while the last step's gradients are there (the parts below reset them)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+        opt.step()
+    t_opt = timed(optimizer, steps, dev)
+
+    g = torch.Generator(device=dev).manual_seed(0)
+    imgs = b["pixel_values"][b["image_mask"]]  # (N_img, 3, H, W): the real images and frames only
+    g_tok = torch.randn(n_tok, mconf.d_model, device=dev, generator=g)  # dL/d(pooled features) (N_tok, d_model)
+
+    def vision():  # Molmo2.embed_inputs' vision half: pixels -> ViT features -> pooled, projected tokens
+        opt.zero_grad(set_to_none=True)
+        with autocast():
+            feats = model.vit(imgs)                                     # (N_img, P, len(vit_layers) * vit_width)
+            tok = model.connector(feats.flatten(0, 1), b["pool_idx"])  # (N_tok, d_model)
+        tok.backward(g_tok.to(tok.dtype))
+    t_vis = timed(vision, steps, dev) if n_img else 0.0
+
+    held = {}
+
+    def llm():
+        opt.zero_grad(set_to_none=True)
+        # Molmo2.hidden as training runs it (mask, RoPE, blocks under act_ckpt, norm), its embeddings the token
+        # table's alone: embed_inputs replaced on this instance for the call
+        model.embed_inputs = lambda ids, *a: model.llm.embed_tokens(ids)
+        try:
+            with autocast():
+                h = model.hidden(b)                        # (B, T, d_model)
+        finally:
+            del model.embed_inputs
+        held["h"] = h.detach()
+        h.backward(torch.randn(h.shape, device=dev, generator=g, dtype=h.dtype))
+    t_llm = timed(llm, steps, dev)
+
+    h0 = held.pop("h").requires_grad_()
+
+    def head():
+        opt.zero_grad(set_to_none=True)
+        h0.grad = None
+        model.hidden = lambda batch: h0  # Molmo2.forward from its hidden states on: the loss tokens' head and CE
+        try:
+            with autocast():
+                ls, ws = model(b)
+        finally:
+            del model.hidden
+        (ls / ws).backward()
+    t_head = timed(head, steps, dev)
+    parts = {"ViT + connector (fwd + bwd)": t_vis, "embed + LLM blocks (fwd + bwd)": t_llm,
+             "loss head (fwd + bwd)": t_head, "optimizer (clip + AdamW)": t_opt}
+    print(f"breakdown, each part alone (best of {steps} after 1 warm-up):")
+    for k, v in parts.items():
+        print(f"  {k:<32}{v * 1e3:>10,.0f} ms {100 * v / t_step:>5.0f}% of the step")
+    total = sum(parts.values())
+    print(f"  {'sum of parts':<32}{total * 1e3:>10,.0f} ms {100 * total / t_step:>5.0f}%   "
+          f"whole step {t_step * 1e3:,.0f} ms")
+    return dict(step_s=t_step, parts_s=parts, tokens=tokens, flops=flops, peak=peak, mem_bytes=mem_bytes)
+
+
+def cpu_name():
+    """The CPU's model name (/proc/cpuinfo), the vector ISA torch's CPU kernels use, and the machine's load when
+    measured: on a shared machine other processes take cores from the run, and wall-clock times grow with them."""
+    name = "CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
+    except OSError:
+        pass
+    return (f"{name} ({torch.backends.cpu.get_cpu_capability()}; load average {os.getloadavg()[0]:.1f} on "
+            f"{os.cpu_count()} CPUs)")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the same model through transformers' Molmo2ForConditionalGeneration and ours
+
+VS_DEFAULTS = dict(image_size=224, patch_size=14, vit_width=192, vit_depth=6, vit_heads=3, vit_mlp=768,
+                   d_model=384, n_layer=6, n_head=6, n_kv_head=2, head_dim=64, d_ff=1024,
+                   base_vocab=0,  # 0 = the shapes tokenizer's
+                   n_extra=16, batch_size=8, seq_len=512, steps=3, warmup=1, lr=1e-4)
+
+
+def randomise(model, key=1):
+    """Wide random weights (matrices at std fan_in^-0.5, norm scales near 1, biases small): logits that vary, so
+    a wrong weight or mask changes the loss, where the 0.02 init gives near-constant ones any two models match."""
+    g = torch.Generator().manual_seed(key)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, p.shape[-1] ** -0.5, generator=g)
+            elif "norm" in name or name.endswith(("ln1.weight", "ln2.weight")):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def weighted_ce(logits, labels, w):
+    """sum(w * CE) / sum(w) over the tokens with w > 0, from full logits (B, T, V) in fp32: the training loss."""
+    sel = w > 0
+    ce = torch.nn.functional.cross_entropy(logits[sel].float(), labels[sel], reduction="none")
+    return (ce * w[sel]).sum() / w[sel].sum()
+
+
+def vs_transformers(argv):
+    """--vs_transformers: one model shape (VS_DEFAULTS, each a --key=value) through transformers'
+    Molmo2ForConditionalGeneration and ours with the same weights (ours exported by model.export_hf_molmo2,
+    loaded by from_pretrained) on the same batch: rows of seq_len tokens, one image each, one example a row.
+    1. The weighted CE of each model's logits (and ours from Molmo2.forward, the training path) must agree in
+       fp32; the differences in fp32 and bf16 autocast are printed.
+    2. Training steps interleaved (transformers, ours, transformers, ...): forward, loss, backward, AdamW step
+       (torch's AdamW, same settings, on each model's own parameters), in fp32 and in bf16 autocast.
+    transformers computes every position's logits (B, T, V) and the loss from them; ours computes the head on
+    the loss tokens only (Molmo2.forward), as training does. Each figure is the best step of `steps` (as timed()
+    says why); on a CPU the table also gives the best step's process CPU time (all threads), which other processes
+    on the machine lengthen less than the wall time. Returns {precision: (theirs s/step, ours s/step)}, wall.""" 
+    import tempfile
+    import transformers
+    import data
+    import model as M
+    transformers.utils.logging.disable_progress_bar()  # from_pretrained's loading bar
+    cfg = train.configure(argv, VS_DEFAULTS)
+    base = cfg["base_vocab"] or train.make_tokenizer("shapes-bpe").base_vocab
+    mconf = M.ModelConfig(image_size=cfg["image_size"], patch_size=cfg["patch_size"], vit_width=cfg["vit_width"],
+                          vit_depth=cfg["vit_depth"], vit_heads=cfg["vit_heads"], vit_mlp=cfg["vit_mlp"],
+                          vit_layers=(-1, -3), base_vocab=base, n_extra=max(cfg["n_extra"], len(data.VISION_TOKENS)),
+                          im_patch_id=base, d_model=cfg["d_model"], n_layer=cfg["n_layer"], n_head=cfg["n_head"],
+                          n_kv_head=cfg["n_kv_head"], head_dim=cfg["head_dim"], d_ff=cfg["d_ff"])
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    check(cfg, tok, mconf, model)
-    speed(cfg, tok, mconf, model, steps)
+    ours = M.Molmo2(mconf)
+    randomise(ours)
+    ids = vision_ids(base)
+    with tempfile.TemporaryDirectory() as d:
+        M.export_hf_molmo2(ours, d, {k: getattr(ids, a) for k, a in M.HF_TOKEN_KEYS.items()})
+        hf = transformers.Molmo2ForConditionalGeneration.from_pretrained(d, dtype=torch.float32)
+    ours, hf = ours.to(dev), hf.to(dev)
+    ours.attn_impl = "sdpa"  # the dense bool mask, as transformers' sdpa path builds one
+
+    # the batch: one example a row (one image, then text) filling seq_len, so both models see the same positions
+    # (0 .. T-1) and the same mask (causal, vision tokens both ways); collated as training collates
+    import random
+    B, T = cfg["batch_size"], cfg["seq_len"]
+    layout, _, _ = vision_unit(mconf, ids, False)
+    if T < 2 + len(layout):
+        raise SystemExit(f"--vs_transformers: seq_len={T} cannot hold an image ({len(layout)} tokens) and text")
+    rng, gen = random.Random(0), torch.Generator().manual_seed(0)
+    rows = [[synthetic_example(mconf, ids, 1, False, T - 1 - len(layout), "task", rng, gen)] for _ in range(B)]
+    b = data.collate(rows, 0, T)
+    b.pop("n_examples", None)
+    b = {k: v.to(dev) for k, v in b.items()}
+    g = mconf.image_size // mconf.patch_size
+    _, rows_, cols_ = data.pooling_index(g, g, mconf.pool_h, mconf.pool_w)
+    n_img = int(b["image_mask"].sum())
+    hf_in = dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"].long(),
+                 mm_token_type_ids=(b["input_ids"] >= base).long(),  # vision tokens: bidirectional among themselves
+                 pixel_values=M.patchify(b["pixel_values"][b["image_mask"]], mconf.patch_size),  # (N, P, 3 p p)
+                 image_token_pooling=b["pool_idx"],
+                 image_grids=torch.tensor([[rows_, cols_, 0, 0]] * n_img, device=dev))  # a single crop each
+    labels, w = b["labels"], b["loss_weights"]
+
+    dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name()
+    print(f"{dev_name}, {torch.get_num_threads()} threads; torch {torch.__version__}, transformers "
+          f"{transformers.__version__} (attention: {hf.config._attn_implementation}; ours sdpa, dense mask)")
+    params = sum(p.numel() for p in ours.parameters())
+    print(f"model: ViT {mconf.vit_width} x {mconf.vit_built} at {mconf.image_size} px / patch {mconf.patch_size}, "
+          f"LLM d {mconf.d_model} x {mconf.n_layer} ({mconf.n_head} q / {mconf.n_kv_head} kv heads of "
+          f"{mconf.head_dim}, FFN {mconf.d_ff}), vocabulary {base} + {mconf.n_extra}: {params / 1e6:.1f}M parameters "
+          f"(transformers {sum(p.numel() for p in hf.parameters()) / 1e6:.1f}M); batch {B} x {T} tokens, one image "
+          f"a row ({rows_ * cols_} pooled tokens), {int((w > 0).sum())} loss tokens")
+
+    precisions = [("fp32", torch.float32), ("bf16 autocast", torch.bfloat16)]
+    ac = lambda dt: torch.autocast(dev.type, dtype=dt, enabled=dt != torch.float32)  # noqa: E731
+    ours.eval()
+    hf.eval()
+    for name, dt in precisions:
+        with torch.no_grad(), ac(dt):
+            l_hf = weighted_ce(hf(**hf_in).logits, labels, w).item()
+            l_ours = weighted_ce(ours.logits(b), labels, w).item()
+            ls, ws = ours(b)
+            l_train = (ls / ws).item()
+        print(f"loss {name:<14} transformers {l_hf:.6f}, ours {l_ours:.6f} (training path {l_train:.6f}): "
+              f"|diff| {abs(l_hf - l_ours):.2e} ({abs(l_hf - l_train):.2e})")
+        if dt == torch.float32 and max(abs(l_hf - l_ours), abs(l_hf - l_train)) > 1e-4 * max(1.0, abs(l_hf)):
+            raise SystemExit("--vs_transformers: the fp32 losses differ: the two models are not the same function")
+    ours.train()
+    hf.train()
+
+    opts = {m: torch.optim.AdamW(m.parameters(), lr=cfg["lr"], betas=(0.9, 0.95), eps=1e-6, weight_decay=0.0)
+            for m in (hf, ours)}
+
+    def step(m, dt):  # -> (wall seconds, process CPU seconds)
+        opts[m].zero_grad(set_to_none=True)
+        sync(dev)
+        t, c = time.perf_counter(), time.process_time()
+        with ac(dt):
+            if m is hf:
+                loss = weighted_ce(hf(**hf_in).logits, labels, w)
+            else:
+                ls, ws = ours(b)
+                loss = ls / ws
+        loss.backward()
+        opts[m].step()
+        sync(dev)
+        return time.perf_counter() - t, time.process_time() - c
+
+    n, warm = cfg["steps"], cfg["warmup"]
+    res = {}
+    print(f"training steps (forward + loss + backward + AdamW step), interleaved, best of {n} after {warm} warm-up:")
+    cpu = dev.type == "cpu"
+    print(f"  {'precision':<14} | {'transformers ms/step (tok/s)':>28} | {'ours ms/step (tok/s)':>26} | "
+          f"ours vs transformers" + (" | CPU s/step: transformers, ours (ratio)" if cpu else ""))
+    for name, dt in precisions:
+        times = {hf: [], ours: []}
+        for i in range(warm + n):
+            for m in (hf, ours):
+                t = step(m, dt)
+                if i >= warm:
+                    times[m].append(t)
+        (th, ch), (to, co) = ([min(x) for x in zip(*times[m])] for m in (hf, ours))  # best wall, best CPU
+        res[name] = (th, to)
+        print(f"  {name:<14} | {th * 1e3:>10,.0f} ({B * T / th:>8,.0f} tok/s) | {to * 1e3:>10,.0f} "
+              f"({B * T / to:>8,.0f} tok/s) | {th / to:>8.2f}x the speed"
+              + (f"  | {ch:6.2f}, {co:6.2f} ({ch / co:.2f}x)" if cpu else ""))
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the command line
+
+# each mode's own flags (read by bench.py), and the keys it hands to a configure (train.py's config keys where a
+# config is read; --vs_transformers' shape keys, VS_DEFAULTS, type-checked by the same configure)
+MODES = {None: ["steps"], "--real": ["steps", "media"], "--plan": ["dp", "cp", "fsdp", "act_ckpt", "loss_frac"],
+         "--losses": ["n"], "--video": [], "--vs_transformers": []}
+CONFIG_FLAGS = {None: train.CONFIG_KEYS, "--real": train.CONFIG_KEYS, "--plan": train.CONFIG_KEYS,
+                "--vs_transformers": list(VS_DEFAULTS)}
+
+
+def split_flags(argv, mode):
+    """Checks every flag of the mode: a --key=value whose key is the mode's own (returned in own {key: value
+    string}) or a key its configure reads (kept in rest, with the positional arguments). Anything else is a
+    one-line SystemExit naming what the mode takes."""
+    own, rest = {}, []
+    where = f"bench.py {mode}" if mode else "bench.py"
+    config_keys = CONFIG_FLAGS.get(mode, [])
+    for a in argv:
+        if not a.startswith("-"):
+            rest.append(a)
+            continue
+        key, eq, val = a.lstrip("-").partition("=")
+        if not eq:
+            raise SystemExit(f"{where}: flag {a!r} must look like --key=value (bench.py --help lists the modes)")
+        if key in MODES[mode]:
+            own[key] = val
+        elif key in config_keys:
+            rest.append(a)
+        else:
+            takes = [f"--{k}" for k in MODES[mode]] + (
+                ["a train.py config key"] if config_keys is train.CONFIG_KEYS else [f"--{k}" for k in config_keys])
+            raise SystemExit(f"{where}: unknown flag --{key}; it takes {', '.join(takes) or 'no flags'} "
+                             f"(bench.py --help)")
+    return own, rest
+
+
+def int_flag(own, key, default):
+    try:
+        return int(own.get(key, default))
+    except ValueError:
+        raise SystemExit(f"bench.py: --{key} must be an integer, got {own[key]!r}") from None
+
+
+def main(argv):
+    if "--help" in argv or "-h" in argv:
+        print(__doc__.strip("\n"))
+        return
+    modes = [a for a in argv if a in MODES]
+    if len(modes) > 1:
+        raise SystemExit(f"bench.py: one mode at a time, got {' '.join(modes)}")
+    mode = modes[0] if modes else None
+    argv = [a for a in argv if a != mode]
+    own, rest = split_flags(argv, mode)
+    if mode == "--losses":
+        losses(argv)
+    elif mode == "--video":
+        if rest:
+            raise SystemExit(f"bench.py --video takes no arguments, got {' '.join(rest)}")
+        video()
+    elif mode == "--plan":
+        plan(argv)
+    elif mode == "--real":
+        real(rest, steps=int_flag(own, "steps", 3), media=own.get("media", "auto"))
+    elif mode == "--vs_transformers":
+        if [a for a in rest if not a.startswith("-")]:
+            raise SystemExit(f"bench.py --vs_transformers takes flags only, got {' '.join(rest)}")
+        vs_transformers(rest)
+    else:
+        steps = int_flag(own, "steps", 20)
+        cfg, tok, mconf, model = build(rest)
+        torch.manual_seed(0)
+        check(cfg, tok, mconf, model)
+        speed(cfg, tok, mconf, model, steps)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

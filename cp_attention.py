@@ -1,34 +1,44 @@
 """
-Context parallelism for attention, by hand (issue "Scale out"; ../shared/design/context_parallel.md).
+Context parallelism for attention, by hand.
 
 Stage 3 trains on 36,864-token sequences: one sequence no longer fits one GPU, so it is split along the sequence
 over W ranks (the cp group) and attention, the one layer that mixes positions, is computed across them. This file
-holds both schemes the design names: ring attention (K/V blocks passed around the ring, partial results
-merged by their log-sum-exp) and Ulysses (all-to-all from sequence shards to head shards and back).
+holds both schemes: ring attention (K/V blocks passed around the ring, partial results merged by their
+log-sum-exp) and Ulysses (all-to-all from sequence shards to head shards and back).
 
 In order:
   - the local kernel interface: attention on one (q block, kv block) pair that also returns the log-sum-exp (LSE)
-    of each query row, forward and backward (local_attn_fwd / local_attn_bwd): torch's CPU flash op, and a
-    pure-PyTorch reference (exact; what CUDA runs too for now: the CUDA flash kernels are not wired in yet);
+    of each query row, forward and backward (local_attn_fwd / local_attn_bwd), with three kernels: torch's CPU
+    flash op, FlexAttention (compiled on CUDA: a fused kernel that never holds the Lq x Lk scores, and skips the
+    128 x 128 tiles the mask empties), and a pure-PyTorch reference (exact, explicit scores: the tests' yardstick);
+  - FlexAttention's masks: build_block_mask (a BlockMask built a slab of query rows at a time, never the whole
+    Lq x Lk mask) and the mask_mod of one block at given global positions;
   - the LSE merge of partial results (merge_partials), the heart of ring attention's forward;
   - sharding helpers: contiguous and zigzag layouts, their inverse, positions, and a pad helper;
   - ring attention over torch.distributed (ring_attention: plain ring or zigzag, causal or not, MHA or GQA, any
     mask given whole or as a function of (rows, cols): per-example causal with the causal saving, bidirectional
-    vision without it), whose
-    backward rests on one fact: each block's gradients computed from the FINAL out and LSE add up to the full
-    gradients (tests/test_cp.py checks it in one process, then the whole ring over 1-4 gloo processes).
+    vision without it), whose backward rests on one fact: each block's gradients computed from the FINAL out and
+    LSE add up to the full gradients (tests/test_cp.py checks it in one process, then the whole ring over 1-4
+    gloo processes);
   - Ulysses (ulysses_attention: all-to-all from sequence shards to head shards, full-sequence attention on
-    H/W heads, all-to-all back), sharing the local kernels with the ring.
+    H/W heads, all-to-all back), sharing the local kernels with the ring;
   - ContextParallel / CPAttention: what the model (model.Molmo2.hidden) uses to shard a sequence and attend
     across the cp group in training (train.py under torchrun, cp > 1).
 
 Shapes follow SDPA: q [B, H, Lq, D], k and v [B, Hkv, Lk, D] (GQA: H % Hkv == 0), lse [B, H, Lq] in fp32
 (fp64 for fp64 inputs).
+
+Kernels (the impl argument): 'auto' is the CPU flash op on a CPU and FlexAttention elsewhere (CUDA); 'flex' and
+'reference' force one. FlexAttention has no backward on a CPU in torch 2.13 (the tests lift that check to run the
+same code eagerly, as dense math); 'auto' therefore never picks it there.
 """
 import math
+import warnings
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import AuxRequest, BlockMask, create_mask, flex_attention
 
 # ---------------------------------------------------------------------------------------------------------
 # the local kernel: one (q block, kv block) pair -> (out, lse), and its backward
@@ -98,10 +108,176 @@ def reference_attn_bwd(dout, q, k, v, out, lse, causal=False, scale=None, mask=N
     return dq, _sum_kv_grad(dk, hkv), _sum_kv_grad(dv, hkv)
 
 
-def _cpu_op(q, impl):
-    if impl not in ("auto", "reference"):
-        raise ValueError(f"impl must be 'auto' or 'reference', got {impl!r}")
-    return impl == "auto" and q.device.type == "cpu"
+# ---------------------------------------------------------------------------------------------------------
+# FlexAttention: the kernel, and its masks built without ever holding an Lq x Lk tensor
+
+_compiled_flex = None
+# Eager FlexAttention (on a CPU) warns that it is unfused; there it only serves the tests, so it is silenced here.
+warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+
+
+def flex_attention_fn(cuda):
+    """FlexAttention compiled on CUDA (a fused kernel that skips fully masked tiles and keeps no scores for the
+    backward: it recomputes them from the LSE); eager elsewhere, where it computes the same masked softmax densely
+    (that is how the tests check the masks and the gradients on a CPU)."""
+    global _compiled_flex
+    if not cuda:
+        return flex_attention
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex
+
+
+FLEX_BLOCK = 128        # FlexAttention's tile (its default): the unit in which masked-out work is skipped
+FLEX_MASK_ROWS = 1024   # query rows evaluated per slab in build_block_mask: a [B, 1024, Lk] bool at a time
+
+
+def _ordered(tiles):
+    """A [B, 1, Mq, Mk] 0/1 tile map -> FlexAttention's sparse form: (count [B, 1, Mq], indices [B, 1, Mq, Mk]),
+    the kept key tiles of each query tile first (a stable sort keeps them in key order). int32, as the kernel wants."""
+    t = tiles.to(torch.int32)
+    return t.sum(-1, dtype=torch.int32), torch.argsort(t, dim=-1, descending=True, stable=True).to(torch.int32)
+
+
+def build_block_mask(mask_mod, batch, q_len, kv_len, device, rows=FLEX_MASK_ROWS):
+    """A FlexAttention BlockMask for mask_mod(b, h, q, k) -> bool (True = may attend; the same for every head) over
+    q_len queries and kv_len keys: what create_block_mask returns, built a slab of `rows` query rows at a time.
+    create_block_mask evaluates the whole [B, 1, q_len, kv_len] mask first (1.4 GB a row at 36,864 tokens); here
+    only [B, 1, rows, kv_len] exists at once, and what is kept is the tile map, [B, 1, q_len/128, kv_len/128].
+    Each 128 x 128 tile is empty (skipped), full (computed without calling mask_mod) or partial (mask_mod applied
+    element by element); the tiles past the ends are padded with False, so the last ones are partial."""
+    bs = FLEX_BLOCK
+    step = max(bs, rows // bs * bs)                      # slabs of whole tiles
+    mk = -(-kv_len // bs)                                # key tiles
+    counts = []
+    for q0 in range(0, q_len, step):
+        n = min(step, q_len - q0)
+        # create_mask evaluates mask_mod over every (b, q, k) of the slab (vmap), its queries shifted by q0
+        m = create_mask(lambda b, h, q, k: mask_mod(b, h, q + q0, k), batch, 1, n, kv_len, device)  # [B, 1, n, Lk]
+        m = F.pad(m, (0, mk * bs - kv_len, 0, -(-n // bs) * bs - n))                          # whole tiles
+        counts.append(m.view(batch, 1, -1, bs, mk, bs).sum((3, 5)))                            # [B, 1, n/128, Mk]
+    counts = torch.cat(counts, 2)                        # [B, 1, Mq, Mk]: allowed pairs per tile
+    full = counts == bs * bs
+    partial = (counts > 0) & ~full
+    return BlockMask.from_kv_blocks(*_ordered(partial), *_ordered(full), BLOCK_SIZE=bs, mask_mod=mask_mod,
+                                    seq_lengths=(q_len, kv_len))
+
+
+def block_mask_is_empty(bm):
+    """True when a BlockMask keeps no tile at all: nothing to compute (one host sync)."""
+    n = bm.kv_num_blocks.sum() + (bm.full_kv_num_blocks.sum() if bm.full_kv_num_blocks is not None else 0)
+    return int(n) == 0
+
+
+def _global_mask_mod(mask):
+    """A mask over the whole sequence as FlexAttention's mask_mod(b, h, q, k) at GLOBAL positions q, k.
+    A bool tensor [B, 1, L, L] is read element by element (fine where the dense mask exists anyway: tests, shapes
+    scale). Anything else must carry its own mask_mod (model.MolmoMask: doc ids and vision flags, O(L) memory);
+    a plain function (rows, cols) -> dense block only serves the dense kernels."""
+    if isinstance(mask, torch.Tensor):
+        if mask.dtype != torch.bool or mask.dim() != 4:
+            raise ValueError(f"a mask tensor must be bool [B, 1, Lq, Lk], got {mask.dtype} {tuple(mask.shape)}")
+
+        def dense(b, h, q, k):
+            return mask[b, 0, q, k]
+        return dense
+    mod = getattr(mask, "mask_mod", None)
+    if mod is None:
+        raise ValueError("impl 'flex' needs the mask as a bool tensor or as an object with a mask_mod(b, h, q, k) "
+                         "over global positions (model.MolmoMask); a plain function (rows, cols) -> block serves "
+                         "the dense kernels only")
+    return mod
+
+
+def flex_mask_mod(mask, rows, cols, causal):
+    """The mask_mod of one block: queries at global positions rows [n], keys at cols [m] (long tensors), so block
+    index (q, k) is global pair (rows[q], cols[k]); causal adds rows[q] >= cols[k] (the causal triangle of a
+    diagonal block, in global positions). None when there is nothing to mask (no mask, not causal).
+    The result is a plain closure over tensors: torch.compile traces it without recompiling when only the
+    tensors' values change."""
+    if mask is None and not causal:
+        return None
+    glob = None if mask is None else _global_mask_mod(mask)
+
+    def mod(b, h, q, k):
+        i, j = rows[q], cols[k]
+        if glob is None:
+            return i >= j
+        ok = glob(b, h, i, j)
+        return ok & (i >= j) if causal else ok
+    return mod
+
+
+def flex_block(mask, rows, cols, causal, batch):
+    """The BlockMask of one (rows, cols) block of a whole-sequence mask (None: no mask, not causal). batch: q's
+    batch size; a BlockMask of batch 1 serves every row when the mask does not depend on the row (only causal, or a
+    [1, 1, L, L] tensor)."""
+    mod = flex_mask_mod(mask, rows, cols, causal)
+    if mod is None:
+        return None
+    b = 1 if mask is None else mask.shape[0] if isinstance(mask, torch.Tensor) else batch
+    return build_block_mask(mod, b, len(rows), len(cols), rows.device)
+
+
+def _as_block_mask(mask, causal, q, k):
+    """The local kernels' mask for FlexAttention: a BlockMask passes through (its causality already in it); a
+    dense bool block [B, 1, Lq, Lk] or the causal flag becomes one."""
+    if isinstance(mask, BlockMask):
+        if causal:
+            raise ValueError("a BlockMask carries its own causality: pass causal=False with it")
+        return mask
+    lq, lk = q.shape[2], k.shape[2]
+    if causal and lq != lk:
+        raise ValueError(f"causal attention on a {lq} x {lk} block: only square (diagonal) blocks are causal")
+    return flex_block(mask, torch.arange(lq, device=q.device), torch.arange(lk, device=q.device), causal, q.shape[0])
+
+
+def _flex(q, k, v, block_mask, scale):
+    """FlexAttention with its LSE: (out [B, H, Lq, D] in q's dtype, lse [B, H, Lq] fp32 (fp64 for fp64 inputs);
+    a row that sees no key gets out 0 and lse -inf). GQA through enable_gqa: K/V are never repeated."""
+    out, aux = flex_attention_fn(q.is_cuda)(q, k, v, block_mask=block_mask, scale=scale,
+                                            enable_gqa=k.shape[1] != q.shape[1], return_aux=AuxRequest(lse=True))
+    return out, aux.lse
+
+
+def flex_attn_bwd(dout, q, k, v, out, lse, scale=None, block_mask=None):
+    """(dq, dk, dv) of one block from the FINAL out and lse of its query rows (all kv blocks merged), through
+    FlexAttention's own backward: the block's partial result (out_b, lse_b) is recomputed under autograd, and the
+    gradient of the LSE merge is pushed into it. Per query row, the merge of the blocks c is
+        lse = log sum_c exp(lse_c),   out = sum_c w_c out_c,   w_c = exp(lse_c - lse),
+    and since d lse / d lse_b = w_b, d w_c / d lse_b = w_c (1[c = b] - w_b), so d out / d lse_b = w_b (out_b - out):
+        dL/d out_b = w_b * dout                                  [B, H, Lq, D]
+        dL/d lse_b = w_b * sum over D of dout * (out_b - out)    [B, H, Lq]
+    Autograd through (out_b, lse_b) then gives this block's share of dq and its own dk, dv (GQA: at the kv-head
+    count). A row that sees no key of this block has lse_b = -inf and w_b = 0; a row whose final lse is -inf too
+    (it sees nothing anywhere) gives exp(-inf + inf) = nan, set to 0: both contribute nothing. The cost is a
+    forward of the block on top of its backward (FlashAttention's own backward takes P from the final lse instead;
+    FlexAttention's public API takes only its own (out_b, lse_b))."""
+    acc = lse.dtype
+    with torch.enable_grad():
+        qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+        out_b, lse_b = _flex(qq, kk, vv, block_mask, scale)
+        w = torch.exp(lse_b.detach().to(acc) - lse).nan_to_num(0.0)                  # [B, H, Lq]
+        g = dout.to(acc)
+        d_out = (w[..., None] * g).to(out_b.dtype)
+        d_lse = (w * (g * (out_b.detach().to(acc) - out.to(acc))).sum(-1)).to(lse_b.dtype)
+        return torch.autograd.grad((out_b, lse_b), (qq, kk, vv), (d_out, d_lse))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the local kernels, by name
+
+IMPLS = ("auto", "flex", "reference")
+
+
+def kernel_for(q, impl):
+    """Which kernel runs: 'cpu' (torch's CPU flash op), 'flex' or 'reference'. impl 'auto': 'cpu' on a CPU,
+    'flex' elsewhere (CUDA)."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be 'auto', 'flex' or 'reference', got {impl!r}")
+    if impl == "auto":
+        return "cpu" if q.device.type == "cpu" else "flex"
+    return impl
 
 
 def _additive(mask, dtype):
@@ -112,10 +288,14 @@ def _additive(mask, dtype):
 
 def local_attn_fwd(q, k, v, causal=False, scale=None, impl="auto", mask=None):
     """The kernel both CP schemes call on their local blocks: (out [B, H, Lq, D], lse [B, H, Lq]).
-    impl 'auto': the CPU flash op (torch's own, which returns the LSE; fp32 LSE for fp32/bf16 inputs) on CPU,
-    the reference elsewhere for now (CUDA flash kernels come with the GPU check of this issue); 'reference'."""
+    impl: 'auto' (the CPU flash op on a CPU, FlexAttention elsewhere), 'flex' or 'reference' (kernel_for).
+    mask: None, a dense bool block [B, 1, Lq, Lk] (True = may attend), or for 'flex' a BlockMask of the block
+    (flex_block; its causality folded in, so causal=False with it)."""
     _check(q, k, v)
-    if _cpu_op(q, impl):
+    kernel = kernel_for(q, impl)
+    if kernel == "flex":
+        return _flex(q, k, v, _as_block_mask(mask, causal, q, k), scale)
+    if kernel == "cpu":
         h = q.shape[1]
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, _expand_kv(k, h), _expand_kv(v, h), 0.0, causal, attn_mask=_additive(mask, q.dtype), scale=scale)
@@ -125,7 +305,10 @@ def local_attn_fwd(q, k, v, causal=False, scale=None, impl="auto", mask=None):
 def local_attn_bwd(dout, q, k, v, out, lse, causal=False, scale=None, impl="auto", mask=None):
     """(dq, dk, dv) of one block from the given out and lse (the final ones, in ring attention). dk, dv come back
     at the kv-head count: the GQA copies' gradients are summed."""
-    if _cpu_op(q, impl):
+    kernel = kernel_for(q, impl)
+    if kernel == "flex":
+        return flex_attn_bwd(dout, q, k, v, out, lse, scale, _as_block_mask(mask, causal, q, k))
+    if kernel == "cpu":
         h, hkv = q.shape[1], k.shape[1]
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout, q, _expand_kv(k, h), _expand_kv(v, h), out, lse, 0.0, causal, attn_mask=_additive(mask, q.dtype),
@@ -243,13 +426,13 @@ def _blocks(step, src, rank, causal, layout, n):
 def mask_rows_cols(mask, rows, cols):
     """The mask at global query positions `rows` and key positions `cols`: [B, 1, len(rows), len(cols)] bool.
     mask is a dense [B, 1, L, L] tensor (shapes scale) or a function (rows, cols) -> that block, which builds only
-    the block from per-token facts (model.attention_mask_block: doc ids and vision flags). At stage 3's 36,864
+    the block from per-token facts (model.MolmoMask: doc ids and vision flags). At stage 3's 36,864
     tokens the dense mask is 1.4 GB a row; a block is what one kernel call needs."""
     return mask(rows, cols) if callable(mask) else mask[:, :, rows][:, :, :, cols]
 
 
-def _block_mask(mask, pos_q, pos_k, qs, ks, causal):
-    """This block's mask (None: no mask): rows at the queries' global positions, columns at the keys'.
+def _dense_block(mask, pos_q, pos_k, qs, ks, causal):
+    """This block's dense mask (None: no mask): rows at the queries' global positions, columns at the keys'.
     A causal (diagonal) block gets the causal triangle folded in."""
     if mask is None:
         return None
@@ -259,64 +442,88 @@ def _block_mask(mask, pos_q, pos_k, qs, ks, causal):
     return mb
 
 
-def _ring_blocks(step, src, rank, causal, layout, n, mask, pos):
+def _ring_blocks(step, src, rank, causal, layout, n, mask, pos, kernel, batch):
     """The blocks to compute at one ring step, with their masks: (query rows, key rows, causal flag for the kernel,
-    block mask or None). Forward and backward walk exactly the same blocks. Blocks the mask empties are dropped;
-    with a mask, the causal triangle is folded into it (the kernels take one or the other)."""
+    block mask or None). Forward and backward walk exactly the same blocks. Blocks the mask empties are dropped.
+    Dense kernels: the mask is the block's dense bool slice, with the causal triangle folded into it when there is
+    a mask (the kernels take one or the other). FlexAttention: a BlockMask of the block, causality (global
+    positions) folded in, so its causal flag is always False; only the BlockMask's tile map is ever held."""
     for qs, ks, c in _blocks(step, src, rank, causal, layout, n):
-        mb = _block_mask(mask, pos[rank], pos[src], qs, ks, c)
+        if kernel == "flex":
+            mb = flex_block(mask, pos[rank][qs], pos[src][ks], c, batch)
+            if mb is None or not block_mask_is_empty(mb):
+                yield qs, ks, False, mb
+            continue
+        mb = _dense_block(mask, pos[rank], pos[src], qs, ks, c)
         if mb is None or mb.any():  # e.g. another example's tokens only: nothing to see, nothing to compute
             yield qs, ks, c and mb is None, mb
+
+
+def _ring_plan(rank, world, causal, layout, n, mask, pos, kernel, batch, cache):
+    """blocks_at(step) -> that step's blocks (_ring_blocks). Dense masks are rebuilt at every call, one block at a
+    time (cheap to rebuild, costly to keep). BlockMasks are built once for all W steps and kept: by the backward
+    (through ctx) and, with a cache (a dict the caller keeps for one forward: CPAttention's), by every layer."""
+    if kernel != "flex":
+        return lambda step: _ring_blocks(step, (rank - step) % world, rank, causal, layout, n, mask, pos, kernel,
+                                         batch)
+    key = ("ring", rank, world, causal, layout, n, batch)
+    plan = None if cache is None else cache.get(key)
+    if plan is None:
+        plan = [list(_ring_blocks(step, (rank - step) % world, rank, causal, layout, n, mask, pos, kernel, batch))
+                for step in range(world)]
+        if cache is not None:
+            cache[key] = plan
+    return plan.__getitem__
 
 
 class _RingAttention(torch.autograd.Function):
     """Forward: W steps; at each, attend the local queries to the K/V block in hand while the next block is already
     on its way (isend/irecv started before the compute: the transfer overlaps it), and merge the partial result
     into (out, lse) by the LSE (merge_partials, fp32). Backward: the same W steps again; each block's gradients come
-    from the FINAL out and lse (exact: see reference_attn_bwd); dq stays here, while the block's dK/dV accumulator
-    (fp32) travels the ring with the block and reaches its owner after W passes."""
+    from the FINAL out and lse (exact: see reference_attn_bwd and flex_attn_bwd); dq stays here, while the block's
+    dK/dV accumulator (fp32) travels the ring with the block and reaches its owner after W passes."""
 
     @staticmethod
-    def forward(ctx, q, k, v, group, causal, layout, scale, impl, mask):
+    def forward(ctx, q, k, v, group, causal, layout, scale, impl, mask, cache):
         w, r = dist.get_world_size(group), dist.get_rank(group)
         n = q.shape[2]
+        kernel = kernel_for(q, impl)
         pos = [positions_for_shard(n * w, i, w, layout, q.device) for i in range(w)]  # each rank's global positions
+        blocks_at = _ring_plan(r, w, causal, layout, n, mask, pos, kernel, q.shape[0], cache)
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         out = torch.zeros(q.shape, dtype=acc, device=q.device)
         lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
         kv = torch.stack([k, v]).contiguous()                      # [2, B, Hkv, n, D]: one buffer to pass
         for step in range(w):
-            src = (r - step) % w
             reqs, nxt = _ring_pass(kv, group) if step + 1 < w else ([], None)
-            for qs, ks, c, mb in _ring_blocks(step, src, r, causal, layout, n, mask, pos):
+            for qs, ks, c, mb in blocks_at(step):
                 o_b, l_b = local_attn_fwd(q[:, :, qs].contiguous(), kv[0][:, :, ks].contiguous(),
                                           kv[1][:, :, ks].contiguous(), c, scale, impl, mb)
-                if mb is not None:  # a row that sees no key of this block adds nothing (the CPU op says lse 0)
-                    l_b = l_b.masked_fill(~mb.any(-1), float("-inf"))
+                if isinstance(mb, torch.Tensor):  # a row that sees no key of this block adds nothing (the CPU op
+                    l_b = l_b.masked_fill(~mb.any(-1), float("-inf"))  # says lse 0; FlexAttention -inf already)
                 out[:, :, qs], lse[:, :, qs] = merge_partials(out[:, :, qs], lse[:, :, qs], o_b, l_b)
             for req in reqs:
                 req.wait()
             kv = nxt if nxt is not None else kv
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (group, causal, layout, scale, impl, mask, pos)
+        ctx.args = (group, scale, impl, blocks_at)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        group, causal, layout, scale, impl, mask, pos = ctx.args
-        w, r = dist.get_world_size(group), dist.get_rank(group)
-        n, acc = q.shape[2], lse.dtype
+        group, scale, impl, blocks_at = ctx.args
+        w = dist.get_world_size(group)
+        acc = lse.dtype
         dout = dout.contiguous()
         lse_k = lse.float() if q.dtype != torch.float64 else lse  # the CPU flash op wants fp32 (fp64) LSE
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
         kv = torch.stack([k, v]).contiguous()
         dkv = torch.zeros(kv.shape, dtype=acc, device=q.device)  # the accumulator of the block in hand
         for step in range(w):
-            src = (r - step) % w
             reqs, nxt = _ring_pass(kv, group) if step + 1 < w else ([], None)
-            for qs, ks, c, mb in _ring_blocks(step, src, r, causal, layout, n, mask, pos):
+            for qs, ks, c, mb in blocks_at(step):
                 dq_b, dk_b, dv_b = local_attn_bwd(dout[:, :, qs].contiguous(), q[:, :, qs].contiguous(),
                                                   kv[0][:, :, ks].contiguous(), kv[1][:, :, ks].contiguous(),
                                                   out[:, :, qs].contiguous(), lse_k[:, :, qs].contiguous(), c,
@@ -332,25 +539,29 @@ class _RingAttention(torch.autograd.Function):
                 for req in reqs:
                     req.wait()
                 dkv = dkv_in
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None, None
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None, None, None
 
 
-def ring_attention(q, k, v, group=None, causal=True, layout="zigzag", scale=None, impl="auto", mask=None):
+def ring_attention(q, k, v, group=None, causal=True, layout="zigzag", scale=None, impl="auto", mask=None,
+                   cache=None):
     """Attention over a sequence sharded across the ranks of `group` (shard_sequence with the same layout): q
     [B, H, n, D], k and v [B, Hkv, n, D] are this rank's n tokens; returns this rank's output [B, H, n, D], equal
     to the matching shard of full attention (tests/test_cp.py, W = 1..4). K/V travel at the kv-head count (GQA
-    sends Hkv heads, not H). Differentiable in q, k and v.
+    sends Hkv heads, not H). Differentiable in q, k and v. impl: the local kernel (kernel_for).
     mask: bool [B, 1, L, L] over the WHOLE sequence (True = may attend; every rank has it: the sequence is built whole,
     then sharded), sliced per block at the global positions. With causal=True it must open no future key (Molmo2's
     per-example causal mask: model.attention_mask_4d(..., bidir=False)), since future blocks are skipped. A mask that
     does (bidirectional vision tokens) needs causal=False: every block is then computed under its slice, exact but
     without the causal saving. Blocks the mask empties are skipped. The mask may also be a function (rows, cols) ->
     block (mask_rows_cols): a dense L x L mask is fine at shapes scale, not at stage 3's 36,864 tokens (1.4 GB a
-    row), where the model passes model.attention_mask_block over its doc ids and vision flags instead."""
+    row), where the model passes a model.MolmoMask over its doc ids and vision flags instead, which FlexAttention
+    also reads element by element (its mask_mod) to build each block's BlockMask.
+    cache: a dict kept across calls with the same mask, shapes and group (the layers of one forward), in which the
+    BlockMasks of FlexAttention are built once."""
     _chunks_of(0, 1, layout)  # validates the layout name
     if causal and layout == "zigzag" and q.shape[2] % 2:
         raise ValueError(f"zigzag: the local length {q.shape[2]} must be even (two chunks per rank)")
-    return _RingAttention.apply(q, k, v, group, causal, layout, scale, impl, mask)
+    return _RingAttention.apply(q, k, v, group, causal, layout, scale, impl, mask, cache)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -437,7 +648,7 @@ class _AllToAll(torch.autograd.Function):
         return (_heads_to_seq if to_heads else _seq_to_heads)(g.contiguous(), group), None, None
 
 
-def ulysses_attention(q, k, v, group=None, causal=True, scale=None, impl="auto", mask=None):
+def ulysses_attention(q, k, v, group=None, causal=True, scale=None, impl="auto", mask=None, cache=None):
     """Attention over a sequence sharded contiguously across `group` (shard_sequence(..., layout='contiguous')):
     q [B, H, n, D], k and v [B, Hkv, n, D] -> this rank's output [B, H, n, D]. Two all-to-alls each way: each rank
     attends with H/W of the heads over the whole sequence, so any mask that a single process can apply works
@@ -447,7 +658,11 @@ def ulysses_attention(q, k, v, group=None, causal=True, scale=None, impl="auto",
     mask: bool [B, 1, L, L] over the WHOLE sequence (True = may attend), e.g. model.attention_mask_4d of the global
     doc ids and vision flags, which every rank has (the sequence is built whole, then sharded): Molmo2's
     per-example, vision-bidirectional mask, here exactly as on one device. Or a function (rows, cols) -> block
-    (mask_rows_cols): the query rows then go ULYSSES_Q_CHUNK at a time (pass causal=False; the mask is causal)."""
+    (mask_rows_cols; model.MolmoMask): the dense kernels then take the query rows ULYSSES_Q_CHUNK at a time
+    (pass causal=False; the mask is causal).
+    impl (kernel_for): with FlexAttention the whole [L, L] attention is one call under one BlockMask (its tile map
+    is [L/128, L/128]: no chunking needed), differentiated by FlexAttention's own backward; cache (a dict kept for
+    the layers of one forward) keeps that BlockMask."""
     w = dist.get_world_size(group)
     h, hkv = q.shape[1], k.shape[1]
     if h % w:
@@ -455,7 +670,18 @@ def ulysses_attention(q, k, v, group=None, causal=True, scale=None, impl="auto",
     if hkv % w:
         k, v = _expand_kv(k, h), _expand_kv(v, h)
     q, k, v = (_AllToAll.apply(t.contiguous(), group, True) for t in (q, k, v))
-    out = _LocalAttention.apply(q, k, v, causal, scale, impl, mask)    # [B, H/W, L, D]
+    if kernel_for(q, impl) == "flex":
+        L = q.shape[2]
+        key = ("ulysses", L, causal, q.shape[0])
+        bm = None if cache is None else cache.get(key)
+        if bm is None:
+            idx = torch.arange(L, device=q.device)
+            bm = flex_block(mask, idx, idx, causal, q.shape[0])
+            if cache is not None and bm is not None:
+                cache[key] = bm
+        out = flex_attention_fn(q.is_cuda)(q, k, v, block_mask=bm, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+    else:
+        out = _LocalAttention.apply(q, k, v, causal, scale, impl, mask)   # [B, H/W, L, D]
     return _AllToAll.apply(out.contiguous(), group, False)
 
 
@@ -468,11 +694,15 @@ class ContextParallel:
     The model builds the WHOLE sequence on every cp rank (text embeddings and vision features: the ranks of a
     cp group hold the same batch), then keeps its shard of every per-token tensor (shard): embeddings,
     positions, labels (already shifted by collate) and loss weights, all by the same permutation, padded
-    first to a length the layout splits (pad: doc id 0, loss weight 0: never attended to, never in the loss)."""
+    first to a length the layout splits (pad: doc id 0, loss weight 0: never attended to, never in the loss).
+    impl: the local kernel (kernel_for): 'auto' runs FlexAttention on CUDA (no Lq x Lk scores or masks in memory)
+    and the CPU flash op on a CPU."""
 
     def __init__(self, group, mode="ring", impl="auto"):
         if mode not in ("ring", "ulysses"):
             raise ValueError(f"cp mode must be 'ring' or 'ulysses', got {mode!r}")
+        if impl not in IMPLS:
+            raise ValueError(f"cp impl must be one of {', '.join(IMPLS)}, got {impl!r}")
         self.group, self.mode, self.impl = group, mode, impl
         self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.layout = "zigzag" if mode == "ring" else "contiguous"
@@ -498,11 +728,14 @@ class CPAttention:
 
     def __init__(self, cp, mask, causal):
         self.cp, self.mask, self.causal = cp, mask, causal
+        self.cache = {}  # FlexAttention's BlockMasks, built by the first layer and reused by the others (and the
+                         # backward, and the recomputation under activation checkpointing)
 
     def __call__(self, q, k, v):
         cp = self.cp
         if cp.mode == "ring":
-            return ring_attention(q, k, v, cp.group, self.causal, cp.layout, impl=cp.impl, mask=self.mask)
+            return ring_attention(q, k, v, cp.group, self.causal, cp.layout, impl=cp.impl, mask=self.mask,
+                                  cache=self.cache)
         # Ulysses attends to whole rows: the mask carries the causality (a chunked causal flag would misalign)
         return ulysses_attention(q, k, v, cp.group, causal=self.causal and self.mask is None, impl=cp.impl,
-                                 mask=self.mask)
+                                 mask=self.mask, cache=self.cache)

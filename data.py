@@ -795,9 +795,10 @@ class Packer:
         self.buf = [(k, self.encode(k)) for k in keys]
 
 
-def collate(rows, pad_id, seq_len, left_pad=False):
-    """Rows -> batch dict of tensors, padded to the longest row: on the right for training, on the left for
-    generation (every prompt then ends in the last column). A row is one encode_example output or a list of
+def collate(rows, pad_id, seq_len, left_pad=False, fixed=False):
+    """Rows -> batch dict of tensors, padded to the longest row (fixed=True: to seq_len, so every batch has one
+    shape: a compiled kernel, such as FlexAttention on CUDA, is then compiled once): on the right for training, on
+    the left for generation (every prompt then ends in the last column). A row is one encode_example output or a list of
     them (a packed row: Packer.row()).
 
     timestamps [B,F] are the frames' times in s (0 for images). Windows of different sizes (2x2 image,
@@ -810,10 +811,11 @@ def collate(rows, pad_id, seq_len, left_pad=False):
     rows = [r if isinstance(r, list) else [r] for r in rows]  # an unpacked row is a row of one example
     B = len(rows)
     lens = [sum(len(e["input_ids"]) for e in r) for r in rows]
-    T = max(lens)
-    if T > seq_len:
+    T = seq_len if fixed else max(lens)
+    if max(lens) > seq_len:
         bad = max(range(B), key=lambda b: lens[b])
-        raise ValueError(f"row {bad} ({', '.join(e['task'] for e in rows[bad])}) has {T} tokens > seq_len={seq_len}")
+        raise ValueError(f"row {bad} ({', '.join(e['task'] for e in rows[bad])}) has {lens[bad]} tokens > "
+                         f"seq_len={seq_len}")
     F = max(sum(len(e["images"]) for e in r) for r in rows)  # image slots per row: the row with the most images
     # padding: pad_id tokens, label -1 (no target), weight 0, doc id 0 (no real token attends to it)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)

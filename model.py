@@ -9,22 +9,20 @@ Module names follow Molmo2's roles (vit / connector / llm) so a plain name map c
 last section reads and writes Hugging Face Molmo2 checkpoints (molmo2_hf_names) and starts the LLM from Qwen3 and
 the ViT from SigLIP. `python model.py CKPT DIR` exports a train.py checkpoint for transformers.
 """
-import functools
 import json
 import math
 import os
 import struct
-import warnings
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask
 from torch.utils.checkpoint import checkpoint
 
-from cp_attention import CPAttention
+from cp_attention import CPAttention, build_block_mask, flex_attention_fn
 
 try:  # optional fast path: flash-attn on CUDA (detected, never required)
     from flash_attn import flash_attn_func
@@ -79,9 +77,24 @@ def compute_dtype(t):
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else t.dtype
 
 
+ATTN_IMPLS = ("auto", "sdpa", "flex")
+
+
+def resolve_attn_impl(impl, device_type):
+    """The attention the model runs, from Molmo2.attn_impl and the device type: 'sdpa' (a dense (B, 1, T, T) bool
+    mask: the reference) or 'flex' (FlexAttention under a BlockMask: compiled on CUDA, no T x T scores or mask in
+    memory; eager, dense math, elsewhere). 'auto' is 'flex' on CUDA and 'sdpa' on anything else (FlexAttention has no
+    backward on a CPU in torch 2.13)."""
+    if impl not in ATTN_IMPLS:
+        raise ValueError(f"attn_impl must be one of {', '.join(ATTN_IMPLS)}, got {impl!r}")
+    if impl == "auto":
+        return "flex" if device_type == "cuda" else "sdpa"
+    return impl
+
+
 def attend(q, k, v, mask):
     """q (B, H, Tq, hd); k, v (B, Hkv, Tk, hd). mask: (B, 1, Tq, Tk) bool (True = may attend), a FlexAttention
-    BlockMask (the same mask, evaluated block by block), or None = plain causal.
+    BlockMask (the same mask, evaluated tile by tile), or None = plain causal.
     GQA: kv heads are shared by groups of query heads (enable_gqa avoids materialising the repeat).
     Under context parallelism mask is a cp_attention.CPAttention: attention across the cp group (ring / Ulysses)."""
     if isinstance(mask, CPAttention):
@@ -92,22 +105,6 @@ def attend(q, k, v, mask):
     if mask is None and flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True).transpose(1, 2)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
-
-
-_compiled_flex = None
-# Eager FlexAttention (CPU) warns that it is unfused; on the CPU it only serves to check the mask, so say it once here.
-warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-
-
-def flex_attention_fn(cuda):
-    """FlexAttention compiled on CUDA (a fused kernel that skips fully masked blocks); eager elsewhere, where it
-    computes the same masked softmax densely (that is how the tests check the BlockMask on a CPU)."""
-    global _compiled_flex
-    if not cuda:
-        return flex_attention
-    if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
-    return _compiled_flex
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -312,20 +309,28 @@ class LLM(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 # The VLM
 
-def attention_mask_block(doc_ids, is_vision, bidir, rows, cols):
-    """Molmo2's mask at query positions `rows` (n,) and key positions `cols` (m,) of a row: (B, 1, n, m) bool,
-    True = query may attend to key. doc_ids (B, T): 1, 2, ... for the examples packed in a row, 0 = padding;
-    is_vision (B, T): vision-token flags. A query sees only keys of its own example (Molmo2's subsegment ids;
-    without this, packed examples read each other: nanoVLM #201): causally, and when bidir, every vision token of
-    its example both ways (Molmo2 bi_directional_attn="image_tokens"). The diagonal stays open so a pad query row
-    is never empty (an all-False row would make softmax NaN). Context parallelism asks for one block at a time
-    (cp_attention.mask_rows_cols): at 36,864 tokens the whole mask would be 1.4 GB a row."""
-    dq, dk = doc_ids[:, rows], doc_ids[:, cols]
-    same = (dq[:, :, None] == dk[:, None, :]) & (dk[:, None, :] > 0)                  # (B, n, m)
-    ok = (rows[:, None] >= cols[None, :])[None]
+def may_attend(doc_q, doc_k, vis_q, vis_k, q, k, bidir):
+    """Molmo2's attention rule, element by element on broadcastable tensors: may a query at position q (of example
+    doc_q, vision token when vis_q) attend to a key at position k? doc ids are 1, 2, ... for the examples packed in
+    a row, 0 = padding. A query sees only keys of its own example (Molmo2's subsegment ids; without this, packed
+    examples read each other: nanoVLM #201): causally, and when bidir, every vision token of its example both ways
+    (Molmo2 bi_directional_attn="image_tokens"); padding keys are never seen. The diagonal stays open so a pad
+    query row is never empty (an all-False row would make softmax NaN).
+    The one definition of the mask: the dense blocks (attention_mask_block) and FlexAttention's mask_mod
+    (molmo2_mask_mod) both evaluate it."""
+    ok = q >= k
     if bidir:
-        ok = ok | (is_vision[:, rows][:, :, None] & is_vision[:, cols][:, None, :])
-    return ((same & ok) | (rows[:, None] == cols[None, :])[None])[:, None]
+        ok = ok | (vis_q & vis_k)
+    return ((doc_q == doc_k) & (doc_k > 0) & ok) | (q == k)
+
+
+def attention_mask_block(doc_ids, is_vision, bidir, rows, cols):
+    """Molmo2's mask (may_attend) at query positions `rows` (n,) and key positions `cols` (m,) of a row: (B, 1, n, m)
+    bool, True = query may attend to key. doc_ids (B, T); is_vision (B, T): vision-token flags. Context parallelism
+    asks for one block at a time (cp_attention.mask_rows_cols): at 36,864 tokens the whole mask is 1.4 GB a row."""
+    return may_attend(doc_ids[:, rows][:, :, None], doc_ids[:, cols][:, None, :],                 # (B, n, 1), (B, 1, m)
+                      is_vision[:, rows][:, :, None], is_vision[:, cols][:, None, :],
+                      rows[:, None], cols[None, :], bidir)[:, None]                               # (B, 1, n, m)
 
 
 def attention_mask_4d(doc_ids, is_vision, bidir):
@@ -334,25 +339,44 @@ def attention_mask_4d(doc_ids, is_vision, bidir):
     return attention_mask_block(doc_ids, is_vision, bidir, idx, idx)
 
 
-def flex_block_mask(doc_ids, is_vision, bidir):
-    """The same mask as attention_mask_4d, as a FlexAttention BlockMask: mask_mod answers one (q, k) pair, and
-    create_block_mask records which 128x128 blocks are empty (never computed), full, or partial. With packed
-    rows most off-diagonal blocks are empty, which is where the dense mask wastes its work."""
+def molmo2_mask_mod(doc_ids, is_vision, bidir):
+    """The same mask as FlexAttention's mask_mod(b, h, q, k) -> bool: one (row b, query position q, key position k)
+    at a time (FlexAttention vmaps it over every pair it needs; torch.compile fuses it into the kernel). A plain
+    closure over the two (B, T) tensors: compiled code is reused when only their values change."""
     def mask_mod(b, h, q, k):
-        ok = q >= k
-        if bidir:
-            ok = ok | (is_vision[b, q] & is_vision[b, k])
-        same = (doc_ids[b, q] == doc_ids[b, k]) & (doc_ids[b, k] > 0)
-        return (same & ok) | (q == k)
+        return may_attend(doc_ids[b, q], doc_ids[b, k], is_vision[b, q], is_vision[b, k], q, k, bidir)
+    return mask_mod
+
+
+class MolmoMask:
+    """Molmo2's mask over a batch, in O(T) memory (doc ids and vision flags), in the two forms the kernels take:
+    called with (rows, cols), the dense (B, 1, n, m) block (attention_mask_block: the dense kernels of context
+    parallelism), and .mask_mod, FlexAttention's per-pair form at global positions (molmo2_mask_mod: the BlockMask
+    of any block, cp_attention.flex_block)."""
+
+    def __init__(self, doc_ids, is_vision, bidir):
+        self.doc_ids, self.is_vision, self.bidir = doc_ids, is_vision, bidir
+        self.mask_mod = molmo2_mask_mod(doc_ids, is_vision, bidir)
+
+    def __call__(self, rows, cols):
+        return attention_mask_block(self.doc_ids, self.is_vision, self.bidir, rows, cols)
+
+
+def flex_block_mask(doc_ids, is_vision, bidir):
+    """The same mask as attention_mask_4d, as a FlexAttention BlockMask (cp_attention.build_block_mask): which
+    128 x 128 tiles are empty (never computed), full, or partial (molmo2_mask_mod applied). With packed rows most
+    off-diagonal tiles are empty, which is where the dense mask wastes its work; built a slab of rows at a time,
+    it never holds the T x T mask either."""
     B, T = doc_ids.shape
-    return create_block_mask(mask_mod, B, None, T, T, device=doc_ids.device)
+    return build_block_mask(molmo2_mask_mod(doc_ids, is_vision, bidir), B, T, T, doc_ids.device)
 
 
 class Molmo2(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
         self.c = c
-        self.attn_impl = "sdpa"  # 'sdpa': dense bool mask (the reference), 'flex': FlexAttention BlockMask
+        self.attn_impl = "auto"  # resolve_attn_impl: 'auto' (flex on CUDA, sdpa elsewhere), 'sdpa', 'flex'
+                                 # (under context parallelism self.cp.impl chooses the local kernel instead)
         self.cp = None           # a cp_attention.ContextParallel: split each sequence over a cp group (training)
         self.act_ckpt = False    # activation checkpointing: keep each LLM block's input only, recompute in backward
         self.loss_chunk = 0      # loss-head rows per chunk (0 = all at once): one chunk's logits alive at a time
@@ -432,7 +456,7 @@ class Molmo2(nn.Module):
         is_vision = ids >= self.c.base_vocab
         cp = self.cp if caches is None else None
         if cp is not None:
-            # Context parallelism (seed stage 3: "Split long sequence across multiple GPUs"). The whole sequence
+            # Context parallelism (stage 3: one long sequence split across GPUs). The whole sequence
             # was embedded above, vision features included, identically on every rank of the cp group; from here
             # each rank keeps its shard (zigzag for the ring, contiguous for Ulysses) of the embeddings and the
             # positions; the mask stays global, as a function of the padded doc ids and vision flags that each
@@ -443,11 +467,11 @@ class Molmo2(nn.Module):
             # the ViT's time by W at the price of a differentiable all-gather; at stage 3 (384 frames a video) it
             # is the next saving to make; here it would only complicate the one path that must be exact.
             doc, is_vision = cp.pad(doc, 0), cp.pad(is_vision, False)
-            mask = cp.attention(functools.partial(attention_mask_block, doc, is_vision, self.c.bidir_vision),
+            mask = cp.attention(MolmoMask(doc, is_vision, self.c.bidir_vision),
                                 causal=not self.c.bidir_vision)  # bidirectional vision opens future keys
             x, positions = cp.shard(x), cp.shard(positions)
-        elif self.attn_impl == "flex":
-            mask = flex_block_mask(doc, is_vision, self.c.bidir_vision)
+        elif resolve_attn_impl(self.attn_impl, x.device.type) == "flex":
+            mask = flex_block_mask(doc, is_vision, self.c.bidir_vision)  # one BlockMask for every layer
         else:
             mask = attention_mask_4d(doc, is_vision, self.c.bidir_vision)
         cos, sin = self.llm.rope_tables(positions, compute_dtype(x))
@@ -900,10 +924,12 @@ def init_vit_from_siglip(model, path):
     load_named(model, sd, {k: (v, None) for k, v in names.items()}, path)
 
 
-def export_checkpoint(ckpt_path, out_dir):
-    """A nanoMolmo2 ckpt.pt -> a Hugging Face Molmo2 directory, with the special-token ids of its tokenizer."""
+def export_checkpoint(ckpt_path, out_dir, trust=False):
+    """A nanoMolmo2 ckpt.pt -> a Hugging Face Molmo2 directory, with the special-token ids of its tokenizer.
+    The file is read as data only (checkpoint.load_checkpoint) unless trust=True."""
     import data
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    from checkpoint import load_checkpoint
+    ckpt = load_checkpoint(ckpt_path, trust=trust)
     model = Molmo2(ModelConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     tok = data.Tokenizer(**ckpt["tokenizer"])
@@ -918,8 +944,12 @@ if __name__ == "__main__":
                                              "(config.json + model.safetensors) that transformers loads.")
     ap.add_argument("ckpt", help="a ckpt.pt written by train.py")
     ap.add_argument("out_dir", help="the directory to write")
+    ap.add_argument("--trust_checkpoint", action="store_true",
+                    help="read the file with the full unpickler, which can run code: only for a file you made")
     a = ap.parse_args()
-    if not os.path.isfile(a.ckpt):
-        raise SystemExit(f"checkpoint {a.ckpt} not found")
-    export_checkpoint(a.ckpt, a.out_dir)
+    from checkpoint import CheckpointError
+    try:
+        export_checkpoint(a.ckpt, a.out_dir, a.trust_checkpoint)
+    except CheckpointError as e:
+        raise SystemExit(str(e)) from None
     print(f"wrote {a.out_dir}/config.json and model.safetensors")

@@ -487,7 +487,7 @@ def batch_source(C, tok, mconf, sampler, dev, real=None):
     # the longest row (seq_len at most) and stacks: input_ids (B, T), labels (B, T), loss_weights (B, T), ...
     def get_batch():
         rows = packer.rows(C.batch_size) if C.packing else [draw_encoded() for _ in range(C.batch_size)]
-        b = data.collate(rows, tok.pad, C.seq_len)
+        b = data.collate(rows, tok.pad, C.seq_len, fixed=dev.type == "cuda")  # CUDA: one shape, one compile
         b["n_examples"] = sum(len(r) if isinstance(r, list) else 1 for r in rows)
         return {k: v.to(dev) if torch.is_tensor(v) else v for k, v in b.items()}
     get_batch.media = media

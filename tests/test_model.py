@@ -4,10 +4,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_mask
 
 import data
 import shapes
-from model import Molmo2, ModelConfig, attend, attention_mask_4d
+from model import Molmo2, ModelConfig, attend, attention_mask_4d, molmo2_mask_mod, resolve_attn_impl
 
 TW = {"caption": 1.0, "qa": 1.0, "count": 1.5, "point": 2.0, "text": 1.0}
 
@@ -443,18 +444,56 @@ def test_packing_without_doc_mask_would_leak(tok, cfg):
     assert (l_leaky - m.logits(p1)[0, sel1]).abs().max() > 1e-3
 
 
+@pytest.fixture
+def flex_on_cpu(monkeypatch):
+    """FlexAttention refuses a backward on a CPU (torch 2.13: its _validate_device raises when an input requires
+    grad), though its eager path is plain differentiable PyTorch (the masked softmax computed densely). Lifted for
+    one test, the same FlexAttention code runs here forward and backward, exactly; on CUDA it is compiled. Test code
+    only: the library never lifts it ('auto' picks sdpa on a CPU)."""
+    import torch.nn.attention.flex_attention as FA
+    monkeypatch.setattr(FA, "_validate_device", lambda q, k, v: None)
+
+
+def test_resolve_attn_impl():
+    assert [resolve_attn_impl("auto", d) for d in ("cuda", "cpu", "mps")] == ["flex", "sdpa", "sdpa"]
+    assert resolve_attn_impl("flex", "cpu") == "flex" and resolve_attn_impl("sdpa", "cuda") == "sdpa"
+    with pytest.raises(ValueError, match="attn_impl must be one of auto, sdpa, flex, got 'flash'"):
+        resolve_attn_impl("flash", "cpu")
+
+
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # eager on purpose (CPU)
-def test_flex_attention_mask_equals_dense(tok, cfg):
-    """The FlexAttention BlockMask (the CUDA fast path) encodes the same mask: forward on the CPU (eager)."""
-    m = make_model(cfg, seed=4).eval()
-    encs = [data.encode_example(shapes.make_example(t, s, cfg.image_size), tok, cfg, TW) for t, s in PACK_SPECS]
-    b = data.collate([encs[:3], encs[3:]], tok.pad, 10 ** 6)
-    with torch.no_grad():
-        dense = m.logits(b)
-        m.attn_impl = "flex"
-        try:
-            flex = m.logits(b)
-        finally:
-            m.attn_impl = "sdpa"
+def test_flex_attention_mask_equals_dense(tok, make_cfg, flex_on_cpu):
+    """The FlexAttention path (attn_impl 'flex': BlockMask, the CUDA fast path, run eagerly here) equals the dense
+    SDPA path (the reference) on Molmo2's mask, fp32: packed rows of images AND video frames, bidirectional vision,
+    padding, 169 tokens (a full and a partial 128-tile). Logits, loss, and every parameter's gradient, within 1e-5.
+    And the mask itself: FlexAttention's per-pair mask_mod, evaluated at every pair, is the dense mask, both ways."""
+    cfg = make_cfg()
+    tw = dict(TW, video_qa=1.0, track=1.0)
+    specs = (("point", 21), ("video_qa", 22), ("caption", 23), ("count", 24), ("track", 25))
+    encs = [data.encode_example(shapes.make_example(t, s, cfg.image_size, video_frames=(2, 3)), tok, cfg, tw)
+            for t, s in specs]
+    b = data.collate([encs[:3], encs[3:]], tok.pad, 10 ** 6)  # row 0: point, video, caption; row 1: count, track
+    ids = b["input_ids"]
+    assert (ids == tok.frame_start).sum(1).tolist() == [2, 2] and b["image_mask"].sum() == 7  # 3 images, 4 frames
+    is_vision = ids >= cfg.base_vocab
+    for bidir in (True, False):
+        mod = molmo2_mask_mod(b["doc_ids"], is_vision, bidir)
+        assert torch.equal(create_mask(mod, *ids.shape[:1], 1, ids.shape[1], ids.shape[1], "cpu"),
+                           attention_mask_4d(b["doc_ids"], is_vision, bidir))
+    m = make_model(cfg, seed=4)
+    res = {}
+    for impl in ("sdpa", "flex"):
+        m.attn_impl = impl
+        m.zero_grad()
+        logits = m.logits(b)
+        loss, _ = m(b)
+        loss.backward()
+        res[impl] = logits.detach(), loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()
+                                                     if p.grad is not None}
+    (ld, sd, gd), (lf, sf, gf) = res["sdpa"], res["flex"]
     real = b["attention_mask"]
-    assert torch.allclose(flex[real], dense[real], atol=1e-5, rtol=0)
+    assert torch.allclose(lf[real], ld[real], atol=1e-5, rtol=0)
+    assert abs(sf.item() - sd.item()) <= 1e-5 * max(1.0, abs(sd.item()))
+    assert gd.keys() == gf.keys() and len(gd) == len(list(m.parameters()))  # every parameter has a gradient
+    for n in gd:
+        assert torch.allclose(gf[n], gd[n], atol=1e-5, rtol=0), (n, (gf[n] - gd[n]).abs().max())

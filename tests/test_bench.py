@@ -1,0 +1,141 @@
+"""bench.py: its command line (--help, one-line errors for unknown flags), the synthetic batches of --real (the
+structure training's collate gives packed rows: <im_patch> slots for every pooled token, doc ids and positions
+restarting per example, labels and loss weights per example), --real end to end on a tiny width, and
+--vs_transformers on a tiny shape (its fp32 loss check passes on the same weights and fails on different ones).
+Timing figures are printed by bench.py, never asserted here."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bench
+import train
+from conftest import ROOT, tiny_overrides
+
+# stage configs at tiny widths: the config's structure (tied embeddings, loss_chunk, packing, mixture), small tensors
+TINY_REAL = tiny_overrides() + ["--base_vocab=1000", "--n_extra=16"]
+
+
+def stage_cfg(path, *extra):
+    return train.configure([os.path.join(ROOT, path), *TINY_REAL, *extra],
+                           {k: getattr(train, k) for k in train.CONFIG_KEYS})
+
+
+def test_help_prints_usage_and_exits_0():
+    r = subprocess.run([sys.executable, "bench.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("Benchmarks and fast-path checks")
+    for mode in ("--real", "--vs_transformers", "--plan", "--losses", "--video"):
+        assert f"python bench.py {mode}" in r.stdout
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--real", "config/stage1.py", "--bogus=1"], "bench.py --real: unknown flag --bogus"),
+    (["--vs_transformers", "--dtype=float32"], "bench.py --vs_transformers: unknown flag --dtype"),
+    (["--steps"], "bench.py: flag '--steps' must look like --key=value"),
+    (["--video", "--steps=3"], "bench.py --video: unknown flag --steps; it takes no flags"),
+    (["--real", "--vs_transformers"], "one mode at a time"),
+    (["--losses", "--steps=2"], "bench.py --losses: unknown flag --steps"),
+])
+def test_unknown_flags_are_one_line_errors(argv, says):
+    with pytest.raises(SystemExit) as e:
+        bench.main(argv)
+    msg = str(e.value)
+    assert says in msg and "\n" not in msg
+
+
+def test_stage_configs_pick_images_or_video():
+    assert not bench.is_video_stage(stage_cfg("config/stage1.py"))
+    assert not bench.is_video_stage(stage_cfg("config/shapes_stage1.py"))
+    assert bench.is_video_stage(stage_cfg("config/stage2.py"))
+    assert bench.is_video_stage(stage_cfg("config/stage3.py"))
+
+
+@pytest.mark.parametrize("path, video", [("config/stage1.py", False), ("config/stage2.py", True)],
+                         ids=["images", "video"])
+def test_synthetic_batch_is_well_formed(path, video):
+    """Every <im_patch> slot has one pooled token and every patch of every image is pooled exactly once; rows are
+    full and packed (several examples), doc ids count 1, 2, ... along a row, positions restart at 0 per example,
+    labels are the next token inside an example (-1 at its end), loss only on text targets; images per row within
+    max_images_per_row and one <im_start>/<frame_start> per image or frame; and the model accepts the batch."""
+    from model import Molmo2
+    max_images = 6
+    cfg = stage_cfg(path, f"--max_images_per_row={max_images}")
+    mconf = bench.real_model_config(cfg)
+    B, T = 3, 384
+    b = bench.synthetic_batch(mconf, B, T, max_images, video, cfg["loss_weighting"], key=1)
+    ids, V = b["input_ids"], mconf.base_vocab
+    assert ids.shape == (B, T) and bool(b["attention_mask"].all())  # packed full
+    n_img = int(b["image_mask"].sum())
+    P = (mconf.image_size // mconf.patch_size) ** 2
+    pool = b["pool_idx"]
+    assert pool.shape[1] == (9 if video else 4)  # 3x3 frame windows, 2x2 image windows
+    assert int((ids == mconf.im_patch_id).sum()) == pool.shape[0] > 0
+    assert torch.equal(pool[pool >= 0].sort().values, torch.arange(n_img * P))
+    vid = bench.vision_ids(V)
+    opener = vid.frame_start if video else vid.im_start
+    n_examples = 0
+    for r in range(B):
+        n_imgs = int(b["image_mask"][r].sum())
+        assert 0 < n_imgs <= max_images and int((ids[r] == opener).sum()) == n_imgs
+        doc, pos, lab, w = b["doc_ids"][r], b["position_ids"][r], b["labels"][r], b["loss_weights"][r]
+        n_docs = int(doc.max())
+        n_examples += n_docs
+        assert doc[0] == 1 and bool((doc.diff() >= 0).all()) and bool((doc.diff() <= 1).all())
+        for d in range(1, n_docs + 1):
+            at = (doc == d).nonzero()[:, 0]
+            assert torch.equal(pos[at], torch.arange(len(at)))  # positions restart per example
+            assert torch.equal(lab[at[:-1]], ids[r, at[1:]]) and lab[at[-1]] == -1  # next token, none across
+            assert bool((w[at] > 0).any())  # every example has answer tokens
+        assert bool((lab[w > 0] < V).all()) and bool((lab[w > 0] >= 0).all())  # loss on text targets only
+    if video:  # one video a row, then text-only examples
+        assert n_img == B * max_images
+    assert b["n_examples"] == n_examples > B  # several examples a row
+    torch.manual_seed(0)
+    ls, ws = Molmo2(mconf)(b)  # the model's own check: as many pooled features as <im_patch> slots
+    assert torch.isfinite(ls) and torch.isclose(ws, b["loss_weights"].sum())
+
+
+@pytest.mark.parametrize("path, extra", [("config/stage1.py", ["--dtype=float32"]),
+                                         ("config/stage2.py", ["--act_ckpt=True", "--loss_chunk=16"])],
+                         ids=["stage1", "stage2-ckpt-chunked"])
+def test_real_runs_and_prints_the_breakdown(capsys, path, extra):
+    argv = [os.path.join(ROOT, path), *TINY_REAL, "--batch_size=1", "--seq_len=128", "--max_images_per_row=4", *extra]
+    res = bench.real(argv, steps=1)
+    out = capsys.readouterr().out
+    for line in ("ViT + connector (fwd + bwd)", "embed + LLM blocks (fwd + bwd)", "loss head (fwd + bwd)",
+                 "optimizer (clip + AdamW)", "sum of parts", "tok/s", "MFU", "peak memory"):
+        assert line in out
+    assert ("3x3 pooling" in out) == (path.endswith("stage2.py"))
+    assert res["tokens"] == 128 and res["flops"] > 0 and res["mem_bytes"] > 0
+    assert len(res["parts_s"]) == 4 and all(v > 0 for v in res["parts_s"].values()) and res["step_s"] > 0
+    if path.endswith("stage2.py"):  # the command line reaches the same code; --media overrides the config's
+        bench.main(["--real", *argv, "--steps=1", "--media=image"])
+        assert "2x2 pooling" in capsys.readouterr().out
+
+
+TINY_VS = ["--image_size=28", "--patch_size=7", "--vit_width=32", "--vit_depth=3", "--vit_heads=4", "--vit_mlp=64",
+           "--d_model=40", "--n_layer=2", "--n_head=4", "--n_kv_head=2", "--head_dim=16", "--d_ff=72",
+           "--base_vocab=100", "--batch_size=2", "--seq_len=48", "--steps=1", "--warmup=0"]
+
+
+def test_vs_transformers_same_weights_same_loss(capsys, monkeypatch):
+    res = bench.vs_transformers(TINY_VS)
+    out = capsys.readouterr().out
+    assert set(res) == {"fp32", "bf16 autocast"} and all(t > 0 for pair in res.values() for t in pair)
+    assert "ours vs transformers" in out and "loss fp32" in out
+    # the check is not vacuous: one exported weight changed and the fp32 losses no longer agree
+    import model as M
+    export = M.export_hf_molmo2
+
+    def altered(model, path, ids):
+        with torch.no_grad():
+            model.llm.blocks[0].gate_proj.weight.mul_(1.5)
+        export(model, path, ids)
+        with torch.no_grad():
+            model.llm.blocks[0].gate_proj.weight.div_(1.5)
+    monkeypatch.setattr(M, "export_hf_molmo2", altered)
+    with pytest.raises(SystemExit, match="the fp32 losses differ"):
+        bench.vs_transformers(TINY_VS)
