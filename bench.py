@@ -695,7 +695,7 @@ def weighted_ce(logits, labels, w):
 
 def vs_transformers(argv):
     """--vs_transformers: one model shape (VS_DEFAULTS, each a --key=value) through transformers'
-    Molmo2ForConditionalGeneration and ours with the same weights (ours exported by model.export_hf_molmo2,
+    Molmo2ForConditionalGeneration and ours with the same weights (ours exported by hf.export_hf_molmo2,
     loaded by from_pretrained) on the same batch: rows of seq_len tokens, one image each, one example a row.
     1. The weighted CE of each model's logits (and ours from Molmo2.forward, the training path) must agree in
        fp32; the differences in fp32 and bf16 autocast are printed.
@@ -708,6 +708,7 @@ def vs_transformers(argv):
     import tempfile
     import transformers
     import data
+    import hf as H
     import model as M
     transformers.utils.logging.disable_progress_bar()  # from_pretrained's loading bar
     cfg = train.configure(argv, VS_DEFAULTS)
@@ -723,7 +724,7 @@ def vs_transformers(argv):
     randomise(ours)
     ids = vision_ids(base)
     with tempfile.TemporaryDirectory() as d:
-        M.export_hf_molmo2(ours, d, {k: getattr(ids, a) for k, a in M.HF_TOKEN_KEYS.items()})
+        H.export_hf_molmo2(ours, d, {k: getattr(ids, a) for k, a in H.HF_TOKEN_KEYS.items()})
         hf = transformers.Molmo2ForConditionalGeneration.from_pretrained(d, dtype=torch.float32)
     ours, hf = ours.to(dev), hf.to(dev)
     ours.attn_impl = "sdpa"  # the dense bool mask, as transformers' sdpa path builds one

@@ -17,7 +17,6 @@ import os
 import pickle
 import random
 import re
-import zipfile
 
 import numpy as np
 import torch
@@ -90,13 +89,14 @@ def load_checkpoint(path, trust=False):
         return torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as e:
         msg = str(e)
-        if "Weights only load failed" in msg:  # data fine, but it names a function or class to call: refused
-            m = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", msg)
-            raise CheckpointError(f"checkpoint {path} holds {m.group(1) if m else 'an object'}, which only the full "
-                                  f"unpickler builds, and it can run code: refused. If you made this file yourself "
-                                  f"(e.g. an older checkpoint of this codebase), pass --trust_checkpoint=True") from None
-        raise CheckpointError(f"checkpoint {path} is corrupt: {msg.splitlines()[0]}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+        m = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", msg)
+        if m:  # well-formed, but it names a function or class to call on loading: refused
+            raise CheckpointError(f"checkpoint {path} holds {m.group(1)}, which only the full unpickler builds, and "
+                                  f"it can run code: refused. If you made this file yourself (e.g. an older "
+                                  f"checkpoint of this codebase), pass --trust_checkpoint=True") from None
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a checkpoint (the data-only unpickler cannot "
+                              f"read it)") from None
+    except Exception as e:  # garbage makes the reader fail in many ways (RuntimeError, EOFError, BadZipFile, ...)
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"checkpoint {path} is truncated or not a checkpoint ({first})") from None
 

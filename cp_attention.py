@@ -354,7 +354,7 @@ def _check_len(n, world, layout, parts):
                          f"a multiple of {parts}); pad it first with cp_attention.pad_to_multiple")
 
 
-def shard_sequence(x, rank, world, dim=1, layout="zigzag"):
+def shard_sequence(x, rank, world, dim, layout="zigzag"):
     """This rank's part of x along dim (tokens [B, L], hidden states [B, L, d], or q/k/v [B, H, L, D] with dim=2).
     Tokens, labels (shifted BEFORE sharding, so that a shard's last label is the next shard's first token),
     positions, document ids and loss weights all go through this same function, so they stay aligned."""
@@ -364,7 +364,7 @@ def shard_sequence(x, rank, world, dim=1, layout="zigzag"):
     return torch.cat([pieces[i] for i in idx], dim=dim)
 
 
-def unshard_sequence(shards, dim=1, layout="zigzag"):
+def unshard_sequence(shards, dim, layout="zigzag"):
     """The inverse: every rank's shard (in rank order, e.g. from all_gather) -> the whole sequence."""
     world = len(shards)
     parts = [None] * (world if layout == "contiguous" else 2 * world)
@@ -542,7 +542,36 @@ class _RingAttention(torch.autograd.Function):
         return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None, None, None
 
 
-def ring_attention(q, k, v, group=None, causal=True, layout="zigzag", scale=None, impl="auto", mask=None,
+def check_shards(q, k, group, cache=None, who="attention"):
+    """Every rank of the group must hold a shard of the same shape: the collectives that follow exchange buffers
+    of this rank's size, and a mismatch would abort the process inside the backend (gloo: SIGABRT "Received data
+    size doesn't match") or hang it. One small all_gather of each rank's (B, H, Hkv, n, D), the same size on every
+    rank, so it is always safe; every rank then raises the same ValueError, naming the shapes. With a cache (one
+    forward's) it runs once per forward, not once per layer."""
+    if dist.get_world_size(group) == 1 or (cache is not None and cache.get("shards checked")):
+        return
+    mine = torch.tensor([q.shape[0], q.shape[1], k.shape[1], q.shape[2], q.shape[3]], device=q.device)
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(every, mine, group=group)
+    shapes = [tuple(t.tolist()) for t in every]
+    if len(set(shapes)) > 1:
+        raise ValueError(f"{who}: the ranks hold shards of different shapes (B, H, Hkv, local length, D): "
+                         + ", ".join(f"rank {r} {s_}" for r, s_ in enumerate(shapes))
+                         + "; local lengths " + ", ".join(str(s_[3]) for s_ in shapes)
+                         + ": pad the whole sequence (pad_to_multiple) and shard it with shard_sequence on every rank")
+    if cache is not None:
+        cache["shards checked"] = True
+
+
+def _need_causal(causal, who):
+    if causal not in (True, False):
+        raise ValueError(f"{who}: pass causal=True (no query sees a later key: a causal LM, or a per-example causal "
+                         f"mask; later blocks are skipped) or causal=False (the mask opens later keys, as Molmo2's "
+                         f"bidirectional vision tokens do); got {causal!r}. There is no default: the wrong one is "
+                         f"silently wrong")
+
+
+def ring_attention(q, k, v, group=None, causal=None, layout="zigzag", scale=None, impl="auto", mask=None,
                    cache=None):
     """Attention over a sequence sharded across the ranks of `group` (shard_sequence with the same layout): q
     [B, H, n, D], k and v [B, Hkv, n, D] are this rank's n tokens; returns this rank's output [B, H, n, D], equal
@@ -558,9 +587,11 @@ def ring_attention(q, k, v, group=None, causal=True, layout="zigzag", scale=None
     also reads element by element (its mask_mod) to build each block's BlockMask.
     cache: a dict kept across calls with the same mask, shapes and group (the layers of one forward), in which the
     BlockMasks of FlexAttention are built once."""
+    _need_causal(causal, "ring_attention")
     _chunks_of(0, 1, layout)  # validates the layout name
     if causal and layout == "zigzag" and q.shape[2] % 2:
         raise ValueError(f"zigzag: the local length {q.shape[2]} must be even (two chunks per rank)")
+    check_shards(q, k, group, cache, "ring_attention")
     return _RingAttention.apply(q, k, v, group, causal, layout, scale, impl, mask, cache)
 
 
@@ -648,7 +679,7 @@ class _AllToAll(torch.autograd.Function):
         return (_heads_to_seq if to_heads else _seq_to_heads)(g.contiguous(), group), None, None
 
 
-def ulysses_attention(q, k, v, group=None, causal=True, scale=None, impl="auto", mask=None, cache=None):
+def ulysses_attention(q, k, v, group=None, causal=None, scale=None, impl="auto", mask=None, cache=None):
     """Attention over a sequence sharded contiguously across `group` (shard_sequence(..., layout='contiguous')):
     q [B, H, n, D], k and v [B, Hkv, n, D] -> this rank's output [B, H, n, D]. Two all-to-alls each way: each rank
     attends with H/W of the heads over the whole sequence, so any mask that a single process can apply works
@@ -663,10 +694,12 @@ def ulysses_attention(q, k, v, group=None, causal=True, scale=None, impl="auto",
     impl (kernel_for): with FlexAttention the whole [L, L] attention is one call under one BlockMask (its tile map
     is [L/128, L/128]: no chunking needed), differentiated by FlexAttention's own backward; cache (a dict kept for
     the layers of one forward) keeps that BlockMask."""
+    _need_causal(causal, "ulysses_attention")
     w = dist.get_world_size(group)
     h, hkv = q.shape[1], k.shape[1]
     if h % w:
         raise ValueError(f"Ulysses splits heads over ranks: {h} query heads do not split over {w} ranks")
+    check_shards(q, k, group, cache, "ulysses_attention")
     if hkv % w:
         k, v = _expand_kv(k, h), _expand_kv(v, h)
     q, k, v = (_AllToAll.apply(t.contiguous(), group, True) for t in (q, k, v))

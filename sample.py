@@ -27,7 +27,8 @@ def load_model(path, device="cpu", trust=False):
     import os
     import data
     from checkpoint import CheckpointError, load_checkpoint
-    from model import Molmo2, ModelConfig, check_token_ids, load_hf_molmo2
+    from model import Molmo2, ModelConfig
+    from hf import check_token_ids, load_hf_molmo2
     # a directory: a released Hugging Face Molmo2 (config.json + safetensors), mapped onto this model's names
     if os.path.isdir(path):
         model, ids = load_hf_molmo2(path)

@@ -153,6 +153,8 @@ dtype = "auto"                  # autocast dtype: 'auto' = bf16 on CUDA, on a CP
 compile = False                 # torch.compile the model (measured: no gain for the tiny CPU model)
 attn_impl = "auto"              # 'auto': flex on CUDA, sdpa on CPU | 'sdpa': dense bool mask (the reference) |
                                 # 'flex': FlexAttention BlockMask (compiled on CUDA: no T x T scores in memory)
+attn_tile = 64                  # sdpa on packed rows: query rows per call, keys cut to the span they may see
+                                # (model.TiledMask: the same softmax, ~1/3 of the work); 0 = all T x T at once
 threads = 0                     # CPU threads for torch; 0 = torch's default
 seed = 1337
 # scale-out, under torchrun (README "GPU nodes"): world = dp x cp ranks
@@ -656,7 +658,8 @@ def check_config(C):
         if getattr(C, key) not in allowed:
             raise SystemExit(f"config key {key!r} must be one of {allowed}, got {getattr(C, key)!r}")
     for key, least in (("vit_pretrain_steps", 0), ("vit_pretrain_batch", 1), ("lr_vit_mult", 0),
-                       ("lr_connector_mult", 0), ("max_minutes", 0), ("max_bad_steps", 1), ("max_broken_frac", 0)):
+                       ("lr_connector_mult", 0), ("max_minutes", 0), ("max_bad_steps", 1), ("max_broken_frac", 0),
+                       ("attn_tile", 0)):
         if getattr(C, key) < least:
             raise SystemExit(f"config key {key!r} must be >= {least}, got {getattr(C, key)!r}")
     if not 0.0 <= C.absent_rate <= 1.0:
@@ -716,7 +719,7 @@ def load_start(C, print=print):
     if not os.path.exists(start.path):
         raise SystemExit(f"init_from={C.init_from!r}: checkpoint {start.path} not found")
     if os.path.isdir(start.path):
-        from model import load_hf_molmo2
+        from hf import load_hf_molmo2
         start.hf_model, start.hf_ids = load_hf_molmo2(start.path)
         return start
     try:
@@ -731,7 +734,8 @@ def build_model_config(C, given, start, print=print):
     (check_against_checkpoint); from scratch, base_vocab / n_extra of 0 take the tokenizer's counts, its vision
     tokens landing on the extra embedding rows. A dry run with base_vocab set builds no tokenizer (real vocab)."""
     import data
-    from model import ModelConfig, check_token_ids
+    from model import ModelConfig
+    from hf import check_token_ids
     tok = None
     if not (C.dry_run and C.base_vocab):
         tok = data.Tokenizer(**start.ckpt["tokenizer"]) if start.ckpt else make_tokenizer(C.tokenizer,
@@ -774,7 +778,8 @@ def build_mixture(C, print=print):
 def build_model(C, mconf, start, print=print):
     """The model: a Molmo2 directory's, or a new one (its LLM from Qwen3, its ViT from SigLIP when the config
     names them). A ckpt.pt's weights are loaded later (Trainer), on the device."""
-    from model import Molmo2, init_llm_from_qwen3, init_vit_from_siglip
+    from model import Molmo2
+    from hf import init_llm_from_qwen3, init_vit_from_siglip
     model = start.hf_model if start.hf_model is not None else Molmo2(mconf)
     if start.hf_model is not None:
         print(f"initialised from {C.init_from}: a Hugging Face Molmo2 checkpoint (its architecture and weights)")
@@ -826,6 +831,7 @@ class Trainer:
         model.attn_impl = C.attn_impl
         model.act_ckpt = model.vit.act_ckpt = C.act_ckpt  # the LLM's blocks and the ViT's
         model.loss_chunk = C.loss_chunk
+        model.attn_tile = C.attn_tile
         if D.cp > 1:
             from cp_attention import ContextParallel
             if C.cp_mode == "ulysses" and mconf.n_head % D.cp:

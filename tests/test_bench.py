@@ -127,8 +127,8 @@ def test_vs_transformers_same_weights_same_loss(capsys, monkeypatch):
     assert set(res) == {"fp32", "bf16 autocast"} and all(t > 0 for pair in res.values() for t in pair)
     assert "ours vs transformers" in out and "loss fp32" in out
     # the check is not vacuous: one exported weight changed and the fp32 losses no longer agree
-    import model as M
-    export = M.export_hf_molmo2
+    import hf as H
+    export = H.export_hf_molmo2
 
     def altered(model, path, ids):
         with torch.no_grad():
@@ -136,6 +136,6 @@ def test_vs_transformers_same_weights_same_loss(capsys, monkeypatch):
         export(model, path, ids)
         with torch.no_grad():
             model.llm.blocks[0].gate_proj.weight.div_(1.5)
-    monkeypatch.setattr(M, "export_hf_molmo2", altered)
+    monkeypatch.setattr(H, "export_hf_molmo2", altered)
     with pytest.raises(SystemExit, match="the fp32 losses differ"):
         bench.vs_transformers(TINY_VS)

@@ -243,15 +243,20 @@ def test_zigzag_balances_causal_work():
     assert max(work["contiguous"]) > 3 * min(work["contiguous"])
 
 
+def test_shard_sequence_takes_its_dim():
+    with pytest.raises(TypeError):  # no default: dim 1 of a [B, H, L, D] tensor would shard the heads
+        cp.shard_sequence(torch.zeros(1, 4, 8, 2), 0, 2)
+
+
 def test_bad_lengths_and_padding():
     x = torch.arange(10)[None]
     with pytest.raises(ValueError, match="length 10 does not split over 3 ranks in the zigzag layout.*multiple of 6"):
-        cp.shard_sequence(x, 0, 3)
+        cp.shard_sequence(x, 0, 3, 1)
     with pytest.raises(ValueError, match="layout must be"):
-        cp.shard_sequence(x, 0, 2, layout="stripe")
+        cp.shard_sequence(x, 0, 2, 1, layout="stripe")
     padded = cp.pad_to_multiple(x, 6, dim=1, value=-100)  # labels: pad with the ignore index
     assert padded.shape == (1, 12) and padded[0, 10:].tolist() == [-100, -100]
-    assert cp.shard_sequence(padded, 2, 3).tolist() == [[4, 5, 6, 7]]
+    assert cp.shard_sequence(padded, 2, 3, 1).tolist() == [[4, 5, 6, 7]]
     assert cp.pad_to_multiple(x, 5) is x
 
 
@@ -307,8 +312,28 @@ def _ring_worker(rank, world, init_file):
         _ulysses_checks(rank, world)
         _mask_function_checks(rank, world)
         _flex_checks(rank, world)
+        _trap_checks(rank, world)
     finally:
         dist.destroy_process_group()
+
+
+def _trap_checks(rank, world):
+    """The readers' traps raise a clear ValueError before any exchange of data: no default for causal, and shards of
+    unequal length (rank 0 one token short); every rank raises, none aborts inside gloo, and the group still works."""
+    q, k, v = qkv(b=1, h=4, hkv=2, lq=8, lk=8)
+    for fn in (cp.ring_attention, cp.ulysses_attention):
+        with pytest.raises(ValueError, match="pass causal=True .* or causal=False"):
+            fn(q, k, v, mask=model_mask(L=8 * world))
+    if world > 1:
+        n = 7 if rank == 0 else 8
+        short = [t[:, :, :n].contiguous() for t in (q, k, v)]
+        lengths = ", ".join(["7"] + ["8"] * (world - 1))
+        for fn, kw in ((cp.ring_attention, dict(layout="contiguous")), (cp.ulysses_attention, {}))[:1 + (4 % world == 0)]:
+            with pytest.raises(ValueError, match=f"shards of different shapes.*local lengths {lengths}"):
+                fn(*short, causal=False, **kw)
+    ok = torch.ones(1)
+    dist.all_reduce(ok)  # the group is intact after the errors
+    assert ok.item() == world
 
 
 def _ulysses_checks(rank, world):
@@ -316,7 +341,7 @@ def _ulysses_checks(rank, world):
     x = torch.randn(2, 4, 48, 8, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     if 4 % world:
         with pytest.raises(ValueError, match=f"4 query heads do not split over {world} ranks"):
-            cp.ulysses_attention(*qkv(lq=16, lk=16))
+            cp.ulysses_attention(*qkv(lq=16, lk=16), causal=False)
         return
     local = cp.shard_sequence(x, rank, world, 2, "contiguous")
     heads = cp._seq_to_heads(local, None)
@@ -406,7 +431,7 @@ def _flex_checks(rank, world):
         want = [out] + [t.grad for t in full]
         _compare(rank, world, layout, [o] + [t.grad for t in loc], want, [1e-5] * 4,
                  f"flex {mode} W={world} rank {rank} {layout} causal={causal} bidir={bidir} H/Hkv=4/{hkv}")
-        assert len(cache) == 1
+        assert len([key for key in cache if key != "shards checked"]) == 1  # one BlockMask, built once
         if world <= 2:
             with torch.no_grad():
                 assert torch.equal(attn(*loc), o.detach()), f"flex {mode} W={world}: cached BlockMasks differ"

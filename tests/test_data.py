@@ -506,7 +506,7 @@ def test_tokenizer_json_converts_to_tiktoken(tmp_path):
 def test_tokenizer_json_keeps_molmo2_vision_ids(tmp_path):
     """Molmo2's tokenizer.json has its vision tokens at fixed extra rows (<im_start> first, <im_patch> third):
     they keep those ids, the extra rows start at the first of them, and the tokens the file lacks take the
-    free rows left. So ids match a released checkpoint's config (model.HF_TOKEN_KEYS)."""
+    free rows left. So ids match a released checkpoint's config (hf.HF_TOKEN_KEYS)."""
     import json
     import data
     hf = _hf_qwen_style_tokenizer(tmp_path / "t.json")

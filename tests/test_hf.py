@@ -10,6 +10,7 @@ import safetensors.torch
 import torch
 import transformers
 
+import hf as H
 import model as M
 
 VOCAB, PATCH, IMG = 100, 7, 28                     # tiny: 28 px crops of 4x4 patches
@@ -100,7 +101,7 @@ def patchify(pixels):  # transformers' Molmo2 takes crops already cut into patch
 @pytest.mark.parametrize("video", [False, True], ids=["image", "video"])
 def test_hf_molmo2_loads_and_matches_transformers(hf_dir, video, tmp_path):
     hf = transformers.Molmo2ForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32)
-    ours, ids_found = M.load_hf_molmo2(hf_dir)
+    ours, ids_found = H.load_hf_molmo2(hf_dir)
     assert ids_found == IDS  # built on the meta device, every tensor now the file's (or the RoPE table)
     assert not any(t.is_meta for t in [*ours.parameters(), *ours.buffers()])
     ids, pixels, pool, grids = video_inputs() if video else image_inputs()
@@ -113,7 +114,7 @@ def test_hf_molmo2_loads_and_matches_transformers(hf_dir, video, tmp_path):
     assert (ours_logits(ours, ids, pixels, pool) - ref).abs().max() > 0.1
     ours.c.bidir_vision = True
     # export -> transformers: the same logits again
-    M.export_hf_molmo2(ours, str(tmp_path), IDS)
+    H.export_hf_molmo2(ours, str(tmp_path), IDS)
     back = transformers.Molmo2ForConditionalGeneration.from_pretrained(str(tmp_path), dtype=torch.float32)
     assert (hf_logits(back, ids, pixels, pool, grids, video) - ref).abs().max() < 1e-4
 
@@ -133,14 +134,14 @@ def test_init_llm_from_qwen3_matches_transformers(tmp_path):
     randomise(qwen, 4)
     qwen.save_pretrained(str(tmp_path))
     model = M.Molmo2(tiny_config())
-    M.init_llm_from_qwen3(model, str(tmp_path))
+    H.init_llm_from_qwen3(model, str(tmp_path))
     ids = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38]
     with torch.no_grad():
         ref = qwen.eval()(input_ids=torch.tensor([ids])).logits[0]
     got = ours_logits(model, ids, torch.zeros(0, 3, IMG, IMG), None)
     assert ref.std() > 0.5 and (got - ref).abs().max() < 1e-4
     with pytest.raises(ValueError, match="num_hidden_layers=2 is not supported"):
-        M.init_llm_from_qwen3(M.Molmo2(tiny_config(n_layer=3)), str(tmp_path))
+        H.init_llm_from_qwen3(M.Molmo2(tiny_config(n_layer=3)), str(tmp_path))
 
 
 @pytest.mark.parametrize("size", [IMG, 42], ids=["same-grid", "resized-grid"])
@@ -151,7 +152,7 @@ def test_init_vit_from_siglip_matches_transformers(tmp_path, size):
     randomise(siglip, 5)
     siglip.save_pretrained(str(tmp_path))
     model = M.Molmo2(tiny_config(image_size=size))
-    M.init_vit_from_siglip(model, str(tmp_path))
+    H.init_vit_from_siglip(model, str(tmp_path))
     pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         hs = siglip.eval()(pixel_values=pixels, output_hidden_states=True, interpolate_pos_encoding=size != IMG)
@@ -161,7 +162,7 @@ def test_init_vit_from_siglip_matches_transformers(tmp_path, size):
     cfg_file = tmp_path / "config.json"
     cfg_file.write_text(cfg_file.read_text().replace('"siglip_vision_model"', '"siglip2_vision_model"'))
     with pytest.raises(ValueError, match="model_type='siglip2_vision_model' is not supported .* NaFlex"):
-        M.init_vit_from_siglip(model, str(tmp_path))
+        H.init_vit_from_siglip(model, str(tmp_path))
 
 
 def test_train_starts_from_hf_checkpoints(tok, tmp_path):
@@ -222,29 +223,29 @@ def test_hf_checkpoint_errors(hf_dir, tmp_path):
     file, an architecture this model does not implement: each a clear error naming the file, tensor or key."""
     import shutil
     with pytest.raises(FileNotFoundError, match="no config.json"):
-        M.load_hf_molmo2(str(tmp_path))
+        H.load_hf_molmo2(str(tmp_path))
     d = tmp_path / "c"
     shutil.copytree(hf_dir, d)
     cfg = json.loads((d / "config.json").read_text())
-    sd = M.read_safetensors(str(d / "model.safetensors"))
+    sd = H.read_safetensors(str(d / "model.safetensors"))
     name = "model.transformer.blocks.1.mlp.ff_out.weight"
-    M.write_safetensors(str(d / "model.safetensors"), {k: v for k, v in sd.items() if k != name})
+    H.write_safetensors(str(d / "model.safetensors"), {k: v for k, v in sd.items() if k != name})
     with pytest.raises(ValueError, match=f"tensor '{name}' .* is missing"):
-        M.load_hf_molmo2(str(d))
-    M.write_safetensors(str(d / "model.safetensors"), {**sd, name: sd[name][:, :-1]})
+        H.load_hf_molmo2(str(d))
+    H.write_safetensors(str(d / "model.safetensors"), {**sd, name: sd[name][:, :-1]})
     with pytest.raises(ValueError, match=f"'{name}' has shape"):
-        M.load_hf_molmo2(str(d))
+        H.load_hf_molmo2(str(d))
     raw = (d / "model.safetensors").read_bytes()
     (d / "model.safetensors").write_bytes(raw[: len(raw) // 2])
     with pytest.raises(ValueError, match="is truncated"):
-        M.load_hf_molmo2(str(d))
+        H.load_hf_molmo2(str(d))
     os.remove(d / "model.safetensors")
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
-        M.load_hf_molmo2(str(d))
+        H.load_hf_molmo2(str(d))
     shutil.copy(os.path.join(hf_dir, "model.safetensors"), d)
     (d / "config.json").write_text(json.dumps({**cfg, "text_config": {**cfg["text_config"], "qk_norm_type": "olmo"}}))
     with pytest.raises(ValueError, match="qk_norm_type='olmo' is not supported"):
-        M.load_hf_molmo2(str(d))
+        H.load_hf_molmo2(str(d))
 
 
 def test_safetensors_round_trip(tmp_path):
@@ -252,11 +253,11 @@ def test_safetensors_round_trip(tmp_path):
     g = torch.Generator().manual_seed(0)
     ts = {"a": torch.randn(3, 5, generator=g), "b": torch.randn(7, generator=g).to(torch.bfloat16),
           "c": torch.arange(6).reshape(2, 3), "d": torch.tensor(2.5, dtype=torch.float16), "e": torch.zeros(0, 4)}
-    M.write_safetensors(str(tmp_path / "ours.st"), ts)
-    for got in (M.read_safetensors(str(tmp_path / "ours.st")), safetensors.torch.load_file(str(tmp_path / "ours.st"))):
+    H.write_safetensors(str(tmp_path / "ours.st"), ts)
+    for got in (H.read_safetensors(str(tmp_path / "ours.st")), safetensors.torch.load_file(str(tmp_path / "ours.st"))):
         assert set(got) == set(ts) and all(got[k].dtype == ts[k].dtype and torch.equal(got[k], ts[k]) for k in ts)
     safetensors.torch.save_file(ts, str(tmp_path / "theirs.st"))
-    got = M.read_safetensors(str(tmp_path / "theirs.st"))
+    got = H.read_safetensors(str(tmp_path / "theirs.st"))
     assert all(torch.equal(got[k], ts[k]) for k in ts)
 
 
@@ -264,7 +265,7 @@ def test_safetensors_round_trip(tmp_path):
 def test_trained_checkpoint_exports_to_transformers(tok, cfg, tmp_path, max_crops):
     """A train.py checkpoint (shapes tokenizer, our token layout, a padded batch of three examples; images as
     one crop, or as Molmo2's multi-crop of a 50 x 90 image with tied embeddings, as Qwen3-0.6B has) exported
-    with `python model.py CKPT DIR` gives the same logits in transformers at every real position."""
+    with `python hf.py CKPT DIR` gives the same logits in transformers at every real position."""
     import dataclasses
     import subprocess
     import sys
@@ -276,7 +277,7 @@ def test_trained_checkpoint_exports_to_transformers(tok, cfg, tmp_path, max_crop
     randomise(ours, 7)
     torch.save(dict(model=ours.state_dict(), model_config=vars(cfg), tokenizer=tok.state()), tmp_path / "ckpt.pt")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    subprocess.run([sys.executable, os.path.join(root, "model.py"), str(tmp_path / "ckpt.pt"), str(tmp_path / "hf")],
+    subprocess.run([sys.executable, os.path.join(root, "hf.py"), str(tmp_path / "ckpt.pt"), str(tmp_path / "hf")],
                    check=True, capture_output=True)
     exs = [shapes.make_example(t, s, cfg.image_size) for t, s in (("point", 1), ("caption", 2), ("text", 3))]
     if max_crops:
@@ -358,13 +359,13 @@ def test_released_layout_loads_like_transformers(tmp_path):
     src = M.Molmo2(M.ModelConfig(**{**vars(tiny_config()), "vit_depth": 7, "vit_layers": (-3, -5)}))
     randomise(src, 8)
     assert len(src.vit.blocks) == 5  # blocks 5 and 6 are never read: the file has no weights for them
-    M.export_hf_molmo2(src, str(tmp_path), IDS)
-    sd = M.read_safetensors(str(tmp_path / "model.safetensors"))
+    H.export_hf_molmo2(src, str(tmp_path), IDS)
+    sd = H.read_safetensors(str(tmp_path / "model.safetensors"))
     os.remove(tmp_path / "model.safetensors")
     names = sorted(sd)
     shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
     for f, keys in shards.items():
-        M.write_safetensors(str(tmp_path / f), {k: sd[k] for k in keys})
+        H.write_safetensors(str(tmp_path / f), {k: sd[k] for k in keys})
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {}, "weight_map": {k: f for f, keys in shards.items() for k in keys}}))
     heads = dict(num_attention_heads=4, num_key_value_heads=4, head_dim=8, hidden_size=32)
@@ -382,7 +383,7 @@ def test_released_layout_loads_like_transformers(tmp_path):
                         "rope_scaling_layers": None, "qkv_bias": False, "layer_norm_eps": 1e-6,
                         "qk_norm_type": "qwen3", "norm_after": False, "hidden_act": "silu"}}))
     hf = transformers.Molmo2ForConditionalGeneration.from_pretrained(str(tmp_path), dtype=torch.float32)
-    ours, ids_found = M.load_hf_molmo2(str(tmp_path))
+    ours, ids_found = H.load_hf_molmo2(str(tmp_path))
     assert ids_found == IDS and ours.c.frame_tokens is False and ours.c.vit_depth == 7
     ids, pixels, pool, grids = image_inputs()
     ref = hf_logits(hf, ids, pixels, pool, grids, False)

@@ -8,7 +8,7 @@ from torch.nn.attention.flex_attention import create_mask
 
 import data
 import shapes
-from model import Molmo2, ModelConfig, attend, attention_mask_4d, molmo2_mask_mod, resolve_attn_impl
+from model import Molmo2, ModelConfig, attend, attention_mask_4d, molmo2_mask_mod, resolve_attn_impl, TiledMask
 
 TW = {"caption": 1.0, "qa": 1.0, "count": 1.5, "point": 2.0, "text": 1.0}
 
@@ -482,18 +482,22 @@ def test_flex_attention_mask_equals_dense(tok, make_cfg, flex_on_cpu):
                            attention_mask_4d(b["doc_ids"], is_vision, bidir))
     m = make_model(cfg, seed=4)
     res = {}
-    for impl in ("sdpa", "flex"):
-        m.attn_impl = impl
+    # the reference; FlexAttention; and the CPU fast path for packed rows (TiledMask: 32 query rows per call)
+    for impl, tile in (("sdpa", 0), ("flex", 0), ("sdpa", 32)):
+        m.attn_impl, m.attn_tile = impl, tile
         m.zero_grad()
         logits = m.logits(b)
         loss, _ = m(b)
         loss.backward()
-        res[impl] = logits.detach(), loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()
-                                                     if p.grad is not None}
-    (ld, sd, gd), (lf, sf, gf) = res["sdpa"], res["flex"]
+        res[impl, tile] = logits.detach(), loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()
+                                                           if p.grad is not None}
+    tiled = TiledMask(attention_mask_4d(b["doc_ids"], is_vision, True), b["doc_ids"], is_vision, True, 32)
+    assert any(k1 - k0 < ids.shape[1] for _, _, k0, k1 in tiled.tiles)  # keys really are cut somewhere
     real = b["attention_mask"]
-    assert torch.allclose(lf[real], ld[real], atol=1e-5, rtol=0)
-    assert abs(sf.item() - sd.item()) <= 1e-5 * max(1.0, abs(sd.item()))
-    assert gd.keys() == gf.keys() and len(gd) == len(list(m.parameters()))  # every parameter has a gradient
-    for n in gd:
-        assert torch.allclose(gf[n], gd[n], atol=1e-5, rtol=0), (n, (gf[n] - gd[n]).abs().max())
+    (ld, sd, gd) = res["sdpa", 0]
+    for lf, sf, gf in (res["flex", 0], res["sdpa", 32]):
+        assert torch.allclose(lf[real], ld[real], atol=1e-5, rtol=0)
+        assert abs(sf.item() - sd.item()) <= 1e-5 * max(1.0, abs(sd.item()))
+        assert gd.keys() == gf.keys() and len(gd) == len(list(m.parameters()))  # every parameter has a gradient
+        for n in gd:
+            assert torch.allclose(gf[n], gd[n], atol=1e-5, rtol=0), (n, (gf[n] - gd[n]).abs().max())

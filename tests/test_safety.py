@@ -12,6 +12,7 @@ import torch
 
 import checkpoint
 import model as M
+import hf
 import sample
 import train
 from test_train import run_args
@@ -48,14 +49,14 @@ def test_a_code_carrying_checkpoint_is_refused_everywhere(trained, tmp_path):
     with pytest.raises(SystemExit, match=r"evil.pt .*refused"):
         sample.main(["--ckpt", str(path), "--out", str(tmp_path / "s.png")])
     with pytest.raises(checkpoint.CheckpointError, match=r"evil.pt .*refused"):
-        M.export_checkpoint(str(path), str(tmp_path / "hf"))
+        hf.export_checkpoint(str(path), str(tmp_path / "hf"))
     assert not marker.exists()  # the payload never ran
 
 
 def test_corrupt_checkpoints_are_one_line_naming_the_file(trained, tmp_path):
     out, _ = trained
     data = (out / "ckpt.pt").read_bytes()
-    for name, content in (("truncated.pt", data[: len(data) // 2]), ("random.pt", os.urandom(5000)),
+    for name, content in (("truncated.pt", data[: len(data) // 2]), ("random.pt", np.random.default_rng(0).bytes(5000)),
                           ("empty.pt", b"")):
         p = tmp_path / name
         p.write_bytes(content)
