@@ -15,6 +15,9 @@ Benchmarks and fast-path checks. Timing targets live here, never in tests.
     python bench.py --plan                    # per-GPU memory of stages 1-3 (real configs) over GPU layouts
     python bench.py --plan config/stage3.py --dp=2 --cp=4 --fsdp=True --act_ckpt=True   # one layout
     python bench.py --losses out/a/ckpt.pt out/b/ckpt.pt [--n=10]   # two runs' first losses, side by side
+    python bench.py --gpu                     # the prepared check for a lent GPU (under 8 minutes): stage 1's real
+                                              # shape in bf16, one stage-3 row (36,864 tokens, 384 frames) on one
+                                              # GPU, the CUDA FlexAttention cp kernels against the reference
     python bench.py --help                    # this text
 
 Flags are --key=value: each mode's own (above) or, where a config is read (the default mode, --real, --plan),
@@ -41,6 +44,9 @@ import train
 
 
 def build(argv):
+    """The default mode's model: argv (a config file and/or --key=value, as train.py takes them) -> (cfg dict,
+    tokenizer, ModelConfig, Molmo2 on the CPU with its fresh init). The vocabulary comes from the tokenizer, as
+    train.py sizes it, so the batches of batch_stream fit the embedding."""
     import data
     from model import Molmo2, ModelConfig
     cfg = train.configure(argv, {k: getattr(train, k) for k in train.CONFIG_KEYS})
@@ -60,6 +66,10 @@ def batch_stream(cfg, tok, mconf):
 
 
 def run_once(model, batch, dev, dt, attn_impl="sdpa"):
+    """One forward (+ backward) of batch on dev under autocast dt with attention attn_impl -> (loss, logits,
+    grads): the weighted mean loss (float), every position's logits (B, T, V) as fp32 on the CPU, and every
+    gradient flattened into one fp32 vector in parameters() order (None where no backward runs), so
+    two paths compare element by element."""
     model.zero_grad(set_to_none=True)
     model.attn_impl = attn_impl
     b = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -75,7 +85,12 @@ def run_once(model, batch, dev, dt, attn_impl="sdpa"):
 
 
 def check(cfg, tok, mconf, model):
-    """Every fast path against the fp32 CPU reference, on identical weights and data."""
+    """Every fast path against the fp32 CPU reference, on identical weights and data. Each path runs a deep copy
+    of the model, so all start from the same weights; the figures are the |loss| difference, the largest logit
+    difference, the largest gradient difference and the gradient's relative error (norm of the difference over
+    the reference's norm). A bf16 path differs by bf16's rounding (8 bits of mantissa), an fp32 path only by the
+    order its kernels sum in, so the two kinds of row are read against different scales.
+    Returns {(device, dtype, attn_impl): (loss diff, logits max diff, grad rel)}."""
     import copy
     batch = batch_stream(cfg, tok, mconf)()
     ref = run_once(model, batch, torch.device("cpu"), torch.float32)
@@ -126,6 +141,11 @@ def sync(dev):
 
 
 def speed(cfg, tok, mconf, model, steps):
+    """The default mode's timing: `steps` optimizer steps (after 3 warm-up steps, not counted) on the training
+    loop's own stream (batch_stream), plain AdamW, each step = fetch + move the batch, forward, backward, step.
+    Unlike --real (best of n), the figures are totals over all the timed steps, so data time is included and
+    shown as its share: tok/s counts real (non-pad) tokens, MFU = model.flops of every timed batch over the
+    timed seconds, divided by train.peak_flops in the step's dtype. Prints one line."""
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dt = train_dtype(cfg, dev)  # 'auto' (the default): bf16 on CUDA, the faster of bf16 and fp32 on a CPU
     model = model.to(dev)
@@ -139,7 +159,7 @@ def speed(cfg, tok, mconf, model, steps):
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     get_batch = batch_stream(cfg, tok, mconf)
-    for i in range(steps + 3):
+    for i in range(steps + 3):  # the first 3: allocator, kernel choice, compilation where FlexAttention runs
         t0 = time.perf_counter()
         b = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in get_batch().items()}
         t1 = time.perf_counter()
@@ -148,7 +168,7 @@ def speed(cfg, tok, mconf, model, steps):
         (ls / ws).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        sync(dev)
+        sync(dev)  # the step's kernels are done before t2: the interval is the work, not its queueing
         t2 = time.perf_counter()
         if i >= 3:  # warm-up steps excluded
             t_data += t1 - t0
@@ -169,7 +189,12 @@ def speed(cfg, tok, mconf, model, steps):
 
 def video(seconds=180, fps=30, size=(320, 240)):
     """Molmo2's frame sampler on a 3-minute 30 fps mp4 against decoding every frame, for two key-frame spacings
-    (libx264's default 250 frames, and 30 = one a second, common in camera and web video)."""
+    (libx264's default 250 frames, and 30 = one a second, common in camera and web video). The video is written
+    here (random noise scrolling sideways, so the encoder has real motion to code) and timed three ways: PyAV
+    decoding every frame (the floor any reader pays to see all frames), and data.load_video taking max_frames
+    frames by decoding in order ('sequential') or by jumping to the key frame at or before a wanted frame where
+    that skips frames ('seek'). Seeking pays when key frames are close together and few frames are wanted; each
+    line gives its time relative to the floor."""
     import os
     import tempfile
     import numpy as np
@@ -203,14 +228,15 @@ def video(seconds=180, fps=30, size=(320, 240)):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# memory planner: the seed's per-GPU memory table, from our model's real counts
+# memory planner: the per-GPU memory of each stage, from our model's real parameter counts and activation
+# sizes measured at its real widths, set beside the planning figures of docs/molmo2.md, Stages ("Memory")
 
 def _saved_bytes(fn):
     """Bytes of the tensors autograd saves for the backward while fn runs (each storage counted once): the
     activation memory of that forward, measured rather than guessed."""
     seen, total = set(), 0
 
-    def pack(t):
+    def pack(t):  # called for each tensor autograd saves; the tensor is kept as it is (unpack: identity)
         nonlocal total
         st = t.untyped_storage()
         if st.data_ptr() not in seen:  # views of one tensor share its storage
@@ -234,7 +260,8 @@ def activation_rates(mconf):
     g = c.image_size // c.patch_size
     cin = len(c.vit_layers) * c.vit_width
 
-    def llm(t):
+    # each maker returns a closure running one forward at a size, so _saved_bytes times only that forward
+    def llm(t):  # one LLM block on t tokens, with RoPE's cos / sin built as model.LLM.rope_tables builds them
         x = torch.randn(1, t, c.d_model, requires_grad=True)
         pos = torch.arange(t)[None]
         inv = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2) / c.head_dim))
@@ -245,18 +272,22 @@ def activation_rates(mconf):
         px = torch.randn(n, 3, c.image_size, c.image_size)
         return lambda: vit(px)
 
-    def pooled(n, k):
+    def pooled(n, k):  # the connector on n images' patch features, 64 pooled tokens an image, k patches each
         feats = torch.randn(n * g * g, cin, requires_grad=True)
         idx = torch.randint(0, n * g * g, (n * 64, k))
         return lambda: conn(feats, idx)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         per_tok = (_saved_bytes(llm(256)) - _saved_bytes(llm(128))) / 128
         per_img = _saved_bytes(img(2)) - _saved_bytes(img(1))
+        # k = 4: an image's 2x2 pooling windows; k = 9: a video frame's 3x3
         per_pool = {k: (_saved_bytes(pooled(2, k)) - _saved_bytes(pooled(1, k))) / 64 for k in (4, 9)}
     return per_tok, per_img, per_pool
 
 
-# The seed's table (shared/seed, "Per-GPU Memory Usage"), in GB: params, optimizer, grads, activations, visual, total
+# The planning figures of docs/molmo2.md, Stages ("Memory": per GPU, stage 1 ~35 GB, stage 2 ~44 GB, stage 3
+# ~84 GB), by stage, in GB: params, optimizer, grads, activations, visual, total. The last is the total that
+# section gives; the first five are the parts those totals were planned from, printed beside the planner's own
+# rows so each part can be compared, not only the sum.
 SEED_MEMORY = {1: (2.4, 7.2, 2.4, 15, 8, 35), 2: (2.4, 7.2, 2.4, 12, 20, 44), 3: (2.4, 7.2, 2.4, 25, 45, 84)}
 
 
@@ -268,7 +299,11 @@ def plan(argv):
     keeps one block's input per layer (fp32, 4 bytes x d_model a token) plus one block's activations, recomputed,
     in the LLM and in the ViT (a frozen ViT keeps only its output features).
     Every cp rank encodes all the micro-batch's images (model.py: the ViT is not split over the cp group), so the
-    visual share does not shrink with cp. Without a config: the three real configs over a few 8-GPU layouts."""
+    visual share does not shrink with cp. Without a config: the three real configs over a few 8-GPU layouts.
+    Parameter counts come from the model built on the meta device (no memory); the activation rates from
+    activation_rates, measured here on the CPU. Images per micro-batch are the worst case a config allows
+    (max_images_per_row per row when packing). Nothing allocator-specific (fragmentation, NCCL buffers, the CUDA
+    context) is counted, so a real run's peak sits above these rows."""
     from model import Molmo2, ModelConfig
     import ast
     kinds = {"dp": int, "cp": int, "fsdp": bool, "act_ckpt": bool, "loss_frac": float}  # the planner's own flags
@@ -298,6 +333,7 @@ def plan(argv):
         n_all = sum(counts.values())
         n_train = n_all - (counts["vit"] if cfg["lr_vit_mult"] == 0 else 0)
         per_tok, per_img, per_pool = activation_rates(c)
+        # the stage number from the file name (config/stage2.py -> 2; 0 for any other config: no target row)
         stage = int(os.path.basename(path).replace("stage", "")[0]) if "stage" in os.path.basename(path) else 0
         video = stage >= 2
         imgs = cfg["batch_size"] * (cfg["max_images_per_row"] if cfg["packing"] else 1)  # worst case per micro-batch
@@ -311,16 +347,22 @@ def plan(argv):
               f"{per_img / 1e6:.1f} MB per image in the ViT, {per_pool[ph * pw] / 1e3:.1f} kB per pooled token; "
               f"logits kept for {opts['loss_frac']:.0%} of the tokens (--loss_frac)"
               + (f", {cfg['loss_chunk']:,} at a time (loss_chunk)" if cfg["loss_chunk"] else ""))
+        # the layouts: the one the flags name (dp by default fills 8 GPUs over cp), or six 8-GPU ones, from plain
+        # data parallelism to the whole sequence split over 8 GPUs
         layouts = [(opts["dp"] or 8 // (opts["cp"] or 1), opts["cp"] or 1, bool(opts["fsdp"]), bool(opts["act_ckpt"]))] \
             if any(opts[k] is not None for k in ("dp", "cp", "fsdp", "act_ckpt")) else \
             [(8, 1, False, False), (8, 1, True, False), (8, 1, True, True), (4, 2, True, True), (2, 4, True, True),
              (1, 8, True, True)]
         print(f"  {'dp x cp':>8} {'FSDP':>5} {'ckpt':>5} | {'params':>7} {'Adam':>7} {'grads':>7} {'LLM act':>8} "
               f"{'visual':>7} {'logits':>7} | {'total GB':>8}")
+        # one row per layout: bytes of each part, then their sum. Weights, AdamW's m and v and the gradients are
+        # fp32 (4, 8, 4 bytes a parameter; a frozen ViT has no optimizer state or gradients)
         for dp, cp, fsdp, ckpt in layouts:
             shard = dp * cp if fsdp else 1
             params, adam, grads = 4 * n_all / shard, 8 * n_train / shard, 4 * n_train / shard
-            t = tokens / cp
+            t = tokens / cp  # this rank's share of the micro-batch's tokens
+            # LLM activations: every block's saved tensors, or under checkpointing each block's fp32 input plus
+            # one block's saved tensors while it is recomputed
             act = (c.n_layer * 4 * c.d_model + per_tok) * t if ckpt else c.n_layer * per_tok * t
             if cfg["lr_vit_mult"] == 0:  # frozen: no graph, only the output features (bf16) stay
                 vit_act = imgs * g * g * len(c.vit_layers) * c.vit_width * 2
@@ -328,21 +370,25 @@ def plan(argv):
                 vit_act = imgs * (g * g * c.vit_width * 4 * c.vit_built + per_img / c.vit_built)
             else:
                 vit_act = per_img * imgs
+            # the fp32 pixels, the ViT's activations, the connector's per pooled token
             visual = imgs * 3 * c.image_size ** 2 * 4 + vit_act + per_pool[ph * pw] * pooled
+            # the head computes logits for the loss tokens only (loss_frac of them), one loss_chunk at a time if set
             n_logits = opts["loss_frac"] * t if not cfg["loss_chunk"] else min(opts["loss_frac"] * t, cfg["loss_chunk"])
             logits = n_logits * (c.base_vocab + c.n_extra) * (2 + 4 + 4)  # bf16, fp32, its grad (one chunk's)
             row = [params, adam, grads, act, visual, logits]
             print(f"  {dp:>3} x {cp:<2} {str(fsdp):>5} {str(ckpt):>5} | " + " ".join(f"{v / 1e9:7.1f}" for v in row[:3])
                   + f" {row[3] / 1e9:8.1f} " + " ".join(f"{v / 1e9:7.1f}" for v in row[4:]) + f" | {sum(row) / 1e9:8.1f}")
-        if stage in SEED_MEMORY:
-            print(f"  the seed's table (stage {stage}), GB: params {SEED_MEMORY[stage][0]}, optimizer "
+        if stage in SEED_MEMORY:  # the planning figures, for comparison with the rows above
+            print(f"  the target table (docs/molmo2.md, stage {stage}), GB: params {SEED_MEMORY[stage][0]}, optimizer "
                   f"{SEED_MEMORY[stage][1]}, grads {SEED_MEMORY[stage][2]}, activations {SEED_MEMORY[stage][3]}, "
                   f"visual {SEED_MEMORY[stage][4]}, total {SEED_MEMORY[stage][5]}")
 
 
 def losses(argv):
     """The first n training losses of two checkpoints' runs and their largest difference: a torchrun run against
-    the one-process run of the same batches (README "Stage 3 and scale-out")."""
+    the one-process run of the same batches (README "Stage 3 and scale-out"). argv: two ckpt.pt paths and an
+    optional --n=N; the losses are the per-step ones train.py keeps in the checkpoint's history. The files are
+    read with the full unpickler (weights_only=False): only for checkpoints you wrote."""
     n = next((int(a.split("=")[1]) for a in argv if a.startswith("--n=")), 10)
     paths = [a for a in argv if not a.startswith("--")]
     if len(paths) != 2:
@@ -364,6 +410,9 @@ def losses(argv):
 
 MIN_TEXT = 16  # the fewest text tokens (prompt + answer) an example carries
 
+
+# the batches --real and --vs_transformers time: a stage's shapes (rows, images or frames, pooling, loss tokens)
+# with random content, so a run needs no tokenizer, media or dataset, and the same key gives the same batch
 
 def vision_ids(base_vocab):
     """Ids of Molmo2's vision tokens on the extra rows, in data.VISION_TOKENS order as a tokenizer without its own
@@ -489,7 +538,8 @@ def real_model_config(cfg):
 def timed(fn, n, dev):
     """Wall seconds of fn(): the best of n runs after one warm-up run (allocator, kernel choice, compilation). The
     best, not the mean: another process sharing the machine only ever makes a run slower (on a 2-core machine
-    shared with other jobs, runs of one step vary 2x), so the best is the closest to what the code costs."""
+    shared with other jobs, runs of one step vary 2x), so the best is the closest to what the code costs. Each run
+    is bracketed by sync(dev), so a CUDA run's time is its kernels' time, not the time to queue them."""
     fn()
     best = float("inf")
     for _ in range(n):
@@ -547,6 +597,7 @@ def real(argv, steps=3, media="auto"):
     b = synthetic_batch(mconf, B, T, cfg["max_images_per_row"], video, cfg["loss_weighting"], cfg["seed"])
     n_examples = b.pop("n_examples")
     b = {k: v.to(dev) for k, v in b.items()}
+    # the images (or frames) the ViT encodes, the <im_patch> tokens their pooled features fill, the loss tokens
     n_img, n_tok = int(b["image_mask"].sum()), b["pool_idx"].shape[0]
     n_loss = int((b["loss_weights"] > 0).sum())
     params = sum(p.numel() for p in model.parameters())
@@ -554,6 +605,7 @@ def real(argv, steps=3, media="auto"):
     dname = str(dt).split(".")[-1]
     dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else \
         f"{cpu_name()}, {torch.get_num_threads()} threads"
+    # three header lines: the model and its parameters, the batch's shape, the device and the step's settings
     counts = model.param_counts()
     print(f"{' '.join(a for a in argv if not a.startswith('--')) or 'train.py defaults'} at real width, synthetic "
           f"batches: {params / 1e6:,.1f}M parameters (" + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in counts.items())
@@ -576,6 +628,8 @@ def real(argv, steps=3, media="auto"):
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
         opt.step()
 
+    # the whole step, best of `steps` after a warm-up; the peak memory is over all of these runs, the warm-up's
+    # first AdamW step (which allocates m and v) included
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     t_step = timed(step, steps, dev)
@@ -585,14 +639,24 @@ def real(argv, steps=3, media="auto"):
     else:  # Linux reports ru_maxrss in KiB
         mem_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         mem = f"peak memory {mem_bytes / 2 ** 30:.2f} GiB (process max RSS, model build included)"
+    # MFU = model FLOPs per second over peak FLOP/s. Numerator: model.flops / step time, the step's work counted
+    # from the shapes (3x the forward: matmuls at 2*m*n*k, attention as dense T x T per row), not what runs:
+    # act_ckpt's recomputation is not in it, while attention's masked-out part is (a causal or block-sparse
+    # kernel skips it). Denominator: train.peak_flops, the datasheet's dense figure for the dtype on a GPU, the
+    # measured matmul rate on a CPU.
     peak = train.peak_flops(dev, dt)
     flops = model.flops(b)
-    tokens = int(b["attention_mask"].sum())
+    tokens = int(b["attention_mask"].sum())  # real tokens: every one, as the synthetic rows are full
     print(f"step {t_step * 1e3:,.0f} ms (best of {steps} after 1 warm-up) | {tokens / t_step:,.0f} tok/s | MFU "
           f"{100 * flops / t_step / peak:.1f}% ({flops / 1e12:.2f} TFLOP a step over {peak / 1e12:.2f} TFLOP/s "
           f"{dname} peak) | {mem}")
 
     # -- the parts, each alone --------------------------------------------------------------------------------
+    # Each part is run and timed by itself (timed: best of `steps` after a warm-up), its inputs and output
+    # gradients made up where the step would pass them from another part. So the sum need not equal the step:
+    # what joins the parts (the vision features' scatter into the embeddings, the backward from the LLM into the
+    # vision path, gradient accumulation) is in no part, each part's best run is picked on its own, and a part
+    # alone meets a different allocator and cache state than inside the step.
     def optimizer():  # first, while the last step's gradients are there (the parts below reset them)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
         opt.step()
@@ -612,7 +676,7 @@ def real(argv, steps=3, media="auto"):
 
     held = {}
 
-    def llm():
+    def llm():  # h (B, T, d_model): forward, then backward from a random gradient of that shape
         opt.zero_grad(set_to_none=True)
         # Molmo2.hidden as training runs it (mask, RoPE, blocks under act_ckpt, norm), its embeddings the token
         # table's alone: embed_inputs replaced on this instance for the call
@@ -626,6 +690,7 @@ def real(argv, steps=3, media="auto"):
         h.backward(torch.randn(h.shape, device=dev, generator=g, dtype=h.dtype))
     t_llm = timed(llm, steps, dev)
 
+    # the head's input: the last llm() run's hidden states, a leaf, so its backward stops there
     h0 = held.pop("h").requires_grad_()
 
     def head():
@@ -666,6 +731,8 @@ def cpu_name():
 # ---------------------------------------------------------------------------------------------------------
 # the same model through transformers' Molmo2ForConditionalGeneration and ours
 
+# --vs_transformers' shape: a small Molmo2 (6-layer ViT and LLM, GQA 6 q / 2 kv heads) small enough for a CPU,
+# and the batch and timing settings; every key is a --key=value
 VS_DEFAULTS = dict(image_size=224, patch_size=14, vit_width=192, vit_depth=6, vit_heads=3, vit_mlp=768,
                    d_model=384, n_layer=6, n_head=6, n_kv_head=2, head_dim=64, d_ff=1024,
                    base_vocab=0,  # 0 = the shapes tokenizer's
@@ -737,6 +804,7 @@ def vs_transformers(argv):
     if T < 2 + len(layout):
         raise SystemExit(f"--vs_transformers: seq_len={T} cannot hold an image ({len(layout)} tokens) and text")
     rng, gen = random.Random(0), torch.Generator().manual_seed(0)
+    # each row one example: <bos>, one image's tokens, then T - 1 - len(layout) text tokens
     rows = [[synthetic_example(mconf, ids, 1, False, T - 1 - len(layout), "task", rng, gen)] for _ in range(B)]
     b = data.collate(rows, 0, T)
     b.pop("n_examples", None)
@@ -744,6 +812,9 @@ def vs_transformers(argv):
     g = mconf.image_size // mconf.patch_size
     _, rows_, cols_ = data.pooling_index(g, g, mconf.pool_h, mconf.pool_w)
     n_img = int(b["image_mask"].sum())
+    # transformers' inputs for the same batch: its pixel_values are already patchified (N_img, P, 3*p*p) in the
+    # (py, px, rgb) order, image_token_pooling is our pool_idx (N_tok, k), and image_grids gives each image's
+    # pooled grid (rows, cols; zeros for the crops it does not have), by which the features are split per image
     hf_in = dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"].long(),
                  mm_token_type_ids=(b["input_ids"] >= base).long(),  # vision tokens: bidirectional among themselves
                  pixel_values=M.patchify(b["pixel_values"][b["image_mask"]], mconf.patch_size),  # (N, P, 3 p p)
@@ -763,6 +834,7 @@ def vs_transformers(argv):
 
     precisions = [("fp32", torch.float32), ("bf16 autocast", torch.bfloat16)]
     ac = lambda dt: torch.autocast(dev.type, dtype=dt, enabled=dt != torch.float32)  # noqa: E731
+    # 1. the losses, in eval mode and without gradients: the same function must give the same number
     ours.eval()
     hf.eval()
     for name, dt in precisions:
@@ -778,6 +850,7 @@ def vs_transformers(argv):
     ours.train()
     hf.train()
 
+    # 2. timed training steps: one AdamW per model, the same settings (train.py's betas and eps)
     opts = {m: torch.optim.AdamW(m.parameters(), lr=cfg["lr"], betas=(0.9, 0.95), eps=1e-6, weight_decay=0.0)
             for m in (hf, ours)}
 
@@ -804,6 +877,7 @@ def vs_transformers(argv):
           f"ours vs transformers" + (" | CPU s/step: transformers, ours (ratio)" if cpu else ""))
     for name, dt in precisions:
         times = {hf: [], ours: []}
+        # interleaved, so a slow spell on a shared machine hits both models' steps alike
         for i in range(warm + n):
             for m in (hf, ours):
                 t = step(m, dt)
@@ -823,9 +897,79 @@ def vs_transformers(argv):
 # each mode's own flags (read by bench.py), and the keys it hands to a configure (train.py's config keys where a
 # config is read; --vs_transformers' shape keys, VS_DEFAULTS, type-checked by the same configure)
 MODES = {None: ["steps"], "--real": ["steps", "media"], "--plan": ["dp", "cp", "fsdp", "act_ckpt", "loss_frac"],
-         "--losses": ["n"], "--video": [], "--vs_transformers": []}
+         "--losses": ["n"], "--video": [], "--vs_transformers": [], "--gpu": ["L"]}
 CONFIG_FLAGS = {None: train.CONFIG_KEYS, "--real": train.CONFIG_KEYS, "--plan": train.CONFIG_KEYS,
                 "--vs_transformers": list(VS_DEFAULTS)}
+
+
+def cp_kernels_vs_reference(dev, L=4096, heads=8, kv_heads=4, hd=128, dtypes=(torch.float32, torch.bfloat16)):
+    """The cp local kernels through FlexAttention (what 'auto' runs on CUDA) against the pure-PyTorch reference on
+    the blocks a 2-rank zigzag ring computes for one row of L tokens under Molmo2's mask (three packed examples, a
+    run of vision tokens in each, bidirectional): each block's (out, lse) forward, and the ring's gradients from the
+    final out and LSE. fp32 and bf16 inputs; the reference always in fp64. Returns {dtype: max |diff| over out,
+    lse and the gradients}; then times one flex call against plain causal SDPA (flash) at the same length."""
+    import cp_attention as cp
+    from model import MolmoMask
+    g = torch.Generator(device="cpu").manual_seed(0)
+    doc = torch.zeros(1, L, dtype=torch.long)
+    bounds = [0, L // 3, 2 * L // 3, L - 16]                  # three examples, then 16 padding tokens
+    vis = torch.zeros(1, L, dtype=torch.bool)
+    for i in range(3):
+        doc[0, bounds[i]:bounds[i + 1]] = i + 1
+        vis[0, bounds[i] + 1:bounds[i] + 1 + L // 12] = True   # each example opens with its vision tokens
+    mask = MolmoMask(doc.to(dev), vis.to(dev), True)
+    rows = torch.arange(L, device=dev)
+    pos = [cp.positions_for_shard(L, r, 2, "zigzag", dev) for r in range(2)]
+    out = {}
+    for dt in dtypes:
+        worst = 0.0
+        for qr, kr in ((0, 0), (1, 0), (0, 1)):               # a diagonal block and the two off-diagonal ones
+            q, k, v = (torch.randn(1, h, L // 2, hd, generator=g).to(dev) for h in (heads, kv_heads, kv_heads))
+            dense = cp.mask_rows_cols(mask, pos[qr], pos[kr])
+            ref_o, ref_l = cp.reference_attn_fwd(q.double(), k.double(), v.double(), mask=dense)
+            bm = cp.flex_block(mask, pos[qr], pos[kr], False, 1)
+            o, l = cp.local_attn_fwd(q.to(dt), k.to(dt), v.to(dt), impl="flex", mask=bm)
+            seen = dense.any(-1)[:, 0][:, None].expand_as(ref_l)  # rows that see a key of this block
+            worst = max(worst, (o.double() - ref_o)[seen].abs().max().item(),
+                        (l.double() - ref_l)[seen].abs().max().item())
+            do = torch.randn(ref_o.shape, generator=g).to(dev)
+            ref_g = cp.reference_attn_bwd(do.double(), q.double(), k.double(), v.double(), ref_o, ref_l, mask=dense)
+            got = cp.local_attn_bwd(do.to(dt), q.to(dt), k.to(dt), v.to(dt), ref_o.to(dt), ref_l.float(),
+                                    impl="flex", mask=bm)
+            worst = max([worst] + [(a.double() - r).abs().max().item() for a, r in zip(got, ref_g)])
+        out[dt] = worst
+        print(f"  cp kernels, flex vs fp64 reference, {str(dt).split('.')[-1]}: max |diff| {worst:.2e} "
+              f"(blocks of {L // 2} x {L // 2}, {heads}/{kv_heads} heads of {hd})")
+    if dev.type == "cuda":
+        q, k, v = (torch.randn(1, heads, L, hd, device=dev, dtype=torch.bfloat16) for _ in range(3))
+        bm = cp.flex_block(mask, rows, rows, False, 1)
+        f = cp.flex_attention_fn(True)
+        t_flex = timed(lambda: f(q, k, v, block_mask=bm), 5, dev)
+        t_sdpa = timed(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True), 5, dev)
+        print(f"  one {L}-token row, bf16, forward: flex under Molmo2's mask {1e3 * t_flex:.2f} ms, plain causal "
+              f"SDPA {1e3 * t_sdpa:.2f} ms")
+    return out
+
+
+def gpu_check(L=4096):
+    """--gpu: the prepared check for a lent GPU, in one call (under 8 minutes on an H100): (1) stage 1's real
+    shape (config/stage1.py's 0.68B model, 224 px, 4,096-token packed rows, 8 rows, bf16): tokens/s, MFU, peak
+    memory and the step's parts; (2) one stage-3 row (36,864 tokens, 384 frames) forward and backward on one GPU
+    (cp = 1, activation checkpointing, the chunked loss head): peak memory and step time, beside bench.py --plan's
+    figure for that layout; (3) the CUDA FlexAttention cp kernels against the reference (cp_kernels_vs_reference)."""
+    if not torch.cuda.is_available():
+        raise SystemExit("bench.py --gpu needs a CUDA device (on a CPU: bench.py --real with reduced sizes)")
+    dev = torch.device("cuda")
+    print(f"== {torch.cuda.get_device_name(dev)}, torch {torch.__version__}")
+    print("== 1. stage 1, real shape, bf16")
+    real(["config/stage1.py", "--batch_size=8", "--dtype=bfloat16"], steps=3)
+    torch.cuda.empty_cache()
+    print("== 2. stage 3, one row of 36,864 tokens and 384 frames, cp = 1, activation checkpointing")
+    real(["config/stage3.py", "--cp=1", "--batch_size=1", "--act_ckpt=True", "--dtype=bfloat16"], steps=1)
+    plan(["config/stage3.py", "--dp=1", "--cp=1", "--fsdp=False", "--act_ckpt=True", "--batch_size=1"])
+    torch.cuda.empty_cache()
+    print("== 3. cp kernels on CUDA")
+    cp_kernels_vs_reference(dev, L)
 
 
 def split_flags(argv, mode):
@@ -855,6 +999,7 @@ def split_flags(argv, mode):
 
 
 def int_flag(own, key, default):
+    """own[key] (a --key=value string) as an int, default when the flag is absent; not an integer: a SystemExit."""
     try:
         return int(own.get(key, default))
     except ValueError:
@@ -862,6 +1007,8 @@ def int_flag(own, key, default):
 
 
 def main(argv):
+    """bench.py's command line: at most one mode flag (MODES) picks the function; its flags are checked by
+    split_flags before anything runs. No mode: the fast-path checks (check), then the timing (speed)."""
     if "--help" in argv or "-h" in argv:
         print(__doc__.strip("\n"))
         return
@@ -881,6 +1028,10 @@ def main(argv):
         plan(argv)
     elif mode == "--real":
         real(rest, steps=int_flag(own, "steps", 3), media=own.get("media", "auto"))
+    elif mode == "--gpu":
+        if rest:
+            raise SystemExit(f"bench.py --gpu takes --L= only, got {' '.join(rest)}")
+        gpu_check(int_flag(own, "L", 4096))
     elif mode == "--vs_transformers":
         if [a for a in rest if not a.startswith("-")]:
             raise SystemExit(f"bench.py --vs_transformers takes flags only, got {' '.join(rest)}")

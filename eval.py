@@ -166,7 +166,7 @@ def normalize_answer(s):
 @torch.no_grad()
 def evaluate_shapes(model, tok, cfg, n_prompts=500, tasks=("point", "count", "qa"), batch_size=100,
                     blind=False, autocast=None, first_seed=0, max_new_tokens=96, max_objects=None,
-                    video_frames=None):
+                    video_frames=None, full_length=False):
     """Held-out shapes evaluation (seeds [first_seed, first_seed + n) of the eval range, which training never
     uses). blind=True replaces every image by a blank one: the image-blind baseline. max_objects (None: the
     world's 1..6): smaller image scenes, a diagnostic (shapes.make_example). Returns metrics and the raw
@@ -174,7 +174,9 @@ def evaluate_shapes(model, tok, cfg, n_prompts=500, tasks=("point", "count", "qa
 
     The model answers greedily, a batch of prompts at a time: every prompt is encoded as training encodes it,
     cut at "assistant\n", left-padded so all end in the last column, and generated until <|im_end|>.
-    metrics: {metric name (METRIC_NAMES): mean score}; records: [(task, question, answer, reference, score)]."""
+    metrics: {metric name (METRIC_NAMES): mean score}; records: [(task, question, answer, reference, score)].
+    full_length=True never stops an answer early (no stop token): every answer runs to its token limit, so the
+    eval takes as long as it ever can. train.fit_budget times such an eval to bound the real ones' cost."""
     # imported where they are used: the metric functions above need only numpy
     import shapes
     from data import collate, encode_example, parse_points
@@ -205,7 +207,7 @@ def evaluate_shapes(model, tok, cfg, n_prompts=500, tasks=("point", "count", "qa
             with autocast() if autocast else torch.autocast(dev.type, enabled=False):
                 # a track lists a point per frame: its budget grows with the longest video (4x at 11 frames)
                 n = max_new_tokens * (-(-4 * video_frames[1] // 11) if task == "track" else 1)
-                outs = model.generate(batch, n, stop_id=tok.chat_end)
+                outs = model.generate(batch, n, stop_id=-1 if full_length else tok.chat_end)
             # score each answer with its task's metric (module docstring), points read back from html-v2
             for ex, ids in zip(exs, outs):
                 ans = tok.decode(ids)

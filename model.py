@@ -153,8 +153,8 @@ class ViT(nn.Module):
         g = c.image_size // c.patch_size
         self.patch_embed = nn.Linear(3 * c.patch_size ** 2, c.vit_width)  # Molmo2: Linear(588 -> 1152)
         # Learned positional embedding (SigLIP), *initialised* from a 2-D sin-cos table so that position is
-        # readable from step 0: training from scratch, a random table leaves "where" unlearnable for long
-        # (DESIGN.md section 6, cause 3). Pretrained SigLIP weights simply overwrite it.
+        # readable from step 0: trained from scratch, a random table leaves "where" unlearnable for a long time
+        # (pointing needs it first). Pretrained SigLIP weights simply overwrite it.
         self.pos_embed = nn.Parameter(0.5 * sincos_2d(g, g, c.vit_width))
         self.blocks = nn.ModuleList(ViTBlock(c) for _ in range(c.vit_built))
         self.act_ckpt = False  # activation checkpointing (train.py act_ckpt): each block recomputed in backward
@@ -418,9 +418,9 @@ class Molmo2(nn.Module):
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * c.n_layer))
         # The ViT: LeCun-normal (std = fan_in^-0.5, flax's Dense default, which big_vision's SigLIP uses), with the
-        # residual branches scaled by depth. GPT-2's fixed 0.02 is ~1/4 of fan-in scale at width 128: trained from
-        # scratch on shapes (a throwaway probe: single objects, linear head on mean features, 300 steps) it named
-        # the shape 45% of the time, against 95% with this init. Pretrained SigLIP weights simply overwrite all of this.
+        # residual branches scaled by depth. GPT-2's fixed 0.02 is ~1/4 of fan-in scale at width 128, and a ViT
+        # trained from scratch from it learns shapes far more slowly (docs/experiments.md). Pretrained SigLIP
+        # weights simply overwrite all of this.
         for name, m in self.vit.named_modules():
             if isinstance(m, nn.Linear):
                 std = m.in_features ** -0.5
@@ -428,8 +428,8 @@ class Molmo2(nn.Module):
                     std /= math.sqrt(2 * c.vit_built)
                 nn.init.normal_(m.weight, std=std)
         # The projector's output is *added* to the <im_patch> embedding. With plain 0.02 init the SwiGLU
-        # product of two small terms starts ~1e-3 of the embedding's size: the LLM is blind for thousands of
-        # steps (DESIGN.md section 6, cause 1). Start them at or above the embedding's scale.
+        # product of two small terms starts ~1e-3 of the embedding's size, and the LLM learns to ignore the image
+        # for thousands of steps. Start them at or above the embedding's scale.
         for lin in (self.connector.wq, self.connector.wk, self.connector.wv, self.connector.wo,
                     self.connector.w1, self.connector.w3):
             nn.init.normal_(lin.weight, std=lin.in_features ** -0.5)  # variance-preserving (fan-in) init

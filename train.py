@@ -604,14 +604,15 @@ def pretrain_vit(model, C, dev, autocast, print=print):
 
 def fit_budget(C, step, step_s, t_start, evals, run_eval, print=print):
     """max_minutes: the run's total step count, decided once at `step` from the measured step time step_s and the
-    time spent since t_start. The evals' cost is measured too: one periodic eval now (its figures are not kept),
-    scaled to the final eval's prompts, twice with the blind baseline. The untrained model answers at full length,
-    so this over-estimates a little: the run ends a little early, never late. Every rank calls it (run_eval is
-    collective) and gets the same answer (rank 0's figures are broadcast)."""
+    time spent since t_start. The evals' cost is measured too: one periodic eval now, every answer generated to its
+    token limit (full_length: a trained model's answers stop earlier, an untrained one's may stop at once, so this is
+    the most an eval can cost; its figures are not kept), scaled to the final eval's prompts, twice with the blind
+    baseline. So the run ends a little early, never late. Every rank calls it (run_eval is collective) and gets the
+    same answer (rank 0's figures are broadcast)."""
     eval_s = final_s = 0.0
     if evals and C.eval_prompts:
         t = time.time()
-        run_eval(C.eval_prompts)
+        run_eval(C.eval_prompts, full_length=True)
         eval_s = time.time() - t
         final_s = eval_s * C.final_eval_prompts / C.eval_prompts * (2 if C.blind_baseline else 1)
     budget = 60 * C.max_minutes * BUDGET_MARGIN
@@ -905,7 +906,7 @@ class Trainer:
                 raise SystemExit(str(e)) from None
         self.saved_at = self.step
 
-    def run_eval(self, n, blind=False):
+    def run_eval(self, n, blind=False, full_length=False):
         """Held-out shapes eval of n prompts per task -> (metrics, records [(task, question, answer, reference,
         score)]). Rank 0 evaluates the whole model, single-process (no cp), with every CPU thread of the node's
         ranks; the others wait. Under FSDP2 the full weights are gathered into a plain copy first."""
@@ -925,7 +926,7 @@ class Trainer:
             try:
                 res = evaluate_shapes(ev, self.tok, self.mconf, n_prompts=n, tasks=C.eval_tasks, blind=blind,
                                       autocast=env.autocast if env.dtype != torch.float32 else None,
-                                      video_frames=C.video_frames)
+                                      video_frames=C.video_frames, full_length=full_length)
             finally:
                 ev.cp = cp
                 torch.set_num_threads(threads)
