@@ -14,7 +14,7 @@ Benchmarks and fast-path checks. Timing targets live here, never in tests.
     python bench.py --video                   # the video frame sampler vs decoding every frame (3-minute mp4)
     python bench.py --plan                    # per-GPU memory of stages 1-3 (real configs) over GPU layouts
     python bench.py --plan config/stage3.py --dp=2 --cp=4 --fsdp=True --act_ckpt=True   # one layout
-    python bench.py --losses out/a/ckpt.pt out/b/ckpt.pt [--n=10]   # two runs' first losses, side by side
+    python bench.py --losses out/a/ckpt.pt out/b/ckpt.pt [--n=10 --trust_checkpoint=True]   # two runs' losses
     python bench.py --gpu                     # the prepared check for a lent GPU (under 8 minutes): stage 1's real
                                               # shape in bf16, one stage-3 row (36,864 tokens, 384 frames) on one
                                               # GPU, the CUDA FlexAttention cp kernels against the reference
@@ -47,7 +47,6 @@ def build(argv):
     """The default mode's model: argv (a config file and/or --key=value, as train.py takes them) -> (cfg dict,
     tokenizer, ModelConfig, Molmo2 on the CPU with its fresh init). The vocabulary comes from the tokenizer, as
     train.py sizes it, so the batches of batch_stream fit the embedding."""
-    import data
     from model import Molmo2, ModelConfig
     cfg = train.configure(argv, {k: getattr(train, k) for k in train.CONFIG_KEYS})
     tok = train.make_tokenizer(cfg["tokenizer"], base_vocab=cfg["base_vocab"] or None)  # as train.py builds it
@@ -386,10 +385,13 @@ def plan(argv):
 
 def losses(argv):
     """The first n training losses of two checkpoints' runs and their largest difference: a torchrun run against
-    the one-process run of the same batches (README "Stage 3 and scale-out"). argv: two ckpt.pt paths and an
-    optional --n=N; the losses are the per-step ones train.py keeps in the checkpoint's history. The files are
-    read with the full unpickler (weights_only=False): only for checkpoints you wrote."""
+    the one-process run of the same batches, or a run before a change against the same run after it. argv: two
+    ckpt.pt paths, an optional --n=N and --trust_checkpoint=True; the losses are the per-step ones train.py keeps
+    in the checkpoint's history. The files are read as data only (checkpoint.load_checkpoint), unless
+    --trust_checkpoint=True (a checkpoint of yours written before its random states were plain data)."""
+    from checkpoint import CheckpointError, load_checkpoint
     n = next((int(a.split("=")[1]) for a in argv if a.startswith("--n=")), 10)
+    trust = "--trust_checkpoint=True" in argv
     paths = [a for a in argv if not a.startswith("--")]
     if len(paths) != 2:
         raise SystemExit("--losses needs two checkpoint paths")
@@ -397,7 +399,10 @@ def losses(argv):
     for p in paths:
         if not os.path.exists(p):
             raise SystemExit(f"--losses: checkpoint {p} not found")
-        runs.append(torch.load(p, map_location="cpu", weights_only=False)["history"]["loss"][:n])
+        try:
+            runs.append(load_checkpoint(p, trust=trust)["history"]["loss"][:n])
+        except CheckpointError as e:
+            raise SystemExit(f"--losses: {e}") from None
     if min(len(r) for r in runs) < n:
         raise SystemExit(f"--losses: the runs have {[len(r) for r in runs]} steps, fewer than --n={n}")
     for i, (a, b) in enumerate(zip(*runs)):
@@ -795,6 +800,7 @@ def vs_transformers(argv):
         hf = transformers.Molmo2ForConditionalGeneration.from_pretrained(d, dtype=torch.float32)
     ours, hf = ours.to(dev), hf.to(dev)
     ours.attn_impl = "sdpa"  # the dense bool mask, as transformers' sdpa path builds one
+    ours.attn_tile = train.attn_tile  # as train.py runs it: the dense mask a tile of queries at a time (TiledMask)
 
     # the batch: one example a row (one image, then text) filling seq_len, so both models see the same positions
     # (0 .. T-1) and the same mask (causal, vision tokens both ways); collated as training collates
@@ -824,7 +830,8 @@ def vs_transformers(argv):
 
     dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name()
     print(f"{dev_name}, {torch.get_num_threads()} threads; torch {torch.__version__}, transformers "
-          f"{transformers.__version__} (attention: {hf.config._attn_implementation}; ours sdpa, dense mask)")
+          f"{transformers.__version__} (attention: {hf.config._attn_implementation}; ours sdpa, dense mask, "
+          f"attn_tile {ours.attn_tile})")
     params = sum(p.numel() for p in ours.parameters())
     print(f"model: ViT {mconf.vit_width} x {mconf.vit_built} at {mconf.image_size} px / patch {mconf.patch_size}, "
           f"LLM d {mconf.d_model} x {mconf.n_layer} ({mconf.n_head} q / {mconf.n_kv_head} kv heads of "
@@ -897,7 +904,7 @@ def vs_transformers(argv):
 # each mode's own flags (read by bench.py), and the keys it hands to a configure (train.py's config keys where a
 # config is read; --vs_transformers' shape keys, VS_DEFAULTS, type-checked by the same configure)
 MODES = {None: ["steps"], "--real": ["steps", "media"], "--plan": ["dp", "cp", "fsdp", "act_ckpt", "loss_frac"],
-         "--losses": ["n"], "--video": [], "--vs_transformers": [], "--gpu": ["L"]}
+         "--losses": ["n", "trust_checkpoint"], "--video": [], "--vs_transformers": [], "--gpu": ["L"]}
 CONFIG_FLAGS = {None: train.CONFIG_KEYS, "--real": train.CONFIG_KEYS, "--plan": train.CONFIG_KEYS,
                 "--vs_transformers": list(VS_DEFAULTS)}
 

@@ -723,7 +723,9 @@ def ulysses_attention(q, k, v, group=None, causal=None, scale=None, impl="auto",
 
 class ContextParallel:
     """Context parallelism as the model sees it: a cp group and a scheme. mode 'ring': zigzag ring attention
-    (balanced causal work); 'ulysses': all-to-all over heads (contiguous shards; needs n_head % W == 0).
+    (it balances the work of a causal mask; under Molmo2's bidirectional vision mask the ring runs non-causal and
+    every block that the mask does not empty is computed, so the balance is then only approximate); 'ulysses', the
+    default (cp_mode): all-to-all over heads (contiguous shards; needs n_head % W == 0).
     The model builds the WHOLE sequence on every cp rank (text embeddings and vision features: the ranks of a
     cp group hold the same batch), then keeps its shard of every per-token tensor (shard): embeddings,
     positions, labels (already shifted by collate) and loss weights, all by the same permutation, padded

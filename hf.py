@@ -16,7 +16,7 @@ import struct
 import torch
 import torch.nn.functional as F
 
-from model import Molmo2, ModelConfig, rope, rope_inv_freq
+from model import Molmo2, ModelConfig, rope_inv_freq
 
 # The dtype strings of a safetensors header and the torch dtype of each. A tensor of any other dtype (F8_E4M3, U16,
 # ...) is refused by name rather than read as the wrong bytes. Data is little-endian, as on every host torch

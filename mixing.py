@@ -3,8 +3,8 @@ Mixing: which dataset each training example comes from.
 
 Two rules, both Molmo2's (Molmo2 code: olmo/data/data_loader.py _build_mixture; docs/molmo2.md, Mixing):
   fixed   stage 1: fixed ratios (dense captions 60% / pointing 30% / text 10%: docs/molmo2.md, Stages).
-  sqrt    stages 2 and 3: sqrt-proportional, w_i = sqrt(n_i) / sum_j sqrt(n_j), so a 1M-example set gets
-          10x, not 100x, the draws of a 10k one: big sets still lead, small ones are not drowned out.
+  sqrt    stages 2 and 3: sqrt-proportional, w_i ~ rate_i * sqrt(n_i) (within its group, below), so a 1M-example
+          set gets 10x, not 100x, the draws of a 10k one: big sets still lead, small ones are not drowned out.
 A mixture is written as groups, Molmo2's shape: {group: (group_rate, {dataset: rate})}. Inside a group a
 dataset's share is rate (fixed rule) or rate * sqrt(size) (sqrt rule), normalised within the group and then
 multiplied by the group rate, so the groups keep their rates whatever their sizes. Flat {dataset: rate}
@@ -22,8 +22,8 @@ import numpy as np
 
 
 def capped_size(n, cap=None):
-    """The size the sqrt rule uses: the cap itself when it is an int (Molmo2), n * cap when it is a
-    fraction below 1, else n."""
+    """The size the sqrt rule uses: n * cap when the cap is below 1 (a fraction), else the cap itself (Molmo2's
+    int caps; note a cap of 1 or 1.0 means a size of 1, not "uncapped": leave a dataset out of caps for that)."""
     if cap is None:
         return n
     return n * cap if cap < 1 else cap

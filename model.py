@@ -317,7 +317,9 @@ def may_attend(doc_q, doc_k, vis_q, vis_k, q, k, bidir):
     (Molmo2 bi_directional_attn="image_tokens"); padding keys are never seen. The diagonal stays open so a pad
     query row is never empty (an all-False row would make softmax NaN).
     The one definition of the mask: the dense blocks (attention_mask_block) and FlexAttention's mask_mod
-    (molmo2_mask_mod) both evaluate it."""
+    (molmo2_mask_mod) both evaluate it.
+    A vision token is any id at or above base_vocab (the extra rows): the <im_patch> slots and the structure tokens
+    around them (<im_start>, <im_col>, <im_end>, <frame_start>, <frame_end>); a frame's time text is ordinary text."""
     ok = q >= k
     if bidir:
         ok = ok | (vis_q & vis_k)

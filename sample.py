@@ -145,6 +145,8 @@ def main(argv=None):
         else:
             frames, times = data.load_video(a.video, a.max_frames)
             prompt = a.prompt or shapes.TRACK_PROMPT.format(label="objects")
+        n = data.vision_token_counts(mc)["frame"]
+        print(f"{len(frames)} frames at {mc.image_size} px: {n} LLM tokens each, + 4-7 for its time text")
         text = answer(model, tok, mc, dict(video=dict(frames=frames, times=times)), prompt, a.max_new_tokens or 512,
                       a.temperature, a.seed)
         # tracks come back as (t, id, x, y): drawn frame by frame, one colour per id

@@ -9,8 +9,8 @@ One scene = 1..6 non-overlapping objects on a plain background. Each object has 
 a colour (5 kinds) and a size (radius varies 2x). We keep each object's exact pixel mask, so pointing is
 scored the way Molmo2's PointingEval scores it: a predicted point is a hit if it lands inside the mask.
 
-Tasks (the tag picks the per-task loss weight: caption 1.0, QA 1.0, counting 1.5, pointing and tracking 2.0,
-docs/molmo2.md, Loss weighting):
+Tasks (the tag picks the per-task loss weight; the targets are caption 1.0, QA 1.0, counting 1.5, pointing and
+tracking 2.0, docs/molmo2.md, Loss weighting; config/shapes_stage1.py raises QA's to 6.0 for its one-word answers):
   caption   "Describe this image."            -> dense description from the scene graph
   qa        "What colour is the star?"        -> "red"           (only asked when the answer is unique)
   point     "Point to the red circles ..."    -> Molmo2 html-v2 points, or "There are none."

@@ -73,9 +73,9 @@ max_minutes = 0.0               # wall-clock budget of the whole run (0 = off): 
                                 # its step count to fit (max_steps the upper bound) and lays the schedule over it
 blind_baseline = True           # after the final eval, evaluate again with blank images (what the image adds)
 # data
-dataset = "shapes"              # 'shapes': the built-in world; anything else: local copies (data_paths, data.READERS)
-data_paths = {}                 # real data: mixture dataset name -> its local jsonl copy (data.read_dataset)
-media_root = ""                 # real data: the images (data.media_path of each URL) and videos (<video id>.mp4)
+dataset = "shapes"              # 'shapes': the built-in world; anything else: local copies (data_paths, readers.READERS)
+data_paths = {}                 # real data: mixture dataset name -> its local jsonl copy (readers.read_dataset)
+media_root = ""                 # real data: the images (readers.media_path of each URL) and videos (<video id>.mp4)
 mixture = {"captions": (0.6, {"caption": 1.0, "qa": 1.0}),   # stage 1 (docs/molmo2.md): captions 60% (QA on the
            "pointing": (0.3, {"point": 1.0, "count": 1.0}),  # same scenes, PixMo-CapQA style), pointing 30%
            "text": (0.1, {"text": 1.0})}                     # (points and point-then-count), text 10%
@@ -406,11 +406,15 @@ def check_against_checkpoint(cfg, given, mc, saved_cfg, source, print=print):
 
 
 def mixture_of(C):
-    """(weights, sizes) from the config: the fixed or the sqrt-proportional rule (mixing.py)."""
+    """(weights, sizes) from the config: the weights by the fixed or the sqrt-proportional rule (mixing.py); the
+    sizes the sampler walks (shuffled epochs of each finite dataset): the local copies' sizes for real data
+    whatever the rule, the configured sizes under the sqrt rule, else None (shapes tasks are procedural: an index
+    is a scene seed)."""
     import mixing
     sizes = C.dataset_sizes if C.mixing_rule == "sqrt" else None
+    walk = C.dataset_sizes if C.dataset != "shapes" else sizes
     try:
-        return mixing.mixture_weights(C.mixture, sizes, C.dataset_caps), sizes
+        return mixing.mixture_weights(C.mixture, sizes, C.dataset_caps), walk
     except ValueError as e:
         raise SystemExit(f"mixture: {e}") from None
 
@@ -430,16 +434,16 @@ def missing_paths(C):
 
 
 def load_datasets(C, log):
-    """Real data: every dataset the mixture names, read from its local copy (data.read_dataset: grouped per image,
+    """Real data: every dataset the mixture names, read from its local copy (readers.read_dataset: grouped per image,
     malformed rows and missing media skipped and counted, one summary line each). Returns {name: examples}."""
-    import data
+    import readers
     names = [n for _, leaves in C.mixture.values() for n in leaves]
     missing = [n for n in names if n not in C.data_paths]
     if missing:
         raise SystemExit(f"data_paths has no local copy for {missing} (the mixture names them): set data_paths = "
-                         f"{{name: 'path/to/rows.jsonl'}}; readers exist for {', '.join(sorted(data.READERS))}")
+                         f"{{name: 'path/to/rows.jsonl'}}; readers exist for {', '.join(sorted(readers.READERS))}")
     try:
-        return {n: data.read_dataset(n, C.data_paths[n], C.media_root, log)[0] for n in names}
+        return {n: readers.read_dataset(n, C.data_paths[n], C.media_root, log)[0] for n in names}
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(str(e)) from None
 
@@ -793,6 +797,11 @@ def build_model(C, mconf, start, print=print):
     counts = model.param_counts()
     print("parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()) +
           f", total {sum(counts.values()) / 1e6:.2f}M")
+    import data
+    n = data.vision_token_counts(mconf)
+    print(f"vision tokens: an image is {n['image']} LLM tokens" + (" a crop (multi-crop: more)" if mconf.max_crops else "")
+          + f", a video frame {n['frame']} + 4-7 for its time text ({mconf.image_size} px, patch {mconf.patch_size}, "
+          f"{mconf.pool_h}x{mconf.pool_w} / {mconf.video_pool_h}x{mconf.video_pool_w} pooling)")
     return model
 
 

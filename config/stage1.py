@@ -8,10 +8,10 @@ mixture = {"captions": (0.6, {"pixmo_cap": 1.0}),
            "pointing": (0.3, {"pixmo_points": 1.0}),
            "text": (0.1, {"tulu": 1.0})}
 dataset_sizes = {"pixmo_cap": 710_000, "pixmo_points": 1_000_000, "tulu": 980_000}  # target example counts
-# Local copies (data.read_dataset; a missing file stops the run before the model is built). When read, their
+# Local copies (readers.read_dataset; a missing file stops the run before the model is built). When read, their
 # own sizes replace dataset_sizes. Override: --data_paths="{'pixmo_cap': '/data/pixmo_cap.jsonl', ...}" --media_root=...
 data_paths = {name: f"data/{name}.jsonl" for _, leaves in mixture.values() for name in leaves}
-media_root = "data/media"  # images at data.media_path(media_root, url), videos at <media_root>/<video id>.mp4
+media_root = "data/media"  # images at readers.media_path(media_root, url), videos at <media_root>/<video id>.mp4
 seq_len = 4096             # docs/molmo2.md, Stages: 4,096 tokens a row
 batch_size = 32            # rows per GPU
 grad_accum = 4             # 32 rows x 4 GPUs x 4 = 512 rows a step

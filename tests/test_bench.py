@@ -139,3 +139,16 @@ def test_vs_transformers_same_weights_same_loss(capsys, monkeypatch):
     monkeypatch.setattr(H, "export_hf_molmo2", altered)
     with pytest.raises(SystemExit, match="the fp32 losses differ"):
         bench.vs_transformers(TINY_VS)
+
+
+def test_gpu_checks_cp_kernels_against_the_reference_on_a_cpu(monkeypatch):
+    """bench.py --gpu's kernel part, run here on the CPU (FlexAttention eager, its CPU backward check lifted as
+    tests/test_cp.py does): the flex blocks and their gradients equal the fp64 reference, fp32 within 1e-5."""
+    import torch.nn.attention.flex_attention as fa
+    monkeypatch.setattr(fa, "_validate_device", lambda q, k, v: None)
+    worst = bench.cp_kernels_vs_reference(torch.device("cpu"), L=256, heads=4, kv_heads=2, hd=16,
+                                          dtypes=(torch.float32,))
+    assert worst[torch.float32] < 1e-5
+    if not torch.cuda.is_available():  # the whole check is for a GPU: on a CPU, one clear line
+        with pytest.raises(SystemExit, match="needs a CUDA device"):
+            bench.gpu_check()

@@ -568,11 +568,11 @@ def test_multicrop_token_counts_match_molmo2(tok):
 def _fixture(tmp_path, rows, images):
     """A jsonl file of raw lines and a media folder: images {url: (w, h) or b'bytes'} saved where media_path
     says a download script would put them."""
-    import data
+    import readers
     media = tmp_path / "media"
     media.mkdir(exist_ok=True)
     for url, what in images.items():
-        p = data.media_path(str(media), url)
+        p = readers.media_path(str(media), url)
         if isinstance(what, bytes):
             open(p, "wb").write(what)
         else:
@@ -589,6 +589,7 @@ def test_pixmo_readers_group_scale_and_skip(tmp_path, tok, cfg):
     file:line; the examples encode."""
     import json
     import data
+    import readers
     u1, u2, u3 = "http://x/a/image.jpg", "http://y/b/image.jpg", "http://z/c.png"
     rows = [json.dumps(dict(image_url=u1, label="dog", points=[{"x": 50, "y": 25}], collection_method="pointing")),
             json.dumps(dict(image_url=u1, label="cat", points=[], collection_method="pointing")),
@@ -601,7 +602,7 @@ def test_pixmo_readers_group_scale_and_skip(tmp_path, tok, cfg):
             json.dumps(dict(image_url=u3, label="dog", points=[]))]                   # unreadable image file
     path, media = _fixture(tmp_path, rows, {u1: (200, 100), u2: (100, 100), u3: b"not an image"})
     lines = []
-    exs, counts = data.read_dataset("pixmo_points", path, media, log=lines.append)
+    exs, counts = readers.read_dataset("pixmo_points", path, media, log=lines.append)
     assert (counts["rows"], counts["malformed"], counts["missing media"]) == (3, 3, 2)
     assert f"{path}:4: JSONDecodeError" in lines[0] and f"{path}:7: http://gone/x.jpg" in lines[0]
     point, count = exs
@@ -618,45 +619,46 @@ def test_pixmo_readers_group_scale_and_skip(tmp_path, tok, cfg):
     import pyarrow.parquet as pq
     good = [json.loads(r) for r in rows if r.startswith("{") and r.endswith("}") and "[[" not in r]
     pq.write_table(pa.Table.from_pylist(good), str(tmp_path / "points.parquet"))
-    pexs, pcounts = data.read_dataset("pixmo_points", str(tmp_path / "points.parquet"), media, log=lambda s: None)
+    pexs, pcounts = readers.read_dataset("pixmo_points", str(tmp_path / "points.parquet"), media, log=lambda s: None)
     assert pexs == exs and (pcounts["rows"], pcounts["malformed"], pcounts["missing media"]) == (3, 1, 2)
 
 
 def test_caption_count_and_text_readers(tmp_path):
     import json
     import data
+    import readers
     u = "http://x/p.jpg"
     cap = [json.dumps(dict(image_url=u, caption="A red square.", transcripts=[])),
            json.dumps(dict(image_url=u, caption=""))]                                 # empty caption
     path, media = _fixture(tmp_path, cap, {u: (64, 64)})
-    exs, counts = data.read_dataset("pixmo_cap", path, media, log=lambda s: None)
-    assert exs == [dict(task="caption", image=data.media_path(media, u),
+    exs, counts = readers.read_dataset("pixmo_cap", path, media, log=lambda s: None)
+    assert exs == [dict(task="caption", image=readers.media_path(media, u),
                         turns=[("Describe this image in detail.", "A red square.")])] and counts["malformed"] == 1
     cnt = [json.dumps(dict(image_url=u, label="dots", count=3)),                         # eval split: no points
            json.dumps(dict(image_url=u, label="dots", count=2, points=[{"x": 1, "y": 1}]))]  # 2 != 1 point
     path, media = _fixture(tmp_path, cnt, {u: (64, 64)})
-    exs, counts = data.read_dataset("pixmo_count", path, media, log=lambda s: None)
+    exs, counts = readers.read_dataset("pixmo_count", path, media, log=lambda s: None)
     assert exs[0]["turns"] == [(data.COUNT_PROMPT.format(label="dots"), "3")] and counts["malformed"] == 1
     msgs = [json.dumps(dict(messages=[dict(role="system", content="Be brief."), dict(role="user", content="Hi"),
                                       dict(role="assistant", content="Hello.")])),
             json.dumps(dict(messages=[dict(role="assistant", content="out of turn")]))]
     path, _ = _fixture(tmp_path, msgs, {})
-    exs, counts = data.read_dataset("tulu", path, log=lambda s: None)
+    exs, counts = readers.read_dataset("tulu", path, log=lambda s: None)
     assert exs[0]["turns"] == [("Be brief.\nHi", "Hello.")] and counts["malformed"] == 1
     with pytest.raises(ValueError, match="nothing readable"):
-        data.read_dataset("tulu", _fixture(tmp_path, msgs[1:], {})[0], log=lambda s: None)
+        readers.read_dataset("tulu", _fixture(tmp_path, msgs[1:], {})[0], log=lambda s: None)
     with pytest.raises(ValueError, match="no reader for dataset 'pixmo_nope'"):
-        data.read_dataset("pixmo_nope", path)
+        readers.read_dataset("pixmo_nope", path)
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
-        data.read_dataset("tulu", str(tmp_path / "missing.jsonl"))
+        readers.read_dataset("tulu", str(tmp_path / "missing.jsonl"))
     (tmp_path / "t.parquet").write_bytes(b"PAR1\x15\x04" + bytes(range(200)) + b"PAR1")  # a damaged parquet
     with pytest.raises(ValueError, match=r"cannot read parquet file .*t.parquet"):
-        data.read_dataset("tulu", str(tmp_path / "t.parquet"))
+        readers.read_dataset("tulu", str(tmp_path / "t.parquet"))
     import sys
     from unittest import mock
     with mock.patch.dict(sys.modules, {"pyarrow": None, "pyarrow.parquet": None}):  # as without pyarrow
         with pytest.raises(ValueError, match=r"t.parquet is parquet, which needs pyarrow .* convert it to jsonl"):
-            data.read_dataset("tulu", str(tmp_path / "t.parquet"))
+            readers.read_dataset("tulu", str(tmp_path / "t.parquet"))
 
 
 def test_molmo2_video_and_multi_image_readers(tmp_path, tok, cfg):
@@ -665,6 +667,7 @@ def test_molmo2_video_and_multi_image_readers(tmp_path, tok, cfg):
     MultiImageQA (2-5 images, question/answer lists); missing videos skipped and counted; a track encodes."""
     import json
     import data
+    import readers
     media = tmp_path / "media"
     media.mkdir()
     frames = [Image.new("RGB", (32, 32), (10 * i, 0, 0)) for i in range(4)]
@@ -673,7 +676,7 @@ def test_molmo2_video_and_multi_image_readers(tmp_path, tok, cfg):
     def read(name, rows):
         f = tmp_path / f"{name}.jsonl"
         f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-        return data.read_dataset(name, str(f), str(media), log=lambda s: None)
+        return readers.read_dataset(name, str(f), str(media), log=lambda s: None)
     exs, c = read("molmo2_videopoint", [
         dict(video_id="vid1", label="dog", two_fps_timestamps=[0.0, 0.5, 1.0],
              points=[[{"x": 50, "y": 25}], [], [{"x": 10, "y": 90}, {"x": 20, "y": 90}]]),
@@ -699,7 +702,7 @@ def test_molmo2_video_and_multi_image_readers(tmp_path, tok, cfg):
                                         NegativeAnswers=["the sky", "a cat"]),
                                    dict(video_id="vid1", Question="?", Answer="x", NegativeAnswers="no list")])
     (q, a), = exs[0]["turns"]  # row 1: the answer at place 1 % 3 = 1, letter B
-    assert q == data.MC_PROMPT.format(question="What is dark?", options="A. the sky\nB. the clip\nC. a cat")
+    assert q == readers.MC_PROMPT.format(question="What is dark?", options="A. the sky\nB. the clip\nC. a cat")
     assert a == "B" and c["malformed"] == 1
     exs, c = read("molmo2_cap", [dict(video_id="vid1", annotation_score=4, merged_caption="A dark clip."),
                                  dict(video_id="vid1", annotation_score=2, merged_caption="Low score.")])
@@ -714,7 +717,7 @@ def test_molmo2_video_and_multi_image_readers(tmp_path, tok, cfg):
     assert [len(read(n, rows)[0]) for n in ("videopoint_6_25", "videopoint_26_60")] == [1, 1]
     urls = ["http://a/1.png", "http://a/2.png"]
     for u in urls:
-        Image.new("RGB", (16, 16)).save(data.media_path(str(media), u))
+        Image.new("RGB", (16, 16)).save(readers.media_path(str(media), u))
     exs, c = read("molmo2_multiqa", [dict(image_urls=urls, qa_pairs=dict(question=["Same?"], answer=["Yes"])),
                                      dict(image_urls=urls[:1], qa_pairs=dict(question=["?"], answer=["!"]))])
-    assert exs[0]["images"] == [data.media_path(str(media), u) for u in urls] and c["malformed"] == 1
+    assert exs[0]["images"] == [readers.media_path(str(media), u) for u in urls] and c["malformed"] == 1

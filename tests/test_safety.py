@@ -190,17 +190,18 @@ def broken_media_copies(tmp_path, n_good=12):
     import json
     from PIL import Image
     import data
+    import readers
     media = tmp_path / "media"
     media.mkdir()
     rows = []
     for i in range(n_good):
         url = f"http://img/{i}.png"
-        Image.new("RGB", (40, 30), (20 * i, 90, 30)).save(data.media_path(str(media), url))
+        Image.new("RGB", (40, 30), (20 * i, 90, 30)).save(readers.media_path(str(media), url))
         rows.append(dict(image_url=url, caption=f"A picture of shade {i}."))
-    Image.effect_noise((64, 64), 50).convert("RGB").save(data.media_path(str(media), "http://img/cut.png"))
-    whole = open(data.media_path(str(media), "http://img/cut.png"), "rb").read()
-    open(data.media_path(str(media), "http://img/cut.png"), "wb").write(whole[: len(whole) // 2])
-    open(data.media_path(str(media), "http://img/empty.jpg"), "wb").close()
+    Image.effect_noise((64, 64), 50).convert("RGB").save(readers.media_path(str(media), "http://img/cut.png"))
+    whole = open(readers.media_path(str(media), "http://img/cut.png"), "rb").read()
+    open(readers.media_path(str(media), "http://img/cut.png"), "wb").write(whole[: len(whole) // 2])
+    open(readers.media_path(str(media), "http://img/empty.jpg"), "wb").close()
     rows += [dict(image_url="http://img/cut.png", caption="Cut."), dict(image_url="http://img/empty.jpg", caption="0.")]
     frames = [np.full((32, 32, 3), 40 * k, dtype=np.uint8) for k in range(4)]
     vids = []

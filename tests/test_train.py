@@ -383,16 +383,16 @@ def test_eval_tasks_must_be_scorable(tmp_path):
 
 
 def test_training_on_local_dataset_copies(tmp_path):
-    """dataset != 'shapes': the mixture's datasets come from local jsonl copies (data.read_dataset) and train; the
+    """dataset != 'shapes': the mixture's datasets come from local jsonl copies (readers.read_dataset) and train; the
     sqrt rule takes their sizes from the copies; a dataset without a path is a clear error, naming it."""
     import json
     from PIL import Image
-    import data
+    import readers
     media = tmp_path / "media"
     media.mkdir()
     urls = [f"http://img/{i}.jpg" for i in range(4)]
     for i, u in enumerate(urls):
-        Image.new("RGB", (40, 30), (60 * i, 90, 30)).save(data.media_path(str(media), u))
+        Image.new("RGB", (40, 30), (60 * i, 90, 30)).save(readers.media_path(str(media), u))
     files = {"pixmo_cap": [dict(image_url=u, caption=f"A picture of shade {i}.") for i, u in enumerate(urls)],
              "pixmo_points": [dict(image_url=u, label="dot", points=[{"x": 4 * i, "y": 5}]) for i, u in enumerate(urls)],
              "tulu": [dict(messages=[dict(role="user", content="Hi?"), dict(role="assistant", content="Hello.")])] * 3}
