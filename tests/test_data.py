@@ -545,7 +545,7 @@ def test_tokenizer_json_errors(tmp_path):
 
 
 def test_multicrop_token_counts_match_molmo2(tok):
-    """Molmo2's worked examples (molmo2_reference.md 1.6; 378 px crops, patch 14, 2x2 pooling, max_crops 8,
+    """Molmo2's worked examples (its preprocessing code's multi-crop layout, docs/molmo2.md; 378 px crops, patch 14, 2x2 pooling, max_crops 8,
     margins 4): 378 x 378 -> 1 x 1 tiling, 410 tokens (198 + 212); 500 x 1000 (height x width) -> 2 x 4, 1,189
     (198 + 991); 480 x 640 -> 2 x 2, 752 (198 + 554). A tall image tiles the other way round."""
     import data
@@ -563,7 +563,7 @@ def test_multicrop_token_counts_match_molmo2(tok):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# dataset readers (local copies; molmo2_reference.md section 6)
+# dataset readers (readers.py: local copies of the real datasets; docs/real_data.md)
 
 def _fixture(tmp_path, rows, images):
     """A jsonl file of raw lines and a media folder: images {url: (w, h) or b'bytes'} saved where media_path

@@ -282,7 +282,7 @@ def test_image_feature_scale_at_init(tok, make_cfg, default_dims):
         feats = m.connector(m.vit(b["pixel_values"][b["image_mask"]]).flatten(0, 1), b["pool_idx"])
         emb = m.llm.embed_tokens(torch.tensor([tok.im_patch]))[0]
     assert feats.shape == (int((b["input_ids"] == tok.im_patch).sum()), c.d_model)
-    # The lower bound is the point (features ~1e-3 of the embedding leave the LLM blind, DESIGN.md 6); with the
+    # The lower bound is the point (features ~1e-3 of the embedding leave the LLM blind for thousands of steps); with the
     # ViT's LeCun init the features start 7-16x the embedding (init seeds 0-5; RMSNorm rescales the sum), so the
     # upper bound only catches a runaway scale
     ratio = float(feats.norm(dim=-1).mean() / emb.norm())

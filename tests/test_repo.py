@@ -8,7 +8,8 @@ import tokenize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOP = sorted(f for f in os.listdir(ROOT) if f.endswith(".py"))
-OUTSIDE = re.compile(r"DESIGN|molmo2_reference|shared/|anchors\.md|context_parallel\.md|issue", re.IGNORECASE)
+# (written with a [] around one letter of each, so that this file does not match its own pattern)
+OUTSIDE = re.compile(r"DESIG[N]|molmo2_referenc[e]|share[d]/|anchors\.m[d]|context_parallel\.m[d]|issu[e]", re.IGNORECASE)
 MIN_COMMENT_SHARE = 0.20
 
 
@@ -49,10 +50,10 @@ def test_no_file_points_outside_the_repository():
     hits = []
     for dirpath, _, files in os.walk(ROOT):
         rel = os.path.relpath(dirpath, ROOT)
-        if rel.startswith((".", "docs", "out", "tests")) and rel != ".":
+        if rel.startswith((".", "docs", "out")) and rel != ".":
             continue
         for f in files:
-            if f.endswith((".py", ".md")) and (rel == "." or rel.startswith("config")):
+            if f.endswith((".py", ".md")) and (rel == "." or rel.startswith(("config", "tests"))):
                 for i, line in enumerate(open(os.path.join(dirpath, f)), 1):
                     if OUTSIDE.search(line):
                         hits.append(f"{os.path.join(rel, f)}:{i}: {line.strip()[:80]}")
