@@ -11,6 +11,9 @@ Benchmarks and fast-path checks. Timing targets live here, never in tests.
     python bench.py --vs_transformers [--steps=3 --warmup=1 --batch_size=8 --seq_len=512 --d_model=384 ...]
                                               # the same weights and batch through transformers' Molmo2 and ours:
                                               # equal losses, then training steps timed side by side
+    python bench.py --step config/shapes_stage1.py [--steps=6 --with_compile=True --dtype=float32]
+                                              # a CPU step: the full T x T attention against attn_tile's, (and
+                                              # compiled), interleaved, MFU, and the profiler's top operators
     python bench.py --video                   # the video frame sampler vs decoding every frame (3-minute mp4)
     python bench.py --plan                    # per-GPU memory of stages 1-3 (real configs) over GPU layouts
     python bench.py --plan config/stage3.py --dp=2 --cp=4 --fsdp=True --act_ckpt=True   # one layout
@@ -27,7 +30,7 @@ Checks: the same weights and batch on (cpu fp32 sdpa, the reference) vs cpu bf16
 (eager), cuda fp32, cuda bf16, cuda bf16 FlexAttention (compiled): loss, logits and gradients, as max abs
 differences. Timing: optimizer steps/s, tokens/s, MFU, peak memory,
 and the share of the step spent making data. dtype and attn_impl 'auto' resolve as in training
-(train.resolve_dtype, model.resolve_attn_impl); MFU is against train.peak_flops in the dtype the step runs in.
+(machine.resolve_dtype, model.resolve_attn_impl); MFU is against machine.peak_flops in the dtype the step runs in.
 
 --real: random weights, random pixels and token ids, packed rows of the config's seq_len (several examples a
 row, doc ids, positions restarting per example, one image per example with its <im_patch> slots, or for a
@@ -40,6 +43,7 @@ import time
 
 import torch
 
+import machine
 import train
 
 
@@ -126,11 +130,12 @@ def resolve_attn(name, dev):
 
 
 def train_dtype(cfg, dev):
-    """The autocast dtype of config key dtype on dev, as train.py resolves it (train.resolve_dtype: 'auto' = bf16 on
+    """The autocast dtype of config key dtype on dev, as train.py resolves it (machine.resolve_dtype: 'auto' = bf16 on
     CUDA, on a CPU the faster of bf16 and fp32 here, printed); an unknown name is a one-line SystemExit."""
-    if cfg["dtype"] not in ("auto", "bfloat16", "float16", "float32"):
-        raise SystemExit(f"dtype must be one of auto, bfloat16, float16, float32; got {cfg['dtype']!r}")
-    return train.resolve_dtype(cfg["dtype"], dev)
+    try:
+        return machine.resolve_dtype(cfg["dtype"], dev)
+    except ValueError as e:
+        raise SystemExit(f"config key 'dtype': {e}") from None
 
 
 def sync(dev):
@@ -144,15 +149,16 @@ def speed(cfg, tok, mconf, model, steps):
     loop's own stream (batch_stream), plain AdamW, each step = fetch + move the batch, forward, backward, step.
     Unlike --real (best of n), the figures are totals over all the timed steps, so data time is included and
     shown as its share: tok/s counts real (non-pad) tokens, MFU = model.flops of every timed batch over the
-    timed seconds, divided by train.peak_flops in the step's dtype. Prints one line."""
+    timed seconds, divided by machine.peak_flops in the step's dtype. Prints one line."""
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dt = train_dtype(cfg, dev)  # 'auto' (the default): bf16 on CUDA, the faster of bf16 and fp32 on a CPU
     model = model.to(dev)
     model.attn_impl = resolve_attn(cfg["attn_impl"], dev)
     model.act_ckpt = model.vit.act_ckpt = cfg["act_ckpt"]
     model.loss_chunk = cfg["loss_chunk"]
+    model.attn_tile = cfg["attn_tile"]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    peak = train.peak_flops(dev, dt)  # the peak of the dtype the matmuls run in: MFU is against what it can do
+    peak = machine.peak_flops(dev, dt)  # the peak of the dtype the matmuls run in: MFU is against what it can do
     t_data = t_all = 0.0
     tokens = flops = cells = examples = 0
     if dev.type == "cuda":
@@ -184,6 +190,56 @@ def speed(cfg, tok, mconf, model, steps):
           f"{tokens / t_all:,.0f} tok/s ({100 * tokens / cells:.0f}% non-pad), {examples / t_all:.1f} examples/s, "
           f"MFU {100 * flops / t_all / peak:.1f}% of {peak / 1e12:.2f} TFLOP/s ({dname}), "
           f"data {100 * t_data / t_all:.0f}% of step time{mem}")
+
+
+def cpu_step(cfg, tok, mconf, model, steps, with_compile=False):
+    """--step: where a training step's time goes on this CPU, and what the fast paths buy. Forward + backward of the
+    training stream's batches, with the whole T x T attention (attn_tile=0) against the config's attn_tile
+    (model.TiledMask), and with with_compile also torch.compile'd (its compilation timed apart), interleaved step by
+    step (a shared machine slows every variant alike), best and median of `steps`; MFU = model.flops over the
+    measured matmul rate of the dtype. Then torch.profiler's top operators over two steps of each attention."""
+    from torch.profiler import ProfilerActivity, profile
+    dev = torch.device("cpu")
+    dt = train_dtype(cfg, dev)
+    get_batch = batch_stream(cfg, tok, mconf)
+    batches = [get_batch() for _ in range(4)]
+    fl = sum(model.flops(b) for b in batches) / len(batches)  # forward + backward (3x the forward)
+    variants = {"attn_tile=0": (model, 0), f"attn_tile={cfg['attn_tile']}": (model, cfg["attn_tile"])}
+
+    def step(m, tile, b):
+        model.attn_tile = tile
+        with torch.autocast("cpu", dtype=dt, enabled=dt != torch.float32):
+            ls, ws = m(b)
+        (ls / ws).backward()
+        model.zero_grad(set_to_none=True)
+    if with_compile:
+        compiled, t = torch.compile(model), time.perf_counter()
+        for b in batches[:3]:  # rows and image counts vary: a few shapes to compile for
+            step(compiled, cfg["attn_tile"], b)
+        print(f"torch.compile: {time.perf_counter() - t:.0f} s for its first three steps")
+        variants[f"attn_tile={cfg['attn_tile']}, compiled"] = (compiled, cfg["attn_tile"])
+    times = {k: [] for k in variants}
+    for m, tile in variants.values():
+        step(m, tile, batches[0])  # warm-up
+    for i in range(steps):
+        for k, (m, tile) in variants.items():
+            t = time.perf_counter()
+            step(m, tile, batches[i % len(batches)])
+            times[k].append(time.perf_counter() - t)
+    peak = machine.matmul_rate(dt)
+    print(f"{cpu_name()}, {str(dt).split('.')[-1]}: a {cfg['batch_size']} x {cfg['seq_len']} step, forward + backward, "
+          f"{fl / 1e9:.1f} GFLOP; matmul peak {peak / 1e9:.0f} GFLOP/s; best and median of {steps}, interleaved")
+    for k, v in times.items():
+        best, med = min(v), sorted(v)[len(v) // 2]
+        print(f"  {k:<26} best {1e3 * best:6.0f} ms  median {1e3 * med:6.0f} ms  MFU {100 * fl / best / peak:5.1f}%")
+    for tile in (0, cfg["attn_tile"]):
+        with profile(activities=[ProfilerActivity.CPU]) as p:
+            for b in batches[1:3]:
+                step(model, tile, b)
+        ops = sorted(p.key_averages(), key=lambda e: -e.self_cpu_time_total)
+        total = sum(e.self_cpu_time_total for e in ops)
+        print(f"  attn_tile={tile}, top operators by self CPU time (two steps): " + ", ".join(
+            f"{e.key.replace('aten::', '')} {100 * e.self_cpu_time_total / total:.0f}%" for e in ops[:7]))
 
 
 def video(seconds=180, fps=30, size=(320, 240)):
@@ -425,10 +481,7 @@ def vision_ids(base_vocab):
     data.Tokenizer's: im_patch, im_col, im_start, low_res_im_start, im_end, frame_start, frame_end)."""
     import types
     import data
-    names = ["im_patch", "im_col", "im_start", "low_res_im_start", "im_end", "frame_start", "frame_end", "image",
-             "video"]
-    assert len(names) == len(data.VISION_TOKENS)
-    return types.SimpleNamespace(**{n: base_vocab + i for i, n in enumerate(names)})
+    return types.SimpleNamespace(**{data.TOKEN_ATTRS[t]: base_vocab + i for i, t in enumerate(data.VISION_TOKENS)})
 
 
 def vision_unit(mconf, ids, video):
@@ -558,7 +611,7 @@ def timed(fn, n, dev):
 
 def real(argv, steps=3, media="auto"):
     """--real: the stage config's real-width model on synthetic batches of its shape (synthetic_batch), one
-    process. Prints step time, tokens/s, MFU (model.flops over train.peak_flops in the run's dtype), peak memory,
+    process. Prints step time, tokens/s, MFU (model.flops over machine.peak_flops in the run's dtype), peak memory,
     and the step's parts, each run and timed alone after a warm-up:
       ViT + connector   forward + backward of the vision path on the batch's images, a random output gradient
       embed + LLM       the token embeddings, every block and the final norm (mask and RoPE included), forward +
@@ -647,9 +700,9 @@ def real(argv, steps=3, media="auto"):
     # MFU = model FLOPs per second over peak FLOP/s. Numerator: model.flops / step time, the step's work counted
     # from the shapes (3x the forward: matmuls at 2*m*n*k, attention as dense T x T per row), not what runs:
     # act_ckpt's recomputation is not in it, while attention's masked-out part is (a causal or block-sparse
-    # kernel skips it). Denominator: train.peak_flops, the datasheet's dense figure for the dtype on a GPU, the
+    # kernel skips it). Denominator: machine.peak_flops, the datasheet's dense figure for the dtype on a GPU, the
     # measured matmul rate on a CPU.
-    peak = train.peak_flops(dev, dt)
+    peak = machine.peak_flops(dev, dt)
     flops = model.flops(b)
     tokens = int(b["attention_mask"].sum())  # real tokens: every one, as the synthetic rows are full
     print(f"step {t_step * 1e3:,.0f} ms (best of {steps} after 1 warm-up) | {tokens / t_step:,.0f} tok/s | MFU "
@@ -904,8 +957,10 @@ def vs_transformers(argv):
 # each mode's own flags (read by bench.py), and the keys it hands to a configure (train.py's config keys where a
 # config is read; --vs_transformers' shape keys, VS_DEFAULTS, type-checked by the same configure)
 MODES = {None: ["steps"], "--real": ["steps", "media"], "--plan": ["dp", "cp", "fsdp", "act_ckpt", "loss_frac"],
-         "--losses": ["n", "trust_checkpoint"], "--video": [], "--vs_transformers": [], "--gpu": ["L"]}
+         "--losses": ["n", "trust_checkpoint"], "--step": ["steps", "with_compile"], "--video": [],
+         "--vs_transformers": [], "--gpu": ["L"]}
 CONFIG_FLAGS = {None: train.CONFIG_KEYS, "--real": train.CONFIG_KEYS, "--plan": train.CONFIG_KEYS,
+                "--step": train.CONFIG_KEYS,
                 "--vs_transformers": list(VS_DEFAULTS)}
 
 
@@ -1035,6 +1090,9 @@ def main(argv):
         plan(argv)
     elif mode == "--real":
         real(rest, steps=int_flag(own, "steps", 3), media=own.get("media", "auto"))
+    elif mode == "--step":
+        cfg, tok, mconf, model = build(rest)
+        cpu_step(cfg, tok, mconf, model, int_flag(own, "steps", 6), own.get("with_compile") == "True")
     elif mode == "--gpu":
         if rest:
             raise SystemExit(f"bench.py --gpu takes --L= only, got {' '.join(rest)}")

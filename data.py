@@ -46,6 +46,11 @@ CHAT_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # (additional_vocab_size): input embeddings only, never predicted, trained at the connector's LR.
 VISION_TOKENS = ["<im_patch>", "<im_col>", "<im_start>", "<low_res_im_start>", "<im_end>",
                  "<frame_start>", "<frame_end>", "<|image|>", "<|video|>"]
+# The Tokenizer attribute that holds each special token's id: tok.im_patch, tok.chat_end, ... (<|im_end|>, the chat
+# turn's end, and <im_end>, an image's end, kept apart)
+TOKEN_ATTRS = dict(zip(CHAT_TOKENS + VISION_TOKENS,
+                       ["endoftext", "chat_start", "chat_end", "im_patch", "im_col", "im_start", "low_res_im_start",
+                        "im_end", "frame_start", "frame_end", "image", "video"]))
 # Pre-tokenizer: GPT-4 style, but every digit is its own piece, so "453" is always 4|5|3: coordinates are
 # predicted digit by digit (hundreds first = coarse position first), and no merge can glue digits together.
 PAT_STR = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
@@ -115,10 +120,7 @@ class Tokenizer:
         specials.update({t: next(free) for t in VISION_TOKENS if t not in specials})
         self.enc = tiktoken.Encoding(name=name, pat_str=pat_str, mergeable_ranks=ranks, special_tokens=specials)
         self.n_extra = max(specials[t] for t in VISION_TOKENS) + 1 - self.base_vocab
-        names = dict(zip(CHAT_TOKENS + VISION_TOKENS,
-                         ["endoftext", "chat_start", "chat_end", "im_patch", "im_col", "im_start",
-                          "low_res_im_start", "im_end", "frame_start", "frame_end", "image", "video"]))
-        for t, name in names.items():  # self.im_patch, self.chat_end, ... (<|im_end|> vs <im_end> kept apart)
+        for t, name in TOKEN_ATTRS.items():  # self.im_patch, self.chat_end, ...
             setattr(self, name, specials[t])
         self.bos = self.chat_end  # Molmo2/Qwen3: <|im_end|> doubles as BOS
         self.pad = self.endoftext

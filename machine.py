@@ -60,6 +60,8 @@ def resolve_dtype(name, dev, print=print):
     laptops and many cloud CPUs) bf16 autocast falls back to a conversion path 10-100x slower than fp32. Both rates
     are measured at start (matmul_rate) and printed with the choice."""
     if name != "auto":
+        if name not in DTYPES:
+            raise ValueError(f"dtype must be 'auto' or one of {', '.join(DTYPES)}, got {name!r}")
         return DTYPES[name]
     if dev.type == "cuda":
         print("dtype auto -> bfloat16 (CUDA)")

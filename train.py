@@ -381,13 +381,15 @@ def check_out_dir(out_dir):
 SESSION_KEYS = ("init_from", "stop_at", "dry_run", "trust_checkpoint", "threads", "out_dir", "device")
 
 
-def check_against_checkpoint(cfg, given, mc, saved_cfg, source, print=print):
+def check_against_checkpoint(cfg, given, mc, saved_cfg, source, print=print, fixed_steps=None):
     """A run started from a checkpoint (init_from = a ckpt.pt, a Molmo2 directory, or 'resume') takes its
     architecture from it. The rule, one for every key:
       - an architecture key (MODEL_KEYS) set in a config file or on the command line to another value than the
         checkpoint's is an error naming the keys (it would be ignored otherwise);
       - on resume, every other key that differs from the checkpoint's run takes effect from the resumed step, and
-        is printed as a note (lr, schedule, batch...; the session keys of SESSION_KEYS are not compared).
+        is printed as a note (lr, schedule, batch...; the session keys of SESSION_KEYS are not compared), except
+        max_minutes and max_steps once a budget fixed the step count (fixed_steps): that count stands, and the note
+        says so.
     cfg is updated to the architecture that runs, so the checkpoint saves the configuration that ran."""
     def same(a, b):
         return (tuple(a) if isinstance(a, (list, tuple)) else a) == (tuple(b) if isinstance(b, (list, tuple)) else b)
@@ -402,7 +404,9 @@ def check_against_checkpoint(cfg, given, mc, saved_cfg, source, print=print):
         return
     for k, v in cfg.items():
         if k not in MODEL_KEYS and k not in SESSION_KEYS and k in saved_cfg and not same(saved_cfg[k], v):
-            print(f"resume: {k} = {v!r} (the checkpoint's run had {saved_cfg[k]!r}): takes effect from here")
+            effect = ("no effect: the step count the budget fixed, " + f"{fixed_steps:,}, stands"
+                      if fixed_steps and k in ("max_minutes", "max_steps") else "takes effect from here")
+            print(f"resume: {k} = {v!r} (the checkpoint's run had {saved_cfg[k]!r}): {effect}")
 
 
 def mixture_of(C):
@@ -752,8 +756,9 @@ def build_model_config(C, given, start, print=print):
         mc = dataclasses.asdict(start.hf_model.c)
         check_token_ids(start.hf_ids, tok, f"init_from={start.path}")
     if start.ckpt or start.hf_model is not None:
-        check_against_checkpoint(vars(C), given, mc, start.ckpt["config"] if start.ckpt and C.init_from == "resume"
-                                 else None, start.path, print)
+        resume = start.ckpt is not None and C.init_from == "resume"
+        check_against_checkpoint(vars(C), given, mc, start.ckpt["config"] if resume else None, start.path, print,
+                                 start.ckpt.get("budget_steps") if resume else None)
     elif tok:
         mc["base_vocab"], mc["n_extra"] = mc["base_vocab"] or tok.base_vocab, mc["n_extra"] or tok.n_extra
         if tok.base_vocab != mc["base_vocab"] or tok.n_extra > mc["n_extra"]:

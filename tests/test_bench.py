@@ -152,3 +152,21 @@ def test_gpu_checks_cp_kernels_against_the_reference_on_a_cpu(monkeypatch):
     if not torch.cuda.is_available():  # the whole check is for a GPU: on a CPU, one clear line
         with pytest.raises(SystemExit, match="needs a CUDA device"):
             bench.gpu_check()
+
+
+def test_losses_names_a_missing_or_corrupt_checkpoint(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match=r"--losses: checkpoint .*bad.pt is (truncated|corrupt)"):
+        bench.losses([str(bad), str(bad)])
+    with pytest.raises(SystemExit, match=r"--losses: checkpoint .*none.pt not found"):
+        bench.losses([str(tmp_path / "none.pt"), str(bad)])
+
+
+def test_step_mode_times_both_attentions_and_profiles(capsys):
+    """--step on a tiny model: both attention variants timed with an MFU, and a profiler line for each."""
+    bench.main(["--step", "--steps=1", "--batch_size=2", "--seq_len=128", "--attn_tile=32", "--dtype=float32",
+                "--vit_pretrain_steps=0"] + tiny_overrides())
+    out = capsys.readouterr().out
+    assert "attn_tile=0 " in out and "attn_tile=32 " in out and out.count("MFU") == 2
+    assert out.count("top operators by self CPU time") == 2

@@ -11,6 +11,7 @@ import torch
 import transformers
 
 import hf as H
+from bench import randomise  # wide random weights: logits that vary, so a wrong weight shows
 import model as M
 
 VOCAB, PATCH, IMG = 100, 7, 28                     # tiny: 28 px crops of 4x4 patches
@@ -18,16 +19,6 @@ IDS = dict(image_start_token_id=100, image_end_token_id=101, image_patch_id=102,
            frame_start_token_id=107, frame_end_token_id=108)
 COL = 103                                          # <im_col>
 VISION_IDS = [100, 101, 102, 103, 104, 107, 108]
-
-
-def randomise(module, seed):
-    """transformers' init (std 0.02, norms at 1) gives near-constant logits that any two models match; wide
-    random weights make every tensor matter."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            base = 1.0 if "norm" in name and name.endswith("weight") else 0.0
-            p.copy_(base + torch.randn(p.shape, generator=g) * (0.3 if p.dim() < 2 else p.shape[-1] ** -0.5))
 
 
 @pytest.fixture(scope="module")

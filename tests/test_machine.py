@@ -69,3 +69,12 @@ def test_max_minutes_fixes_the_steps_once_and_resume_keeps_them(tmp_path, monkey
     train.main(run_args(tmp_path / "c", max_minutes=5.0, stop_at=15, **kw))
     c = train.main(run_args(tmp_path / "c", max_minutes=5.0, init_from="resume", **kw))["losses"]
     assert len(seen) == 2 and c == a  # decided once (the resumed run did not probe again)
+    # a changed max_steps on resume cannot move a fixed count: said, not silently ignored
+    train.main(run_args(tmp_path / "c", max_minutes=5.0, init_from="resume", **dict(kw, max_steps=30)))
+    assert "resume: max_steps = 30 (the checkpoint's run had 40): no effect: the step count the budget fixed, 23, " \
+           "stands" in capsys.readouterr().out
+
+
+def test_an_unknown_dtype_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"dtype must be 'auto' or one of bfloat16, float16, float32, got 'bf16'"):
+        machine.resolve_dtype("bf16", torch.device("cpu"))

@@ -353,7 +353,8 @@ def test_choice_keys_fail_early_naming_the_key(tmp_path, key, bad):
 
 
 @pytest.mark.parametrize("key,bad", [("vit_pretrain_steps", -1), ("vit_pretrain_batch", 0), ("lr_vit_mult", -0.5),
-                                     ("lr_connector_mult", -1.0)])
+                                     ("lr_connector_mult", -1.0), ("max_minutes", -1.0), ("max_bad_steps", 0),
+                                     ("max_broken_frac", -0.1), ("attn_tile", -1)])
 def test_bounded_numeric_keys_are_checked(tmp_path, key, bad):
     with pytest.raises(SystemExit, match=rf"'{key}' must be >= .*{bad}"):
         train.main(run_args(tmp_path, max_steps=1, **{key: bad}))
