@@ -5,6 +5,7 @@ parquet copy, the media from media_root. docs/real_data.md shows the layout; tra
 """
 import os
 from collections import Counter
+from dataclasses import dataclass
 from functools import lru_cache
 
 from PIL import Image, UnidentifiedImageError
@@ -247,6 +248,45 @@ READERS = {"pixmo_cap": _pixmo_cap, "pixmo_points": _pixmo_points, "pixmo_count"
            "molmo2_subtitleqa": _molmo2_subtitleqa, "molmo2_multiqa": _molmo2_multiqa, "molmo2_capqa": _molmo2_capqa,
            "videopoint_0_5": _videopoint_bin(0, 5), "videopoint_6_25": _videopoint_bin(6, 25),
            "videopoint_26_60": _videopoint_bin(26, 60)}
+
+
+# Where each dataset comes from: its Hugging Face repo, the split (and config folder) of its released parquet
+# files, the columns its reader needs, and which columns hold media. prepare.py reads this table to download and
+# convert the rows; read_dataset checks a local copy's columns against it. One entry per local copy: an entry's
+# `reader` names its READERS entry when the copy is a split of another dataset (the eval splits).
+@dataclass(frozen=True)
+class Source:
+    repo: str                        # Hugging Face dataset repo id, e.g. "allenai/pixmo-cap"
+    split: str = "train"             # the released split whose parquet files are read
+    subsets: tuple = ()              # config folders of a multi-config repo (all read, concatenated); () = none
+    columns: tuple = ()              # columns the reader needs: a copy without one is a one-line error
+    image_url: str = ""              # column of image URLs to download (a list of URLs for multi-image rows)
+    image_sha: str = ""              # column with the SHA-256 of the image bytes, checked after download
+    image_bytes: str = ""            # column of embedded images ({bytes, path}) written out as files
+    video: str = ""                  # column naming the video id (<media_root>/<id>.mp4; never downloaded)
+    reader: str = ""                 # READERS key when it differs from the entry's name
+
+
+SOURCES = {
+    "pixmo_cap": Source("allenai/pixmo-cap", columns=("image_url", "caption"), image_url="image_url"),
+    "pixmo_points": Source("allenai/pixmo-points", columns=("image_url", "label", "points", "collection_method"),
+                           image_url="image_url", image_sha="image_sha256"),
+    "pixmo_count": Source("allenai/pixmo-count", columns=("image_url", "label", "count"),
+                          image_url="image_url", image_sha="image_sha256"),
+    "tulu": Source("allenai/tulu-3-sft-mixture", columns=("messages",)),
+    "molmo2_cap": Source("allenai/Molmo2-Cap", columns=("video_id",), video="video_id"),
+    "molmo2_capqa": Source("allenai/Molmo2-VideoCapQA", columns=("video_id", "Question", "Answer",
+                                                                  "NegativeAnswers"), video="video_id"),
+    "molmo2_subtitleqa": Source("allenai/Molmo2-VideoSubtitleQA", columns=("video_id", "Question", "Answer",
+                                                                           "subtitle"), video="video_id"),
+    "molmo2_multiqa": Source("allenai/Molmo2-MultiImageQA", columns=("image_urls", "qa_pairs"),
+                             image_url="image_urls"),
+    "molmo2_track": Source("allenai/molmo2-track-instruction", subsets=("track",),
+                           columns=("video", "expression", "width", "height", "frame_trajectories"), video="video"),
+}
+_VIDEOPOINT = dict(columns=("video_id", "label", "count", "two_fps_timestamps", "points"), video="video_id")
+SOURCES.update({name: Source("allenai/Molmo2-VideoPoint", reader=name, **_VIDEOPOINT)
+                for name in ("molmo2_videopoint", "videopoint_0_5", "videopoint_6_25", "videopoint_26_60")})
 
 
 def dataset_rows(name, path):
