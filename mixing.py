@@ -8,7 +8,8 @@ Two rules, both Molmo2's (Molmo2 code: olmo/data/data_loader.py _build_mixture; 
 A mixture is written as groups, Molmo2's shape: {group: (group_rate, {dataset: rate})}. Inside a group a
 dataset's share is rate (fixed rule) or rate * sqrt(size) (sqrt rule), normalised within the group and then
 multiplied by the group rate, so the groups keep their rates whatever their sizes. Flat {dataset: rate}
-entries form one group. Size caps: an int cap replaces the size (Molmo2 ("dv_qa", 10000) means sqrt(10000)),
+entries form one group. A group named in `flat` mixes its datasets at their given rates under either rule, sizes
+ignored (Molmo2's root_size_factor=1 on every dataset of its SFT video_pointing group: sqrt(1) for all). Size caps: an int cap replaces the size (Molmo2 ("dv_qa", 10000) means sqrt(10000)),
 a fraction f < 1 scales it (n * f).
 
 The sampler draws examples i.i.d. from the weights (Molmo2 IterableDatasetMixture), and walks each finite
@@ -29,39 +30,41 @@ def capped_size(n, cap=None):
     return n * cap if cap < 1 else cap
 
 
-def mixture_weights(mixture, sizes=None, caps=None):
+def mixture_weights(mixture, sizes=None, caps=None, flat=()):
     """{group: (rate, {dataset: rate})} or {dataset: rate} -> {dataset: probability}, summing to 1.
-    sizes=None: fixed ratios. sizes={dataset: n}: the sqrt-proportional rule (every dataset needs a size,
-    except in a group whose datasets have none: Molmo2's root_size_factor=0, flat rates)."""
+    sizes=None: fixed ratios. sizes={dataset: n}: the sqrt-proportional rule, every dataset needing a size except
+    in the groups named in flat, whose datasets mix at their given rates."""
     caps = caps or {}
     # split the spec: (rate, {dataset: rate}) tuples are groups, plain numbers are loose datasets
     groups = {name: spec for name, spec in mixture.items() if isinstance(spec, (tuple, list))}
     loose = {name: float(spec) for name, spec in mixture.items() if not isinstance(spec, (tuple, list))}
     if loose:  # flat entries form one group whose rate is their sum (a flat mixture is a single group)
         groups[""] = (sum(loose.values()), loose)
-    flat = {}  # {dataset: probability before the final normalisation}
+    unknown = sorted(set(flat) - set(groups))
+    if unknown:
+        raise ValueError(f"flat groups {unknown} are not groups of the mixture ({', '.join(sorted(groups))})")
+    flat_w = {}  # {dataset: probability before the final normalisation}
     for gname, (grate, members) in groups.items():
         if any(r < 0 for r in members.values()) or grate < 0:
             raise ValueError(f"mixture rates must be >= 0, got group {gname!r}: {grate}, {members}")
-        share = dict(members)  # fixed rule: the rates themselves
-        if sizes is not None:
-            sized = [ds for ds in members if ds in sizes]
-            if sized and len(sized) < len(members):
-                missing = sorted(set(members) - set(sized))
-                raise ValueError(f"sqrt mixing: group {gname!r} has sizes for {sized} but not for {missing}; "
-                                 f"give every dataset of a group a size, or none (flat rates)")
-            if sized:  # sqrt rule: rate x sqrt(size), the size capped as Molmo2 caps it
-                share = {ds: r * capped_size(sizes[ds], caps.get(ds)) ** 0.5 for ds, r in members.items()}
+        share = dict(members)  # fixed rule, or a flat group: the rates themselves
+        if sizes is not None and gname not in flat:
+            missing = sorted(ds for ds in members if ds not in sizes)
+            if missing:
+                raise ValueError(f"sqrt mixing: group {gname!r} has no size for {missing}; give every dataset of a "
+                                 f"group a size, or name the group in flat_groups (its datasets at their rates)")
+            # sqrt rule: rate x sqrt(size), the size capped as Molmo2 caps it
+            share = {ds: r * capped_size(sizes[ds], caps.get(ds)) ** 0.5 for ds, r in members.items()}
         tot = sum(share.values())
         if tot <= 0:
             raise ValueError(f"mixture group {gname!r} has no positive weight: {members}")
         # normalise inside the group, then scale by the group's rate: a group keeps its rate whatever its sizes
         for ds, s in share.items():
-            flat[ds] = flat.get(ds, 0.0) + grate * s / tot
-    total = sum(flat.values())
+            flat_w[ds] = flat_w.get(ds, 0.0) + grate * s / tot
+    total = sum(flat_w.values())
     if total <= 0:
-        raise ValueError(f"mixture weights must have a positive sum, got {flat}")
-    return {k: v / total for k, v in flat.items()}
+        raise ValueError(f"mixture weights must have a positive sum, got {flat_w}")
+    return {k: v / total for k, v in flat_w.items()}
 
 
 class MixtureSampler:
@@ -149,9 +152,9 @@ class MixtureSampler:
         self.counts = {n: s["counts"].get(n, 0) for n in self.names}
 
 
-def mixture_table(weights, sizes=None, total_examples=None, caps=None, width=30):
-    """The printed table: dataset, size (capped size in brackets), sqrt(size), weight, a bar, and the
-    expected number of examples over the run."""
+def mixture_table(weights, sizes=None, total_examples=None, caps=None, width=30, rated=()):
+    """The printed table: dataset, size (capped size in brackets), sqrt(size) ("rate" for the datasets of flat
+    groups, `rated`, whose weight ignores it), weight, a bar, and the expected number of examples over the run."""
     sizes, caps = sizes or {}, caps or {}
     lines = [f"{'dataset':<26}{'size (capped)':>20}{'sqrt':>8}{'weight':>8}  {'':<{width}}{'expected':>12}"]
     for name, w in sorted(weights.items(), key=lambda kv: -kv[1]):
@@ -159,9 +162,9 @@ def mixture_table(weights, sizes=None, total_examples=None, caps=None, width=30)
         if n:
             used = capped_size(n, caps.get(name))
             sz = f"{n:,}" + (f" ({used:,.0f})" if used != n else "")
-            sq = f"{used ** 0.5:.0f}"
+            sq = "rate" if name in rated else f"{used ** 0.5:.0f}"
         else:
-            sz, sq = "-", "-"  # procedural (shapes) or a flat-rate group
+            sz, sq = "-", "-"  # procedural (shapes), or a flat group's dataset given no size
         exp = f"{w * total_examples:,.0f}" if total_examples else "-"
         lines.append(f"{name:<26}{sz:>20}{sq:>8}{w:>8.3f}  {'█' * round(w * width):<{width}}{exp:>12}")
     return "\n".join(lines)

@@ -82,6 +82,8 @@ mixture = {"captions": (0.6, {"caption": 1.0, "qa": 1.0}),   # stage 1 (docs/mol
 mixing_rule = "fixed"           # 'fixed': the mixture's ratios (stage 1) | 'sqrt': rate * sqrt(size) (stages 2-3)
 dataset_sizes = {}              # examples per dataset (sqrt rule, mixture table); shapes tasks are procedural
 dataset_caps = {}               # sqrt rule: an int replaces a dataset's size, a fraction < 1 scales it (Molmo2)
+flat_groups = ()                # mixture groups whose datasets mix at their given rates, sizes ignored (Molmo2's
+                                # root_size_factor=1: its SFT video_pointing group)
 task_weights = {"caption": 1.0, "qa": 1.0, "count": 1.5, "point": 2.0, "track": 2.0, "text": 1.0,  # targets
                 "video_caption": 1.0, "video_qa": 1.0, "subtitle_qa": 1.0, "video_count": 1.5,
                 "video_point": 2.0, "multi_qa": 1.0, "multi_point": 2.0}
@@ -418,7 +420,7 @@ def mixture_of(C):
     sizes = C.dataset_sizes if C.mixing_rule == "sqrt" else None
     walk = C.dataset_sizes if C.dataset != "shapes" else sizes
     try:
-        return mixing.mixture_weights(C.mixture, sizes, C.dataset_caps), walk
+        return mixing.mixture_weights(C.mixture, sizes, C.dataset_caps, C.flat_groups), walk
     except ValueError as e:
         raise SystemExit(f"mixture: {e}") from None
 
@@ -684,6 +686,12 @@ def check_config(C):
     for key in ("init_llm", "init_vit"):
         if getattr(C, key) and C.init_from != "scratch":
             raise SystemExit(f"{key} initialises a model built from scratch; init_from={C.init_from!r} loads one")
+    if C.packing and C.dataset != "shapes":  # an example that can never fit a packed row stops the run mid-way
+        import readers
+        names = [n for spec in C.mixture.values() for n in (spec[1] if isinstance(spec, tuple) else ())]
+        if any(n in readers.SOURCES and readers.SOURCES[n].video for n in names) and C.max_images_per_row < C.max_frames:
+            raise SystemExit(f"max_images_per_row={C.max_images_per_row} < max_frames={C.max_frames}: a packed row must "
+                             f"hold one video of max_frames frames (the mixture has videos)")
     missing = missing_paths(C)  # every path the config names, checked before anything is built
     if missing and not C.dry_run:
         raise SystemExit("missing paths (nothing is downloaded; copy them here or override the keys):\n  "
@@ -781,7 +789,8 @@ def build_mixture(C, print=print):
     weights, sizes = mixture_of(C)
     print(f"mixture ({C.mixing_rule} rule; examples drawn i.i.d. per example):")
     n_run = None if C.packing else C.max_steps * C.batch_size * C.grad_accum  # packed rows hold a varying number
-    print(mixing.mixture_table(weights, C.dataset_sizes, n_run, C.dataset_caps))
+    rated = [n for g in C.flat_groups for n in C.mixture[g][1]] if C.mixing_rule == "sqrt" else []
+    print(mixing.mixture_table(weights, C.dataset_sizes, n_run, C.dataset_caps, rated=rated))
     return types.SimpleNamespace(weights=weights, sizes=sizes, real=real)
 
 

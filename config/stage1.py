@@ -13,6 +13,9 @@ dataset_sizes = {"pixmo_cap": 710_000, "pixmo_points": 1_000_000, "tulu": 980_00
 data_paths = {name: f"data/{name}.jsonl" for _, leaves in mixture.values() for name in leaves}
 media_root = "data/media"  # images at readers.media_path(media_root, url), videos at <media_root>/<video id>.mp4
 seq_len = 4096             # docs/molmo2.md, Stages: 4,096 tokens a row
+packing = True             # several examples a row (Molmo2 packs its pretraining sequences: docs/molmo2.md, Stages)
+max_images_per_row = 16    # the ViT's budget a row: 16 crops, Molmo2's pretraining budget a sequence (a caption
+                           # example is ~300 tokens with its 58-token image, so ~13 fill a 4,096-token row)
 batch_size = 32            # rows per GPU
 grad_accum = 4             # 32 rows x 4 GPUs x 4 = 512 rows a step
 max_steps = 100_000        # docs/molmo2.md, stage 1: ~100,000 steps

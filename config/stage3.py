@@ -9,7 +9,8 @@ exec(open(os.path.join(os.path.dirname(__file__), "stage2.py")).read())
 out_dir = "out/stage3"
 init_from = "out/stage2/ckpt.pt"  # stage 3 continues from stage 2's weights
 seq_len = 36_864           # docs/molmo2.md, Stages: 36,864 tokens a row
-max_images_per_row = 384   # 384 frames a row, 3x stage 2
+max_frames = 384           # 2 fps, at most 384 frames a video (Molmo2's long-context stage)
+max_images_per_row = 384   # one video of max_frames frames a row, 3x stage 2 (must be >= max_frames: check_config)
 batch_size = 4             # rows per micro-batch (per dp group, below)
 grad_accum = 16            # micro-batches per optimizer step
 max_steps = 2000           # docs/molmo2.md, stage 3: ~2,000 steps (Molmo2's too)

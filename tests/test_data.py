@@ -678,18 +678,18 @@ def test_molmo2_video_and_multi_image_readers(tmp_path, tok, cfg):
         f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
         return readers.read_dataset(name, str(f), str(media), log=lambda s: None)
     exs, c = read("molmo2_videopoint", [
-        dict(video_id="vid1", label="dog", two_fps_timestamps=[0.0, 0.5, 1.0],
+        dict(video_id="vid1", label="dog", count=3, two_fps_timestamps=[0.0, 0.5, 1.0],
              points=[[{"x": 50, "y": 25}], [], [{"x": 10, "y": 90}, {"x": 20, "y": 90}]]),
         dict(video_id="vid1", label="cat", two_fps_timestamps=[0.0], points=[[], []]),   # lengths differ
         dict(video_id="nope", label="dog", two_fps_timestamps=[], points=[])])           # no such video
     assert exs[0]["turns"][0][1] == '<points coords="0.0 1 500 250;1.0 2 100 900 3 200 900">dog</points>'
     assert (c["malformed"], c["missing media"]) == (1, 1)
     exs, c = read("molmo2_track", [
-        dict(video="vid1", expression="the red ball", width=32, height=32, frame_trajectories=[
+        dict(clip="vid1", expression="the red ball", width=32, height=32, frame_trajectories=[
             dict(frame=0, time=0.0, points=[dict(id=7, point=[16, 8], occluded=False)]),
             dict(frame=1, time=0.5, points=[dict(id=7, point=[20, 8], occluded=True)]),
             dict(frame=2, time=1.0, points=[dict(id=7, point=[24, 8], occluded=False)])]),
-        dict(video="vid1", expression="x", width=0, height=32, frame_trajectories=[])])
+        dict(clip="vid1", expression="x", width=0, height=32, frame_trajectories=[])])
     assert exs[0]["turns"] == [(data.TRACK_PROMPT.format(label="the red ball"),
                                 '<tracks coords="0.0 7 500 250;1.0 7 750 250">the red ball</tracks>')]
     assert c["malformed"] == 1

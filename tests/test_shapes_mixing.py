@@ -210,10 +210,13 @@ def test_sqrt_groups_rates_and_caps():
     assert w["qa"] / w["cap"] == pytest.approx(1.5 * 300 / 316.2278, rel=1e-6)  # sqrt(90k)*1.5 vs sqrt(100k cap)
     assert w["big"] / w["vqa"] == pytest.approx(200 / 663.3250, rel=1e-6)       # sqrt(4M * 0.01) = 200
     assert mixing.capped_size(1000, None) == 1000 and mixing.capped_size(1000, 0.5) == 500
-    # a group without sizes keeps flat rates (Molmo2 root_size_factor=0); a half-sized group is an error
-    w2 = mixing.mixture_weights({"a": (0.5, {"x": 1.0, "y": 3.0}), "b": (0.5, {"vqa": 1.0})}, sizes)
+    # a group named flat keeps its rates, with or without sizes (Molmo2 root_size_factor=1); any other group
+    # missing a size is an error naming it
+    w2 = mixing.mixture_weights({"a": (0.5, {"x": 1.0, "y": 3.0}), "b": (0.5, {"vqa": 1.0})}, sizes, flat=("a",))
     assert w2["y"] == pytest.approx(3 * w2["x"])
-    with pytest.raises(ValueError, match="group 'a'"):
+    w3 = mixing.mixture_weights({"a": (0.5, {"pt": 1.0, "doc": 3.0}), "b": (0.5, {"vqa": 1.0})}, sizes, flat=("a",))
+    assert w3["doc"] == pytest.approx(3 * w3["pt"])  # sizes 40k and 10k ignored
+    with pytest.raises(ValueError, match="group 'a' has no size for \\['x'\\]"):
         mixing.mixture_weights({"a": (1.0, {"vqa": 1.0, "x": 1.0})}, sizes)
     table = mixing.mixture_table(w, sizes, 1000, caps)
     assert "710,000 (100,000)" in table and "316" in table and "█" in table

@@ -395,7 +395,8 @@ def test_training_on_local_dataset_copies(tmp_path):
     for i, u in enumerate(urls):
         Image.new("RGB", (40, 30), (60 * i, 90, 30)).save(readers.media_path(str(media), u))
     files = {"pixmo_cap": [dict(image_url=u, caption=f"A picture of shade {i}.") for i, u in enumerate(urls)],
-             "pixmo_points": [dict(image_url=u, label="dot", points=[{"x": 4 * i, "y": 5}]) for i, u in enumerate(urls)],
+             "pixmo_points": [dict(image_url=u, label="dot", points=[{"x": 4 * i, "y": 5}], collection_method="pointing")
+                              for i, u in enumerate(urls)],
              "tulu": [dict(messages=[dict(role="user", content="Hi?"), dict(role="assistant", content="Hello.")])] * 3}
     paths = {}
     for name, rows in files.items():
