@@ -9,8 +9,9 @@ A mixture is written as groups, Molmo2's shape: {group: (group_rate, {dataset: r
 dataset's share is rate (fixed rule) or rate * sqrt(size) (sqrt rule), normalised within the group and then
 multiplied by the group rate, so the groups keep their rates whatever their sizes. Flat {dataset: rate}
 entries form one group. A group named in `flat` mixes its datasets at their given rates under either rule, sizes
-ignored (Molmo2's root_size_factor=1 on every dataset of its SFT video_pointing group: sqrt(1) for all). Size caps: an int cap replaces the size (Molmo2 ("dv_qa", 10000) means sqrt(10000)),
-a fraction f < 1 scales it (n * f).
+ignored (Molmo2's root_size_factor=1 on every dataset of its SFT video_pointing group: sqrt(1) for all).
+Size caps: an int cap replaces the size (Molmo2 ("dv_qa", 10000) means sqrt(10000)), a fraction f < 1 scales
+it (n * f).
 
 The sampler draws examples i.i.d. from the weights (Molmo2 IterableDatasetMixture), and walks each finite
 dataset in a shuffled order, one epoch after another, strided over data-parallel ranks (rank r takes places

@@ -1,6 +1,7 @@
 """
-Real datasets: readers for local copies of the datasets Molmo2 trains on (PixMo, Tulu, Molmo2's video sets), each
-row turned into the example dicts data.encode_example takes. Nothing is downloaded: the rows come from a jsonl or
+Real datasets: readers for local copies of the datasets Molmo2 trains and evaluates on (PixMo, Tulu, Molmo2's video
+sets, the image academic sets), each row turned into the example dicts data.encode_example takes, and SOURCES, where
+each copy comes from. Nothing is downloaded: the rows come from a jsonl or
 parquet copy, the media from media_root. docs/real_data.md shows the layout; train.load_datasets calls read_dataset.
 """
 import os
@@ -22,16 +23,19 @@ from data import (COUNT_ANSWER, COUNT_PROMPT, NONE_ANSWER, POINT_PROMPT, TRACK_P
 # an evaluator scores against (eval.py), by task:
 #   qa (VQA style)        {"answers": [str, ...]}          every annotator's answer (VQA v2: all ten)
 #   qa, multi_qa (choice) {"answer": "B"}                  the right option's letter
-#   count, video_count    {"count": int}                   (+ "points", "size" for video counting)
+#   count                 {"count": int}
 #   point                 {"points": [(x, y) pixels], "masks": [mask, ...] or None, "size": (w, h)}
-#   video_point           {"points": [(t, x, y)], "count": int, "size": (w, h)}  x, y on the scale of size
+#   video_point, _count   {"points": [(t, x, y)], "count": int, "size": (w, h)}  x, y on the scale of size (0-100
+#                         for Molmo2's training sets, pixels for VideoPointEval, which adds "masks": per point
+#                         {frame time: COCO RLE}; VideoCountEval has only the count: points and size None)
 #   track                 {"tracks": {time: {object id: (x, y)}}, "size": (w, h)}
 # A conversation of several questions (rows grouped per image) has no single truth: it carries no meta.
 
 # A reader turns each row into data.py's example dicts (as shapes.make_example returns), grouped per image the way
-# Molmo2 groups its annotations into one conversation. Rows that are malformed or whose media is missing are skipped and
-# counted; a file with nothing readable is an error. Videos are <media_root>/<video id>.mp4. Copies may be jsonl
-# or parquet (the Hugging Face datasets' own format; read with pyarrow, optional: without it, a clear error).
+# Molmo2 groups its annotations into one conversation. Rows that are malformed or whose media is missing are
+# skipped and counted; a file with nothing readable is an error. Videos are <media_root>/<video id>.mp4. Copies
+# may be jsonl or parquet (the Hugging Face datasets' own format; read with pyarrow, optional: without it, a
+# clear error).
 
 class MissingMedia(Exception):
     """A row whose image or video is not under media_root (not downloaded) or cannot be read: skipped, counted."""
@@ -471,7 +475,8 @@ READERS = {"pixmo_cap": _pixmo_cap, "pixmo_points": _pixmo_points, "pixmo_count"
            "molmo2_subtitleqa": _molmo2_subtitleqa, "molmo2_multiqa": _molmo2_multiqa, "molmo2_capqa": _molmo2_capqa,
            "videopoint_0_5": _videopoint_bin(0, 5), "videopoint_6_25": _videopoint_bin(6, 25),
            "videopoint_26_60": _videopoint_bin(26, 60), "academic_points": _academic_points,
-           "videopoint_eval": _videopoint_eval, "videocount_eval": _videocount_eval, "videotrack_eval": _videotrack_eval,
+           "videopoint_eval": _videopoint_eval, "videocount_eval": _videocount_eval,
+           "videotrack_eval": _videotrack_eval,
            "vqa_v2": _vqa("question", "answers", "multiple_choice_answer", group=True),
            "docvqa": _vqa("question", "answers"), "textvqa": _vqa("question", "answers"),
            "chartqa": _vqa("query", "label"), "ai2d": _cauldron_mc, "nlvr2": _cauldron_mc}
@@ -539,7 +544,8 @@ SOURCES = {
     "textvqa_val": Source("lmms-lab/textvqa", split="validation", reader="textvqa", eval=True, **_TEXTVQA),
     "chartqa_test": Source("HuggingFaceM4/ChartQA", split="test", reader="chartqa", eval=True, **_CHARTQA),
     "videopoint_eval": Source("allenai/Molmo2-VideoPointEval", split="val", eval=True, video="video_id",
-                              columns=("video_id", "label", "width", "height", "two_fps_timestamps", "points", "masks")),
+                              columns=("video_id", "label", "width", "height", "two_fps_timestamps", "points",
+                                       "masks")),
     "videocount_eval": Source("allenai/Molmo2-VideoCountEval", split="val", eval=True, video="video_id",
                               columns=("video_id", "label", "count", "question")),
     "videotrack_eval": Source("allenai/Molmo2-VideoTrackEval", split="test", eval=True, video="clip",

@@ -689,9 +689,10 @@ def check_config(C):
     if C.packing and C.dataset != "shapes":  # an example that can never fit a packed row stops the run mid-way
         import readers
         names = [n for spec in C.mixture.values() for n in (spec[1] if isinstance(spec, tuple) else ())]
-        if any(n in readers.SOURCES and readers.SOURCES[n].video for n in names) and C.max_images_per_row < C.max_frames:
-            raise SystemExit(f"max_images_per_row={C.max_images_per_row} < max_frames={C.max_frames}: a packed row must "
-                             f"hold one video of max_frames frames (the mixture has videos)")
+        videos = any(n in readers.SOURCES and readers.SOURCES[n].video for n in names)
+        if videos and C.max_images_per_row < C.max_frames:
+            raise SystemExit(f"max_images_per_row={C.max_images_per_row} < max_frames={C.max_frames}: a packed row "
+                             f"must hold one video of max_frames frames (the mixture has videos)")
     missing = missing_paths(C)  # every path the config names, checked before anything is built
     if missing and not C.dry_run:
         raise SystemExit("missing paths (nothing is downloaded; copy them here or override the keys):\n  "

@@ -165,7 +165,8 @@ def test_wrong_columns_are_one_clear_error(tmp_path):
     assert "\n" not in msg and path in msg and "chartqa (HuggingFaceM4/ChartQA)" in msg and "['query', 'label']" in msg
     rows = [dict(question="Q?", answers=["a"], image={"bytes": None, "path": "x.jpg"})]
     path, media = copy_of(tmp_path, "docvqa", rows)
-    with pytest.raises(ValueError, match=r"docvqa \(lmms-lab/DocVQA\): .*docvqa.jsonl lacks the columns \['image_url'\]"):
+    with pytest.raises(ValueError, match=r"docvqa \(lmms-lab/DocVQA\): .*docvqa.jsonl lacks the columns "
+                                         r"\['image_url'\]"):
         readers.read_dataset("docvqa", path, media, log=lambda s: None)
 
 
