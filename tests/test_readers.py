@@ -246,3 +246,17 @@ def test_flat_groups_keep_their_rates_with_real_sizes():
     assert sqrt["videopoint_26_60"] < 0.5 * w["videopoint_26_60"]
     with pytest.raises(ValueError, match=r"flat groups \['video'\] are not groups of the mixture"):
         mixing.mixture_weights(c["mixture"], sizes, flat=("video",))
+
+
+def test_packed_rows_must_hold_a_whole_video():
+    """A packed run whose rows cannot hold one video of max_frames frames stops at the config check, not mid-run
+    when data.Packer meets its first long video; stage 3 as written passes it."""
+    import train
+    defaults = {k: getattr(train, k) for k in train.CONFIG_KEYS}
+    stage3 = os.path.join(ROOT, "config", "stage3.py")
+    C = types.SimpleNamespace(**train.configure([stage3, "--max_images_per_row=128"], defaults))
+    with pytest.raises(SystemExit, match=r"max_images_per_row=128 < max_frames=384: a packed row must hold one video"):
+        train.check_config(C)
+    C = types.SimpleNamespace(**train.configure([stage3, "--dry_run=True"], defaults))
+    train.check_config(C)
+    assert (C.max_frames, C.max_images_per_row, C.packing) == (384, 384, True)
