@@ -212,7 +212,8 @@ def _cauldron_mc(rec, media_root, i):
     """The Cauldron's multiple-choice sets (AI2D, NLVR2): images (1 or 2), texts [{user, assistant, source}] ->
     per text a question with its options lettered in MC_PROMPT (the same wording as _molmo2_capqa), answered with
     the letter. AI2D lists its options in the user text; NLVR2 states a sentence about two images answered
-    true or false, asked here as the options A. True, B. False. meta (one question only): the letter."""
+    true or false (or yes / no), asked here as the options A. True, B. False. meta (one question only): the
+    letter."""
     paths = [p for p, _, _ in _images_of(rec, media_root)]
     texts = rec["texts"]
     if not isinstance(texts, list) or not texts:
@@ -226,10 +227,11 @@ def _cauldron_mc(rec, media_root, i):
             k = [letter for letter, _ in opts].index(said.upper())
             options = [o for _, o in opts]
             lines = [ln for ln in lines if not _OPTION.match(ln) and not ln.strip().lower().startswith(_INSTRUCTION)]
-        elif not opts and said.lower() in ("true", "false"):
-            k, options = int(said.lower() == "false"), ["True", "False"]
+        elif not opts and said.lower() in ("true", "false", "yes", "no"):
+            k = int(said.lower() in ("false", "no"))
+            options = ["True", "False"] if said.lower() in ("true", "false") else ["Yes", "No"]
         else:
-            raise ValueError(f"reply {t['assistant']!r} is neither one of the options' letters nor true/false")
+            raise ValueError(f"reply {t['assistant']!r} is neither one of the options' letters nor true/false, yes/no")
         question = "\n".join(lines).strip()
         question = question[len("question:"):].strip() if question.lower().startswith("question:") else question
         turns.append((MC_PROMPT.format(question=question, options="\n".join(f"{chr(65 + j)}. {o}"

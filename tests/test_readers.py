@@ -85,11 +85,14 @@ def test_cauldron_multiple_choice_readers(tmp_path):
     assert exs == [dict(task="qa", image=readers.media_path(str(tmp_path / "media"), u), turns=[(q, "A")],
                         meta={"answer": "A"})] and c["malformed"] == 1
     rows = [dict(texts=[dict(user="The left image has two dogs.", assistant="False", source="NLVR2")],
+                 image_url=[u, v], image_sizes=[[64, 48], [64, 48]]),
+            dict(texts=[dict(user="Is there a cat?", assistant="Answer: yes", source="NLVR2")],
                  image_url=[u, v], image_sizes=[[64, 48], [64, 48]])]
     exs, _ = read(tmp_path, "nlvr2", rows, images=[u, v])
     assert exs[0]["task"] == "multi_qa" and len(exs[0]["images"]) == 2 and exs[0]["meta"] == {"answer": "B"}
     assert exs[0]["turns"][0][0] == readers.MC_PROMPT.format(question="The left image has two dogs.",
                                                              options="A. True\nB. False")
+    assert exs[1]["turns"] == [(readers.MC_PROMPT.format(question="Is there a cat?", options="A. Yes\nB. No"), "A")]
 
 
 def test_pixmo_eval_readers(tmp_path):
