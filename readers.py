@@ -22,7 +22,7 @@ from data import (COUNT_ANSWER, COUNT_PROMPT, NONE_ANSWER, POINT_PROMPT, TRACK_P
 # [[w, h], ...] for several images): a reader then never opens the image. Every example may carry `meta`, the truth
 # an evaluator scores against (eval.py), by task:
 #   qa (VQA style)        {"answers": [str, ...]}          every annotator's answer (VQA v2: all ten)
-#   qa, multi_qa (choice) {"answer": "B"}                  the right option's letter
+#   qa, multi_qa, video_qa (choice) {"answer": "B"}        the right option's letter
 #   count                 {"count": int}
 #   point                 {"points": [(x, y) pixels], "masks": [mask, ...] or None, "size": (w, h)}
 #   video_point, _count   {"points": [(t, x, y)], "count": int, "size": (w, h)}  x, y on the scale of size (0-100
