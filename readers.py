@@ -38,6 +38,11 @@ def media_path(media_root, url, ext=".jpg"):
     return os.path.join(media_root, hashlib.sha256(url.encode()).hexdigest() + suffix)
 
 
+def video_path(media_root, video_id):
+    """The local file for a video id: <media_root>/<video id>.mp4 (an id that ends in .mp4 already is kept)."""
+    return os.path.join(media_root, video_id if video_id.endswith(".mp4") else video_id + ".mp4")
+
+
 def _image_of(rec, media_root):
     """(path, width, height) of a row's image; MissingMedia if it is not there, ValueError if unreadable."""
     url = rec["image_url"]
@@ -131,7 +136,7 @@ def _video_of(rec, media_root, key="video_id"):
     vid = rec[key]
     if not isinstance(vid, str) or not vid:
         raise ValueError(f"{key} must be a non-empty string, got {vid!r}")
-    path = os.path.join(media_root, vid if vid.endswith(".mp4") else vid + ".mp4")
+    path = video_path(media_root, vid)
     if not os.path.exists(path):
         raise MissingMedia(f"video {vid} (expected at {path})")
     return path
