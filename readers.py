@@ -38,11 +38,6 @@ def media_path(media_root, url, ext=".jpg"):
     return os.path.join(media_root, hashlib.sha256(url.encode()).hexdigest() + suffix)
 
 
-def video_path(media_root, video_id):
-    """The local file for a video id: <media_root>/<video id>.mp4 (an id that ends in .mp4 already is kept)."""
-    return os.path.join(media_root, video_id if video_id.endswith(".mp4") else video_id + ".mp4")
-
-
 def _image_of(rec, media_root):
     """(path, width, height) of a row's image; MissingMedia if it is not there, ValueError if unreadable."""
     url = rec["image_url"]
@@ -128,6 +123,11 @@ def _tulu(rec, media_root, i):
     if system:
         turns[0] = ("\n".join(system) + "\n" + turns[0][0], turns[0][1])
     return ("text", i), dict(task="text", image=None, turns=turns)
+
+
+def video_path(media_root, video_id):
+    """The local file for a video id: <media_root>/<video id>.mp4 (an id that ends in .mp4 already is kept)."""
+    return os.path.join(media_root, video_id if video_id.endswith(".mp4") else video_id + ".mp4")
 
 
 def _video_of(rec, media_root, key="video_id"):

@@ -161,7 +161,7 @@ def test_download_fault_ends_as_one_file_or_one_failure(server, tmp_path, fault)
     hub, out = str(tmp_path / "hub"), str(tmp_path / "data")
     write_hub(hub, readers.SOURCES[name].repo,
               rows_for(name, url, sha) + rows_for(name, server.url(good), hashlib.sha256(PNG).hexdigest()))
-    net = prepare.Net(timeout=0.2 if fault == "slower_than_timeout" else 5.0, tries=3, backoff=0.001)
+    net = prepare.Net(timeout=0.1 if fault == "slower_than_timeout" else 5.0, tries=3, backoff=0.001)
     media = os.path.join(out, "media")
     dest = readers.media_path(media, url)
     for run, retry in enumerate([False, False, True]):
