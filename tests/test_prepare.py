@@ -300,7 +300,8 @@ def test_stage_reads_the_config_mixture(server, tmp_path, capsys):
            ["pixmo_cap", "pixmo_points", "tulu"]
     # a config that execs another, as config/stage2.py does, and names eval splits by their files
     (tmp_path / "base.py").write_text('mixture = {"captions": (1.0, {"pixmo_cap": 1.0})}\n')
-    (tmp_path / "top.py").write_text('import os\nexec(open(os.path.join(os.path.dirname(__file__), "base.py")).read())\n'
+    (tmp_path / "top.py").write_text('import os\n'
+                                     'exec(open(os.path.join(os.path.dirname(__file__), "base.py")).read())\n'
                                      'eval_data = {"pixmo_count": "data/pixmo_count_val.jsonl"}\n')
     assert prepare.config_names(prepare.read_config(str(tmp_path / "top.py"))) == ["pixmo_cap", "pixmo_count_val"]
     # --stage 1 end to end on a tiny mirror, the first 2 rows of each dataset
