@@ -260,13 +260,18 @@ def _tulu(rec, media_root, i):
     return ("text", i), dict(task="text", image=None, turns=turns)
 
 
+def video_path(media_root, video_id):
+    """The local file for a video id: <media_root>/<video id>.mp4 (an id that ends in .mp4 already is kept)."""
+    return os.path.join(media_root, video_id if video_id.endswith(".mp4") else video_id + ".mp4")
+
+
 def _video_of(rec, media_root, key="video_id"):
     """A row's video: <media_root>/<video id>.mp4 (the ids are YouTube ids or source-dataset clip names; users
     fetch and cut the clips themselves). MissingMedia if absent; decoding happens when the example is encoded."""
     vid = rec[key]
     if not isinstance(vid, str) or not vid:
         raise ValueError(f"{key} must be a non-empty string, got {vid!r}")
-    path = os.path.join(media_root, vid if vid.endswith(".mp4") else vid + ".mp4")
+    path = video_path(media_root, vid)
     if not os.path.exists(path):
         raise MissingMedia(f"video {vid} (expected at {path})")
     return path
