@@ -34,8 +34,7 @@ from data import (COUNT_ANSWER, COUNT_PROMPT, NONE_ANSWER, POINT_PROMPT, TRACK_P
 # A reader turns each row into data.py's example dicts (as shapes.make_example returns), grouped per image the way
 # Molmo2 groups its annotations into one conversation. Rows that are malformed or whose media is missing are
 # skipped and counted; a file with nothing readable is an error. Videos are <media_root>/<video id>.mp4. Copies
-# may be jsonl or parquet (the Hugging Face datasets' own format; read with pyarrow, optional: without it, a
-# clear error).
+# may be jsonl (what prepare.py writes) or parquet (the Hugging Face datasets' own format, read with pyarrow).
 
 class MissingMedia(Exception):
     """A row whose image or video is not under media_root (not downloaded) or cannot be read: skipped, counted."""
@@ -585,18 +584,12 @@ def check_columns(name, path, rec):
 
 def dataset_rows(name, path):
     """(row number, record) pairs of a dataset file: jsonl (1-based line numbers; a line that is not JSON gives
-    its ValueError as the record, to be counted as malformed) or parquet, read with pyarrow when it is installed
-    (optional, like flash-attn: never required)."""
+    its ValueError as the record, to be counted as malformed) or parquet, read with pyarrow."""
     import json
     with open(path, "rb") as f:
         parquet = f.read(4) == b"PAR1"  # parquet's magic bytes
     if parquet:
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise ValueError(f"dataset {name}: {path} is parquet, which needs pyarrow (optional, not installed): "
-                             f"pip install pyarrow, or convert it to jsonl once, e.g. with pandas: "
-                             f"pd.read_parquet(path).to_json(out, orient='records', lines=True)") from None
+        import pyarrow.parquet as pq
         try:
             rows = pq.read_table(path).to_pylist()
         except Exception as e:  # pyarrow's own errors (ArrowInvalid, OSError) for a damaged file
