@@ -108,13 +108,16 @@ METRIC_COLOURS = {"pointing_f1": "tab:red", "count_acc": "tab:green", "qa_acc": 
 
 def plot_curve(records, path, title=""):
     """The learning curve of one run as a PNG at path, from its records (read_metrics): the training loss against
-    the step on the left axis (log scale: the long flat tail stays readable), each logged step's loss faint and the
-    mean over each log interval bold; every held-out metric against the step on the right axis (0 to 1), periodic
-    evals as dots joined by a line, the final eval a star, its image-blind baseline a hollow diamond.
+    the step on the left axis, each logged step's loss faint and the mean over each log interval bold (on a log
+    scale once the loss spans more than a factor of 3, so the long flat tail stays readable); every held-out metric
+    against the step on the right axis (0 to 1): the evals as dots joined by a line, the final eval a star, its
+    image-blind baseline a hollow diamond, their figures in the legend.
     Returns False (and writes nothing) when there are fewer than two training records."""
     import matplotlib
     matplotlib.use("Agg")  # no display: files only
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
     train = [r for r in records if r["kind"] == "train" and math.isfinite(r.get("loss", math.nan))]
     evals = [r for r in records if r["kind"] == "eval"]
     if len(train) < 2:
@@ -125,12 +128,18 @@ def plot_curve(records, path, title=""):
     if all("loss_avg" in r for r in train):
         ax.plot(steps, [r["loss_avg"] for r in train], color="tab:blue", lw=1.8,
                 label="train loss (mean over each log interval)")
-    ax.set_yscale("log")
+    losses = [r["loss"] for r in train]
+    log = min(losses) > 0 and max(losses) > 3 * min(losses)
+    if log:  # ticks at 1, 2, 5 x 10^k (within one decade: 1, 2, ..., 9 x 10^k), written as plain numbers
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5) if max(losses) > 10 * min(losses) else range(1, 10)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss (log scale)")
-    ax.set_xlim(0, max(steps + [r["step"] for r in evals]))
-    ax.grid(True, which="major", alpha=0.3)
-    handles = ax.get_legend_handles_labels()
+    ax.set_ylabel("training loss" + (" (log scale)" if log else ""))
+    ax.set_xlim(0, 1.02 * max(steps + [r["step"] for r in evals]))  # room for the final markers
+    ax.grid(True, alpha=0.3)
+    h, labels = ax.get_legend_handles_labels()
     if evals:
         # every metric any eval record holds (not its step, time, prompt count or flags), in first-seen order
         names = list(dict.fromkeys(k for r in evals for k, v in r.items() if k not in ("step", "time", "prompts")
@@ -139,28 +148,28 @@ def plot_curve(records, path, title=""):
         cycle = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"][5:] * 2)
         for name in names:
             col = METRIC_COLOURS.get(name) or next(cycle)
-            per = [r for r in evals if name in r and not r.get("final") and not r.get("blind")]
-            fin = [r for r in evals if name in r and r.get("final") and not r.get("blind")]
+            seen = [r for r in evals if name in r and not r.get("blind")]  # periodic evals, then the final one
+            fin = [r for r in seen if r.get("final")]
             blind = [r for r in evals if name in r and r.get("blind")]
-            if per:
-                ax2.plot([r["step"] for r in per], [r[name] for r in per], "o-", color=col, ms=4, lw=1.2,
-                         label=f"held-out {name}")
-            if fin:
-                ax2.plot([r["step"] for r in fin], [r[name] for r in fin], "*", color=col, ms=12,
-                         label=f"final {name} {fin[-1][name]:.3f}")
-            if blind:
-                ax2.plot([r["step"] for r in blind], [r[name] for r in blind], "D", color=col, mfc="none", ms=7,
-                         label=f"image-blind {name} {blind[-1][name]:.3f}")
+            figures = ([f"final {fin[-1][name]:.3f}"] if fin else []) + ([f"blind {blind[-1][name]:.3f}"] if blind
+                                                                         else [])
+            line, = ax2.plot([r["step"] for r in seen], [r[name] for r in seen], "o-", color=col, ms=4, lw=1.2)
+            h.append(line)
+            labels.append(f"held-out {name}" + (f" ({', '.join(figures)})" if figures else ""))
+            ax2.plot([r["step"] for r in fin], [r[name] for r in fin], "*", color=col, ms=13, clip_on=False)
+            ax2.plot([r["step"] for r in blind], [r[name] for r in blind], "D", color=col, mfc="none", ms=7,
+                     clip_on=False)
+        if any(r.get("final") for r in evals):  # what the two markers mean, once for every metric
+            h += [Line2D([], [], ls="", marker="*", ms=11, color="0.3"),
+                  Line2D([], [], ls="", marker="D", ms=6, mfc="none", color="0.3")]
+            labels += ["final eval", "image-blind baseline (blank images)"]
         ax2.set_ylim(0, 1)
         ax2.set_ylabel("held-out metric (0 to 1)")
-        h2 = ax2.get_legend_handles_labels()
-        handles = (handles[0] + h2[0], handles[1] + h2[1])
-    ax.legend(*handles, loc="center left", bbox_to_anchor=(1.1, 0.5), fontsize=8, frameon=False)
+    ax.legend(h, labels, loc="upper left", bbox_to_anchor=(1.1, 1.0), fontsize=8, frameon=False)
     ax.set_title(title or f"learning curve: {len(train)} log lines, steps {steps[0]}-{steps[-1]}")
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return True
-
 
 if __name__ == "__main__":
     if len(sys.argv) not in (2, 3):
