@@ -1140,8 +1140,12 @@ class Trainer:
                 result["blind"] = mb
             self.checkpoint()
             if self.env.D.rank == 0:  # the curve from the run's own records: `python metrics.py` redraws it
-                plot_curve(read_metrics(self.metrics.path), os.path.join(C.out_dir, "curve.png"),
-                           title=f"{C.out_dir}: {step:,} steps")
+                try:
+                    plot_curve(read_metrics(self.metrics.path), os.path.join(C.out_dir, "curve.png"),
+                               title=f"{C.out_dir}: {step:,} steps")
+                except ImportError:  # the run's work is saved already: a missing plotting package only costs the PNG
+                    print(f"no curve.png: matplotlib is not installed (pip install matplotlib; then python metrics.py "
+                          f"{self.metrics.path})")
         self.metrics.close()
         print(f"done in {fmt_time(time.time() - self.t_start)}; checkpoint {os.path.join(C.out_dir, 'ckpt.pt')}")
         if self.env.D.world > 1:
