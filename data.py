@@ -814,8 +814,10 @@ def collate(rows, pad_id, seq_len, left_pad=False, fixed=False):
     the left for generation (every prompt then ends in the last column). A row is one encode_example output or a list of
     them (a packed row: Packer.row()).
 
-    timestamps [B,F] are the frames' times in s (0 for images). Windows of different sizes (2x2 image,
-    3x3 frame) share pool_idx, the narrower ones padded with -1.
+    timestamps [B,F] are the frames' times in s (0 for images), a record for readers and tests only: the model
+    never reads it. Time reaches the model only as text, the "{t:.1f} " tokens before each frame in input_ids
+    (visual_tokens), as in Molmo2. Windows of different sizes (2x2 image, 3x3 frame) share pool_idx, the narrower
+    ones padded with -1.
     Packed rows carry what keeps their examples apart (as Molmo2's packing does: docs/molmo2.md, Stages):
       doc_ids [B,T]       1, 2, ... for the examples of a row, 0 on padding: attention never crosses them
       position_ids [B,T]  restart at 0 for every example, so each sees the positions it would see alone
@@ -839,7 +841,7 @@ def collate(rows, pad_id, seq_len, left_pad=False, fixed=False):
     shape = next((e["images"][0].shape for r in rows for e in r if e["images"]), (3, 1, 1))
     pixel_values = torch.zeros(B, F, *shape)
     image_mask = torch.zeros(B, F, dtype=torch.bool)
-    timestamps = torch.zeros(B, F)
+    timestamps = torch.zeros(B, F)  # not a model input: the time text in input_ids is what the model sees
     # fill row by row, example by example; pool gathers each image's pooling rows, re-indexed into the batch's
     # flat patch list (offset = patches of the images before it), in the order the <im_patch> slots appear
     pool, offset = [], 0

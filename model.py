@@ -521,7 +521,9 @@ class Molmo2(nn.Module):
         """Returns (loss_sum, weight_sum): sum(w * CE) and sum(w) over this micro-batch (under context
         parallelism: over this rank's shard of it). The caller divides by the weight sum of the *global* batch
         (all micro-batches, all ranks), so the gradient is the same however the batch is split (Molmo2
-        BatchDivisor.global_batch)."""
+        BatchDivisor.global_batch). Reads input_ids, attention_mask, labels, loss_weights, pixel_values,
+        image_mask, pool_idx and, when packed, doc_ids and position_ids; not the batch's timestamps: a frame's time
+        reaches the model only as the text before it ("{t:.1f} " tokens in input_ids, data.visual_tokens)."""
         h = self.hidden(batch)
         w, labels = batch["loss_weights"], batch["labels"]
         if self.cp is not None:  # labels were shifted by collate, so sharding keeps each (token, next token) pair

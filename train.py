@@ -45,6 +45,7 @@ import torch.distributed as dist
 from checkpoint import (CheckpointError, load_checkpoint, non_finite, remove_stale_tmp, rng_state,
                         save_checkpoint, set_rng_state)
 from machine import peak_flops, resolve_dtype
+from metrics import MetricsLog, plot_curve, read_metrics, wandb_required
 
 # ---------------------------------------------------------------------------------------------------------
 # The configuration. Every global below is a key: a config file (config/*.py, plain Python assignments) or a
@@ -56,7 +57,7 @@ from machine import peak_flops, resolve_dtype
 # defaults: a small model on the shapes world (config/*.py set up each stage); every one can be overridden
 # by a config file or --key=value
 # I/O
-out_dir = "out/shapes_stage1"   # checkpoints, logs, curves
+out_dir = "out/shapes_stage1"   # checkpoints, metrics.jsonl (every log line and eval, for tools), curve.png
 init_from = "scratch"           # 'scratch' | 'resume' (from out_dir) | a ckpt.pt (weights only) | a Hugging Face
                                 # Molmo2 directory (config.json + safetensors: its architecture, its weights)
 init_llm = ""                   # from scratch: a Qwen3 checkpoint directory for the LLM's weights (stage 1)
@@ -72,6 +73,10 @@ stop_at = 0                     # stop (checkpointed) after this step, schedule 
 max_minutes = 0.0               # wall-clock budget of the whole run (0 = off): after BUDGET_PROBE_STEPS the run fixes
                                 # its step count to fit (max_steps the upper bound) and lays the schedule over it
 blind_baseline = True           # after the final eval, evaluate again with blank images (what the image adds)
+# logging: out_dir/metrics.jsonl always holds every log line and eval (metrics.py); Weights & Biases is optional
+wandb_log = False               # also send them to Weights & Biases (off: wandb is never imported; pip install wandb)
+wandb_project = "nanomolmo2"    # the W&B project the runs are grouped under
+wandb_run_name = ""             # the W&B run's name ('' lets W&B choose one)
 # data
 dataset = "shapes"              # 'shapes': the built-in world; anything else: local copies (data_paths, readers.READERS)
 data_paths = {}                 # real data: mixture dataset name -> its local jsonl copy (readers.read_dataset)
@@ -151,7 +156,7 @@ max_bad_steps = 5               # steps in a row whose gradient norm is not fini
 # system
 device = "auto"                 # 'auto' = cuda if present, else cpu
 dtype = "auto"                  # autocast dtype: 'auto' = bf16 on CUDA, on a CPU whichever is faster here
-                                # (train.resolve_dtype); 'float32' turns autocast off (the reference path)
+                                # (machine.resolve_dtype); 'float32' turns autocast off (the reference path)
 compile = False                 # torch.compile the model (measured: no gain for the tiny CPU model)
 attn_impl = "auto"              # 'auto': flex on CUDA, sdpa on CPU | 'sdpa': dense bool mask (the reference) |
                                 # 'flex': FlexAttention BlockMask (compiled on CUDA: no T x T scores in memory)
@@ -159,7 +164,7 @@ attn_tile = 64                  # sdpa on packed rows: query rows per call, keys
                                 # (model.TiledMask: the same softmax, ~1/3 of the work); 0 = all T x T at once
 threads = 0                     # CPU threads for torch; 0 = torch's default
 seed = 1337
-# scale-out, under torchrun (README "GPU nodes"): world = dp x cp ranks
+# scale-out, under torchrun (README "Running on GPUs"): world = dp x cp ranks
 cp = 1                          # context-parallel degree: ranks that split one sequence (stage 3); dp = world / cp
 cp_mode = "ulysses"             # 'ulysses': all-to-all over heads (Molmo2's choice) | 'ring': zigzag ring
 fsdp = False                    # FSDP2: shard params, grads and Adam state over all ranks (else DDP replicates them)
@@ -635,6 +640,44 @@ def fit_budget(C, step, step_s, t_start, evals, run_eval, print=print):
     return n
 
 
+class StepBudget:
+    """How many steps a run makes, and under max_minutes when that is decided. The lifecycle, in order:
+      1. without max_minutes the count is max_steps, and nothing is decided;
+      2. a max_minutes run with no count yet (a fresh run, or one resumed from a checkpoint written before the
+         decision) lays its schedule over max_steps for now, and times its steps start+3 .. start+10 (start: the
+         step it began at; the first two steps, memory allocation and kernel choice, are not timed);
+      3. at step start+10 (decide_at, BUDGET_PROBE_STEPS after start; `due` says when) Trainer.fix_budget decides
+         the count once (fit_budget: the measured step and eval times against what is left of the budget, at most
+         max_steps) and `fix` records it. The probe ends inside the warmup, whose LR does not depend on the count;
+      4. the count is saved in every checkpoint (budget_steps), so a resumed run keeps it and neither probes nor
+         decides again (a changed max_minutes or max_steps then has no effect, and is noted as such:
+         check_against_checkpoint)."""
+
+    def __init__(self, max_minutes, max_steps, fixed, start):
+        """fixed: the checkpoint's count (budget_steps), or None; start: the step the run begins at."""
+        self.total = fixed or max_steps  # what the schedule is laid over now
+        self.decide_at = start + BUDGET_PROBE_STEPS if max_minutes and not fixed else None  # None: nothing to decide
+        self.t_probe = None
+
+    def due(self, step):
+        """Called after every applied step: starts the probe's clock once its two untimed steps are done; True at
+        the step where the count is decided."""
+        if self.decide_at is None:
+            return False
+        if step == self.decide_at - BUDGET_PROBE_STEPS + 2:
+            self.t_probe = time.time()
+        return step == self.decide_at
+
+    def probe_step_s(self):
+        """The mean time of the probe's timed steps, in seconds."""
+        return (time.time() - self.t_probe) / (BUDGET_PROBE_STEPS - 2)
+
+    def fix(self, total):
+        """The decision: total steps from now on, nothing more to decide. Returns total."""
+        self.total, self.decide_at = total, None
+        return total
+
+
 def fmt_time(s):
     """Seconds -> 'h:mm:ss' for the log lines."""
     return f"{int(s // 3600)}:{int(s % 3600 // 60):02d}:{int(s % 60):02d}"
@@ -693,6 +736,7 @@ def check_config(C):
         if videos and C.max_images_per_row < C.max_frames:
             raise SystemExit(f"max_images_per_row={C.max_images_per_row} < max_frames={C.max_frames}: a packed row "
                              f"must hold one video of max_frames frames (the mixture has videos)")
+    wandb_required(C.wandb_log)  # wandb_log=True without the package: said now, not after the vision pretraining
     missing = missing_paths(C)  # every path the config names, checked before anything is built
     if missing and not C.dry_run:
         raise SystemExit("missing paths (nothing is downloaded; copy them here or override the keys):\n  "
@@ -878,6 +922,11 @@ class Trainer:
         if resume:
             self.resume(ckpt)
         self.saved_at = self.step if resume else None  # the step of the checkpoint now in out_dir, if any
+        # out_dir/metrics.jsonl, rank 0's: a resume first drops the lines logged after its checkpoint (MetricsLog)
+        self.metrics = MetricsLog(os.path.join(C.out_dir, "metrics.jsonl"), on=D.rank == 0,
+                                  resume_step=self.step if resume else None,
+                                  wandb=dict(project=C.wandb_project, name=C.wandb_run_name, config=vars(C))
+                                  if C.wandb_log else None)
 
     def resume(self, ckpt):
         """The whole state of the run that wrote ckpt: optimizer (this run's hyperparameters), step, the budget's
@@ -1004,16 +1053,12 @@ class Trainer:
         self.tot = tot = dict(tokens=0, cells=0, examples=0, flops=0, seconds=0.0)
         mark, eval_seconds = dict(tot), 0.0
         self.bad_in_a_row = self.bad_total = 0
-        # The step count the schedule is laid over: max_steps, or under max_minutes the count that fits the
-        # budget, fixed once after BUDGET_PROBE_STEPS and saved in the checkpoint (a resumed run keeps it: the
-        # schedule stays exact). The probe ends inside the warmup, whose LR does not depend on the total.
-        decide_at = max(BUDGET_PROBE_STEPS, self.step + BUDGET_PROBE_STEPS) if C.max_minutes and not \
-            self.budget_steps else None
-        self.total = self.budget_steps or C.max_steps
-        if decide_at is not None and decide_at >= C.warmup_steps:
-            print(f"max_minutes: note, the step count is fixed at step {decide_at}, after warmup_steps="
+        # the step count the schedule is laid over, and under max_minutes when it is decided (StepBudget)
+        self.budget = StepBudget(C.max_minutes, C.max_steps, self.budget_steps, self.step)
+        self.total = self.budget.total
+        if self.budget.decide_at is not None and self.budget.decide_at >= C.warmup_steps:
+            print(f"max_minutes: note, the step count is fixed at step {self.budget.decide_at}, after warmup_steps="
                   f"{C.warmup_steps}: the LR of the steps before it assumed max_steps={C.max_steps}")
-        t_probe = None
         # The loop. A skipped (non-finite) step leaves self.step where it was, so the same step is tried again
         # on the next batch; stop_at ends a run early (checkpointed) with the schedule of the full run intact.
         while self.step < self.total and not (C.stop_at and self.step >= C.stop_at):
@@ -1027,11 +1072,8 @@ class Trainer:
                 tot["examples"] += D.dp * b["n_examples"]
                 tot["flops"] += D.dp * self.model.flops(b)
             tot["seconds"] = time.time() - self.t0 - eval_seconds
-            if decide_at is not None and step == decide_at - BUDGET_PROBE_STEPS + 2:
-                t_probe = time.time()  # the first two steps (allocation, kernel choice) are not timed
-            if step == decide_at:
-                self.total = self.fix_budget((time.time() - t_probe) / (BUDGET_PROBE_STEPS - 2))
-                decide_at = None
+            if self.budget.due(step):
+                self.total = self.fix_budget(self.budget.probe_step_s())
             if step % C.log_interval == 0 or step == self.total:
                 d = {k: tot[k] - mark[k] for k in tot}  # since the previous log line
                 el = time.time() - self.t0
@@ -1044,12 +1086,20 @@ class Trainer:
                       + (f" | skipped {sum(self.media.skipped.values())} broken" if self.media.skipped else "")
                       + (f" | {self.bad_total} non-finite steps skipped" if self.bad_total else ""), flush=True)
                 mark = dict(tot)
+                n = step - (step - 1) // C.log_interval * C.log_interval  # the steps since the previous log step
+                self.metrics.log(dict(kind="train", step=step, total=self.total, loss=loss,
+                                      loss_avg=sum(self.history["loss"][-n:]) / len(self.history["loss"][-n:]),
+                                      gnorm=float(gnorm), lr=self.opt.param_groups[-1]["lr"],
+                                      tok_s=d["tokens"] / d["seconds"], ex_s=d["examples"] / d["seconds"],
+                                      non_pad=d["tokens"] / d["cells"],
+                                      mfu=d["flops"] / d["seconds"] / (peak * D.world), elapsed_s=el, eta_s=eta))
             if step % C.eval_interval == 0 and step < self.total:
                 t_eval = time.time()
                 self.checkpoint()  # saved before the eval, so an eval crash never loses the work (nanochat #446)
                 if self.evals:
                     m = self.run_eval(C.eval_prompts)[0]
                     self.history["evals"].append(dict(step=step, **m))
+                    self.metrics.log(dict(kind="eval", step=step, prompts=C.eval_prompts, **m))
                     print(f"eval @ {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in m.items()), flush=True)
                 eval_seconds += time.time() - t_eval
 
@@ -1061,7 +1111,7 @@ class Trainer:
             t = torch.tensor(total)
             dist.broadcast(t, src=0)
             total = int(t)
-        self.budget_steps = total
+        self.budget_steps = self.budget.fix(total)
         return total
 
     def finish(self):
@@ -1084,6 +1134,7 @@ class Trainer:
             from eval import breakdown
             m, records = self.run_eval(C.final_eval_prompts)
             self.history["evals"].append(dict(step=step, final=True, **m))
+            self.metrics.log(dict(kind="eval", step=step, final=True, prompts=C.final_eval_prompts, **m))
             print(f"final eval @ {step} ({C.final_eval_prompts} prompts/task): " +
                   ", ".join(f"{k} {v:.3f}" for k, v in m.items()), flush=True)
             # the same scores by question kind (eval.breakdown): what the model can and cannot do yet
@@ -1092,48 +1143,24 @@ class Trainer:
             if C.blind_baseline:
                 mb = self.run_eval(C.final_eval_prompts, blind=True)[0]
                 self.history["evals"][-1]["blind"] = mb
+                self.metrics.log(dict(kind="eval", step=step, final=True, blind=True, prompts=C.final_eval_prompts,
+                                      **mb))
                 print("image-blind baseline (same checkpoint, blank images): " +
                       ", ".join(f"{k} {v:.3f}" for k, v in mb.items()), flush=True)
                 result["blind"] = mb
             self.checkpoint()
-            plot_curve(self.history, os.path.join(C.out_dir, "curve.png"))
+            if self.env.D.rank == 0:  # the curve from the run's own records: `python metrics.py` redraws it
+                try:
+                    plot_curve(read_metrics(self.metrics.path), os.path.join(C.out_dir, "curve.png"),
+                               title=f"{C.out_dir}: {step:,} steps")
+                except ImportError:  # the run's work is saved already: a missing plotting package only costs the PNG
+                    print(f"no curve.png: matplotlib is not installed (pip install matplotlib; then python metrics.py "
+                          f"{self.metrics.path})")
+        self.metrics.close()
         print(f"done in {fmt_time(time.time() - self.t_start)}; checkpoint {os.path.join(C.out_dir, 'ckpt.pt')}")
         if self.env.D.world > 1:
             dist.destroy_process_group()
         return result
-
-
-def plot_curve(history, path):
-    """Learning curve as a PNG with Pillow (no matplotlib): training loss (smoothed) and eval metrics."""
-    from PIL import Image, ImageDraw
-    W, H, pad = 640, 360, 40
-    im = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(im)
-    steps, loss = np.array(history["step"]), np.array(history["loss"])
-    if len(loss) < 2:
-        return
-    # The loss is smoothed over a window of 1% of the run (k steps) and drawn on a log scale, so the long flat
-    # tail stays readable; the eval metrics (0..1) are dots on a linear scale over the same steps.
-    k = max(1, len(loss) // 100)
-    sm = np.convolve(loss, np.ones(k) / k, mode="valid")
-    xs = lambda s: pad + (W - 2 * pad) * (s - steps[0]) / max(1, steps[-1] - steps[0])
-    lo, hi = math.log(float(sm.min())), math.log(float(sm.max()))  # log scale: the plateau stays visible
-    ys = lambda v: H - pad - (H - 2 * pad) * (math.log(v) - lo) / max(1e-9, hi - lo)
-    d.line([(xs(s), ys(v)) for s, v in zip(steps[k - 1:], sm)], fill=(40, 80, 220), width=2)
-    d.rectangle([pad, pad, W - pad, H - pad], outline="black")
-    d.text((pad, 10), f"train loss (blue, log scale) {sm[0]:.2f} -> {sm[-1]:.2f}; held-out metrics (dots, 0 at the "
-                      f"bottom, 1 at the top)", fill="black")
-    colors = {"pointing_f1": (220, 40, 40), "count_acc": (40, 170, 60), "qa_acc": (150, 60, 190),
-              "tracking_f1": (240, 140, 0), "video_pointing_f1": (0, 160, 200), "video_count_acc": (0, 90, 30)}
-    for e in history["evals"]:
-        for key, col in colors.items():
-            if key in e:
-                x, y = xs(e["step"]), H - pad - (H - 2 * pad) * e[key]
-                d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=col)
-    d.text((pad, H - pad + 8), "step " + str(steps[0]) + " ... " + str(steps[-1]) +
-           "   red: pointing F1, green: count (dark: video), purple: QA, orange: tracking F1, cyan: video pointing F1",
-           fill="black")
-    im.save(path)
 
 
 if __name__ == "__main__":

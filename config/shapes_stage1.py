@@ -11,8 +11,9 @@ seq_len = 512              # per row; the longest shapes example (3 pointing tur
 batch_size = 8             # rows per step
 max_images_per_row = 8
 # Molmo2 starts from a pretrained SigLIP2 ViT. The shapes world has none, and a ViT taught only through a random
-# LLM learns shapes too slowly for this budget, so the run first pretrains the ViT and connector (~3 minutes
-# here) to say, for every pooled token, which (colour, shape) is there and where its centre is (train.pretrain_vit)
+# LLM learns shapes too slowly for this budget, so the run first pretrains the ViT and connector (about 2 minutes
+# on 2 cores: 1:32 and 1:54 in the README's runs, docs/experiments.md) to say, for every pooled token, which
+# (colour, shape) is there and where its centre is (train.pretrain_vit)
 vit_pretrain_steps = 500
 vit_pretrain_batch = 64
 max_minutes = 20.0         # the demo's promise: done in 20 minutes on whatever CPU runs it. After 10 steps the run

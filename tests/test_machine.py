@@ -78,3 +78,20 @@ def test_max_minutes_fixes_the_steps_once_and_resume_keeps_them(tmp_path, monkey
 def test_an_unknown_dtype_is_a_clear_error():
     with pytest.raises(ValueError, match=r"dtype must be 'auto' or one of bfloat16, float16, float32, got 'bf16'"):
         machine.resolve_dtype("bf16", torch.device("cpu"))
+
+
+def test_step_budget_lifecycle():
+    """train.StepBudget in each case: no budget (max_steps, nothing decided), a fresh run (probe clock started after
+    two untimed steps, due once at BUDGET_PROBE_STEPS), a run resumed before the decision (the probe counted from
+    the resumed step), and a run resumed after it (the saved count, nothing to decide)."""
+    n = train.BUDGET_PROBE_STEPS
+    off = train.StepBudget(0.0, 100, None, 0)
+    assert off.total == 100 and not any(off.due(s) for s in range(1, 101))
+    for start in (0, 7):
+        b = train.StepBudget(5.0, 100, None, start)
+        assert b.total == 100
+        due = [s for s in range(start + 1, start + 30) if b.due(s)]
+        assert due == [start + n] and b.t_probe is not None
+        assert b.fix(42) == 42 and b.total == 42 and not any(b.due(s) for s in range(start + n, 100))
+    kept = train.StepBudget(5.0, 100, 23, 15)  # resumed after the decision: its count, no second probe
+    assert kept.total == 23 and kept.decide_at is None and not any(kept.due(s) for s in range(16, 24))
