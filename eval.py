@@ -176,6 +176,7 @@ def tracking_prf(pred, gt, size=None, masks=None):
     frames = sorted(set(frames_pred) | set(frames_gt))
     if not frames:  # nothing to track and nothing tracked
         return 1.0, 1.0, 1.0
+    masks = None if masks is None else {_tkey(s): m for s, m in masks.items()}
     per_frame = []
     for f in frames:
         P, objs = list(frames_pred.get(f, {}).values()), frames_gt.get(f, {})
@@ -185,7 +186,7 @@ def tracking_prf(pred, gt, size=None, masks=None):
             continue
         G = [objs[k] for k in ids]
         if masks is not None:
-            fm = {_tkey(s): m for s, m in masks.items()}.get(f, {})
+            fm = masks.get(f, {})
             hit = lambda i, j: ids[j] in fm and in_mask(fm[ids[j]], *P[i])
         else:
             hit = lambda i, j: near(P[i], G[j], size)

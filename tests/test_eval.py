@@ -308,6 +308,22 @@ def test_anls_relaxed_and_multiple_choice():
     assert ev.score_mc("C", {"answer": "C"}) == {"mc_acc": 1.0}
 
 
+def test_video_scorers_read_json_ground_truth():
+    # the ground truth as a jsonl row holds it (string keys), the answers as the model writes them (html-v2)
+    import json
+    track = json.loads(json.dumps({"tracks": {0.0: {1: [10, 20], 2: [300, 40]}, 0.5: {2: [310, 42]}},
+                                   "size": [400, 200]}))
+    ans = data.format_groups([("0.0", [(1, 10, 20), (2, 300, 40)]), ("0.5", [(1, 310, 42)])], 400, 200, "cars",
+                             tag="tracks")
+    assert ev.score_track(ans, track) == {"tracking_f1_near": 1.0, "tracking_precision_near": 1.0,
+                                          "tracking_recall_near": 1.0}  # ids ignored: id 1 at 0.5 s is fine
+    vp = {"points": [[0.5, 10, 20], [1.0, 300, 40]], "count": 2, "size": [400, 200], "duration": 2.0}
+    ans = data.format_groups([("0.5", [(10, 20)]), ("1.0", [(300, 40)])], 400, 200, "cars")
+    assert ev.score_video_point(ans, vp)["video_pointing_f1_near"] == 1.0
+    ans = data.format_groups([("0.5", [(10, 20)]), ("1.5", [(300, 40)])], 400, 200, "cars")  # 1.5 s: not annotated
+    assert ev.score_video_point(ans, vp)["video_pointing_f1_near"] == 0.5
+
+
 def test_evaluate_shapes_video_oracle_scores_one(tok, cfg):
     tasks = ("video_point", "video_count", "track")
     m = Oracle(tok, _gt_answers(tasks, 3, cfg.image_size))
