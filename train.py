@@ -66,6 +66,8 @@ trust_checkpoint = False        # load checkpoints with the full unpickler (it c
 eval_interval = 500             # steps between held-out evaluations (and checkpoints)
 eval_prompts = 100              # prompts per task in periodic evals (the final eval uses final_eval_prompts)
 eval_tasks = ("point", "count", "qa")  # held-out shapes tasks scored (eval.py METRIC_NAMES)
+eval_data = {}                  # real held-out sets scored at each periodic and the final eval instead of the
+                                # shapes tasks: reader name -> local copy (eval.EVAL_METRICS picks each one's metric)
 final_eval_prompts = 500        # the acceptance figure needs at least 500 per task
 log_interval = 10               # steps between log lines
 dry_run = False                 # build model + mixture, print them, stop before the first step
@@ -441,6 +443,7 @@ def missing_paths(C):
     if C.dataset != "shapes":
         want += [(f"data_paths[{n!r}]", p, os.path.isfile, "a dataset's local copy") for n, p in C.data_paths.items()]
         want.append(("media_root", C.media_root, os.path.isdir, "the datasets' images and videos"))
+    want += [(f"eval_data[{n!r}]", p, os.path.isfile, "a held-out set's local copy") for n, p in C.eval_data.items()]
     return [f"{key}={path!r} ({what})" for key, path, exists, what in want if path and not exists(path)]
 
 
@@ -722,10 +725,13 @@ def check_config(C):
         if task not in C.task_weights or not isinstance(m, (int, float)) or m <= 0:
             raise SystemExit(f"first_token_mults[{task!r}] = {m!r}: keys must be tasks of task_weights "
                              f"({', '.join(sorted(C.task_weights))}) and values positive numbers")
-    from eval import SCORED_TASKS
+    from eval import EVAL_METRICS, SCORED_TASKS, reader_of
     bad = [t for t in C.eval_tasks if t not in SCORED_TASKS]  # found now, not at the first eval minutes later
     if bad:
         raise SystemExit(f"eval_tasks: {bad} cannot be scored; scored tasks are {', '.join(SCORED_TASKS)}")
+    bad = [n for n in C.eval_data if reader_of(n) not in EVAL_METRICS]
+    if bad:
+        raise SystemExit(f"eval_data: {bad} have no metric; eval.EVAL_METRICS scores {', '.join(EVAL_METRICS)}")
     for key in ("init_llm", "init_vit"):
         if getattr(C, key) and C.init_from != "scratch":
             raise SystemExit(f"{key} initialises a model built from scratch; init_from={C.init_from!r} loads one")
@@ -980,10 +986,11 @@ class Trainer:
         self.saved_at = self.step
 
     def run_eval(self, n, blind=False, full_length=False):
-        """Held-out shapes eval of n prompts per task -> (metrics, records [(task, question, answer, reference,
-        score)]). Rank 0 evaluates the whole model, single-process (no cp), with every CPU thread of the node's
-        ranks; the others wait. Under FSDP2 the full weights are gathered into a plain copy first."""
-        from eval import evaluate_shapes
+        """Held-out eval -> (metrics, records [(task, question, answer, reference, score)]): the shapes tasks, n
+        prompts each, or with eval_data the real held-out sets, their first n examples each. Rank 0 evaluates the
+        whole model, single-process (no cp), with every CPU thread of the node's ranks; the others wait. Under
+        FSDP2 the full weights are gathered into a plain copy first."""
+        from eval import evaluate_data, evaluate_shapes, load_eval_sets
         from model import Molmo2
         C, env = self.C, self.env
         D, res, ev = env.D, None, self.model
@@ -997,9 +1004,14 @@ class Trainer:
             ev.cp = None  # one process: whole sequences
             torch.set_num_threads(threads * int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
             try:
-                res = evaluate_shapes(ev, self.tok, self.mconf, n_prompts=n, tasks=C.eval_tasks, blind=blind,
-                                      autocast=env.autocast if env.dtype != torch.float32 else None,
-                                      video_frames=C.video_frames, full_length=full_length)
+                ac = env.autocast if env.dtype != torch.float32 else None
+                if C.eval_data:  # read once, at the first eval, kept for the next ones
+                    self.eval_sets = getattr(self, "eval_sets", None) or load_eval_sets(C.eval_data, C.media_root)
+                    res = evaluate_data(ev, self.tok, self.mconf, self.eval_sets, max_examples=n, autocast=ac,
+                                        blind=blind, full_length=full_length)[:2]
+                else:
+                    res = evaluate_shapes(ev, self.tok, self.mconf, n_prompts=n, tasks=C.eval_tasks, blind=blind,
+                                          autocast=ac, video_frames=C.video_frames, full_length=full_length)
             finally:
                 ev.cp = cp
                 torch.set_num_threads(threads)

@@ -90,9 +90,10 @@ def test_pointing_answers_and_masks():
         assert f'">{gt["label"]}</points>' in a
         if task == "count":
             assert a.endswith(f"shows a total of {gt['count']}.")
-        # the written answer, read back and scaled to pixels, scores perfectly
-        px = [(x / 1000 * 64, y / 1000 * 64) for _, _, x, y in pts]
-        assert ev.pointing_prf(px, gt["points"], gt["masks"]) == (1.0, 1.0, 1.0)
+        # the written answer, read back and scaled to pixels (Molmo2's convention: pixel centres at integers, so
+        # -0.5 px from shapes' [col, col + 1) pixels; eval.score_shapes), scores perfectly
+        px = [(x / 1000 * 64 - 0.5, y / 1000 * 64 - 0.5) for _, _, x, y in pts]
+        assert ev.pointing_prf(px, [(x - 0.5, y - 0.5) for x, y in gt["points"]], gt["masks"]) == (1.0, 1.0, 1.0)
     assert set(range(5)) <= set(counts)
 
 

@@ -149,7 +149,7 @@ def test_eval_cli_on_a_checkpoint(trained, capsys):
     _, out = trained
     metrics, records = ev.main(["--ckpt", os.path.join(out, "ckpt.pt"), "--prompts", "3", "--tasks", "track,point",
                                 "--dtype", "float32"])
-    assert set(metrics) == {"tracking_f1", "pointing_f1"} and len(records) == 6
+    assert set(metrics) == {"tracking_f1", "track_id_f1", "pointing_f1"} and len(records) == 6
     kinds = {ev.question_kind(t, q, ref) for t, q, _, ref, _ in records}
     assert all(k.startswith(("track: ", "point: ")) and k.endswith(" objects") for k in kinds)
     assert "tracking_f1" in capsys.readouterr().out
