@@ -23,6 +23,8 @@ from collections import Counter
 import numpy as np
 import torch
 
+import readers
+
 
 def hungarian(cost):
     """Minimum-cost assignment for a (n, m) cost matrix (Kuhn-Munkres with potentials, O(n^2 m)).
@@ -585,19 +587,13 @@ EVAL_METRICS = {
     "pixmo_count": (score_count, _POINTS), "pixmo_points": None, "vqa_v2": (score_vqa, _SHORT),
     "docvqa": (score_anls, _SHORT), "chartqa": (score_relaxed, _SHORT), "molmo2_capqa": (score_mc, _SHORT),
     "molmo2_videopoint": None, "videopoint_0_5": None, "videopoint_6_25": None, "videopoint_26_60": None,
-    "molmo2_track": (score_track, 2048),
+    "molmo2_track": (score_track, 2048), "textvqa": (score_vqa, _SHORT), "ai2d": (score_mc, _SHORT),
+    "nlvr2": (score_mc, _SHORT), "pixmo_points_eval": (score_point, _POINTS), "videopoint_eval": None,
+    "videocount_eval": (score_video_count, _VIDEO), "videotrack_eval": (score_track, 2048),
     # tasks
     "point": (score_point, _POINTS), "count": (score_count, _POINTS), "video_point": (score_video_point, _VIDEO),
     "video_count": (score_video_count, _VIDEO), "track": (score_track, 2048), "video_qa": (score_mc, _SHORT),
 }
-
-
-def reader_of(name):
-    """The READERS entry a data set name reads with: the name itself, or a readers.SOURCES entry's reader (the
-    eval splits, e.g. pixmo_count_val read by pixmo_count)."""
-    import readers
-    src = getattr(readers, "SOURCES", {}).get(name)
-    return name if name in readers.READERS or src is None else (src.reader or name)
 
 
 def check_eval_data(sets_paths):
@@ -605,7 +601,7 @@ def check_eval_data(sets_paths):
     is missing, else None."""
     import os
     for name, path in sets_paths.items():
-        if reader_of(name) not in EVAL_METRICS:
+        if readers.reader_name(name) not in EVAL_METRICS:
             return f"eval data {name!r}: no metric for it; eval.EVAL_METRICS scores {', '.join(EVAL_METRICS)}"
         if not os.path.exists(path):
             return f"eval data {name!r}: file not found: {path}"
@@ -616,13 +612,12 @@ def load_eval_sets(sets_paths, media_root="", log=print):
     """{data set name: path} -> {name: [example]}: each file read with its reader (readers.read_dataset), an
     example with several questions split into one example per question (example["meta"] a list, one per turn),
     every example's ground truth checked to be there."""
-    import readers
     err = check_eval_data(sets_paths)
     if err:
         raise SystemExit(err)
     sets = {}
     for name, path in sets_paths.items():
-        exs, _ = readers.read_dataset(reader_of(name), path, media_root, log=log)
+        exs, _ = readers.read_dataset(name, path, media_root, log=log)  # eval splits: a row an example
         out = []
         for ex in exs:
             metas = ex.get("meta")
@@ -647,7 +642,7 @@ def evaluate_data(model, tok, cfg, sets, max_examples=None, batch_size=16, autoc
     metrics, records, counts = {}, [], {}
     for name, exs in sets.items():
         exs = exs[:max_examples] if max_examples else exs
-        entry = EVAL_METRICS[reader_of(name)]
+        entry = EVAL_METRICS[readers.reader_name(name)]
         scorers = [entry or EVAL_METRICS.get(ex["task"]) for ex in exs]
         bad = next((ex["task"] for ex, s in zip(exs, scorers) if s is None), None)
         if bad is not None:

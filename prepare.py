@@ -721,10 +721,10 @@ def read_config(path):
 
 
 def config_names(scope):
-    """The dataset names a config mixes (its mixture's leaves) and evaluates (eval_data: {reader: path}, the
-    path's basename without its extension being the readers.SOURCES name), in order, each once."""
+    """The dataset names a config mixes (its mixture's leaves) and evaluates (eval_data's keys, readers.SOURCES
+    names such as pixmo_count_val), in order, each once."""
     names = [n for _, leaves in scope.get("mixture", {}).values() for n in leaves]
-    names += [os.path.splitext(os.path.basename(p))[0] for p in scope.get("eval_data", {}).values()]
+    names += list(scope.get("eval_data", {}))
     return list(dict.fromkeys(names))
 
 

@@ -561,9 +561,15 @@ SOURCES.update({name: Source("allenai/Molmo2-VideoPoint", reader=name, **_VIDEOP
                 for name in ("molmo2_videopoint", "videopoint_0_5", "videopoint_6_25", "videopoint_26_60")})
 
 
+def reader_name(name):
+    """The READERS key that reads dataset `name`: its SOURCES entry's reader (the eval splits, e.g. pixmo_count_val
+    read by pixmo_count), else the name itself."""
+    return SOURCES[name].reader or name if name in SOURCES else name
+
+
 def reader_of(name):
-    """The READERS entry that reads dataset `name` (its SOURCES entry's reader, else its own name)."""
-    key = SOURCES[name].reader or name if name in SOURCES else name
+    """The READERS entry that reads dataset `name` (reader_name)."""
+    key = reader_name(name)
     if key not in READERS:
         raise ValueError(f"no reader for dataset {name!r}; datasets: {', '.join(sorted(set(READERS) | set(SOURCES)))}")
     return READERS[key]

@@ -725,18 +725,18 @@ def check_config(C):
         if task not in C.task_weights or not isinstance(m, (int, float)) or m <= 0:
             raise SystemExit(f"first_token_mults[{task!r}] = {m!r}: keys must be tasks of task_weights "
                              f"({', '.join(sorted(C.task_weights))}) and values positive numbers")
-    from eval import EVAL_METRICS, SCORED_TASKS, reader_of
+    import readers
+    from eval import EVAL_METRICS, SCORED_TASKS
     bad = [t for t in C.eval_tasks if t not in SCORED_TASKS]  # found now, not at the first eval minutes later
     if bad:
         raise SystemExit(f"eval_tasks: {bad} cannot be scored; scored tasks are {', '.join(SCORED_TASKS)}")
-    bad = [n for n in C.eval_data if reader_of(n) not in EVAL_METRICS]
+    bad = [n for n in C.eval_data if readers.reader_name(n) not in EVAL_METRICS]
     if bad:
         raise SystemExit(f"eval_data: {bad} have no metric; eval.EVAL_METRICS scores {', '.join(EVAL_METRICS)}")
     for key in ("init_llm", "init_vit"):
         if getattr(C, key) and C.init_from != "scratch":
             raise SystemExit(f"{key} initialises a model built from scratch; init_from={C.init_from!r} loads one")
     if C.packing and C.dataset != "shapes":  # an example that can never fit a packed row stops the run mid-way
-        import readers
         names = [n for spec in C.mixture.values() for n in (spec[1] if isinstance(spec, tuple) else ())]
         videos = any(n in readers.SOURCES and readers.SOURCES[n].video for n in names)
         if videos and C.max_images_per_row < C.max_frames:

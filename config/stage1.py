@@ -12,8 +12,8 @@ dataset_sizes = {"pixmo_cap": 710_000, "pixmo_points": 1_000_000, "tulu": 980_00
 # own sizes replace dataset_sizes. Override: --data_paths="{'pixmo_cap': '/data/pixmo_cap.jsonl', ...}" --media_root=...
 data_paths = {name: f"data/{name}.jsonl" for _, leaves in mixture.values() for name in leaves}
 # Real held-out sets scored at each eval instead of the shapes tasks (eval.EVAL_METRICS: counting accuracy,
-# pointing F1 as Molmo2 computes them): reader name -> the local copy of its eval split (readers.SOURCES names)
-eval_data = {"pixmo_count": "data/pixmo_count_val.jsonl", "pixmo_points": "data/pixmo_points_eval.jsonl"}
+# pointing F1 as Molmo2 computes them): eval split (readers.SOURCES name) -> its local copy
+eval_data = {"pixmo_count_val": "data/pixmo_count_val.jsonl", "pixmo_points_eval": "data/pixmo_points_eval.jsonl"}
 media_root = "data/media"  # images at readers.media_path(media_root, url), videos at <media_root>/<video id>.mp4
 seq_len = 4096             # docs/molmo2.md, Stages: 4,096 tokens a row
 packing = True             # several examples a row (Molmo2 packs its pretraining sequences: docs/molmo2.md, Stages)

@@ -37,10 +37,10 @@ dataset_sizes = {"molmo2_capqa": 1_000_000, "vqa_v2": 82_783, "pixmo_cap": 710_0
                  "docvqa": 39_463, "textvqa": 34_602, "chartqa": 28_299, "ai2d": 2_400, "nlvr2": 50_400}
 data_paths = {name: f"data/{name}.jsonl" for _, leaves in mixture.values() for name in leaves}  # as stage 1
 # stage 1's held-out sets, plus VQA v2 (VQA score), DocVQA (ANLS), ChartQA (relaxed accuracy) and the video
-# sets: multiple choice, video pointing and counting, tracking (eval.EVAL_METRICS)
-eval_data = dict(eval_data, vqa_v2="data/vqa_v2_val.jsonl", docvqa="data/docvqa_val.jsonl",
-                 chartqa="data/chartqa_test.jsonl", molmo2_capqa="data/molmo2_capqa_eval.jsonl",
-                 molmo2_videopoint="data/molmo2_videopoint_eval.jsonl", molmo2_track="data/molmo2_track_eval.jsonl")
+# sets: Molmo2's video pointing, counting and tracking evals (eval.EVAL_METRICS)
+eval_data = dict(eval_data, vqa_v2_val="data/vqa_v2_val.jsonl", docvqa_val="data/docvqa_val.jsonl",
+                 chartqa_test="data/chartqa_test.jsonl", videopoint_eval="data/videopoint_eval.jsonl",
+                 videocount_eval="data/videocount_eval.jsonl", videotrack_eval="data/videotrack_eval.jsonl")
 dataset_caps = {"pixmo_cap": 100_000}  # Molmo2 caps PixMo-Cap at 100k in SFT so captions do not dominate
 loss_weighting = "root"    # Molmo2 SFT: root_subsegments_root_tokens (2/sqrt(n)), pointing/tracking flat 0.2
 packing = True             # Molmo2 packs SFT sequences (docs/molmo2.md, Stages)

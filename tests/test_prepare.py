@@ -297,12 +297,12 @@ def test_without_hub_dir_rows_come_through_snapshot_download(server, tmp_path, m
 
 def test_stage_reads_the_config_mixture(server, tmp_path, capsys):
     assert prepare.config_names(prepare.read_config(os.path.join(ROOT, "config", "stage1.py"))) == \
-           ["pixmo_cap", "pixmo_points", "tulu"]
-    # a config that execs another, as config/stage2.py does, and names eval splits by their files
+           ["pixmo_cap", "pixmo_points", "tulu", "pixmo_count_val", "pixmo_points_eval"]
+    # a config that execs another, as config/stage2.py does, and names eval splits
     (tmp_path / "base.py").write_text('mixture = {"captions": (1.0, {"pixmo_cap": 1.0})}\n')
     (tmp_path / "top.py").write_text('import os\n'
                                      'exec(open(os.path.join(os.path.dirname(__file__), "base.py")).read())\n'
-                                     'eval_data = {"pixmo_count": "data/pixmo_count_val.jsonl"}\n')
+                                     'eval_data = {"pixmo_count_val": "data/pixmo_count_val.jsonl"}\n')
     assert prepare.config_names(prepare.read_config(str(tmp_path / "top.py"))) == ["pixmo_cap", "pixmo_count_val"]
     # --stage 1 end to end on a tiny mirror, the first 2 rows of each dataset
     hub, out = str(tmp_path / "hub"), str(tmp_path / "data")
@@ -315,6 +315,11 @@ def test_stage_reads_the_config_mixture(server, tmp_path, capsys):
                                                  collection_method="pointing")])
     write_hub(hub, "allenai/tulu-3-sft-mixture", [dict(messages=[dict(role="user", content="hi"),
                                                                  dict(role="assistant", content="hello")])] * 3)
+    write_hub(hub, "allenai/pixmo-count", [dict(image_url=urls[1], image_sha256=sha, label="l", count=2)],
+              name="data/validation-00000-of-00001.parquet")
+    write_hub(hub, "allenai/pixmo-points-eval", [dict(image_url=urls[1], image_sha256=sha, label="l",
+                                                      points=[dict(x=1.0, y=1.0)], masks=[[[True]]])],
+              name="data/test-00000-of-00001.parquet")
     assert prepare.main(["--stage", "1", "--hub_dir", hub, "--out", out, "--max_rows", "2", "--backoff", "0.001",
                          "--no_progress"]) == 0
     assert {n: len(jsonl(os.path.join(out, f"{n}.jsonl"))) for n in ("pixmo_cap", "pixmo_points", "tulu")} == \
