@@ -1007,9 +1007,10 @@ def vs_transformers(argv):
 # H100 80GB HBM3 (79.1 GiB of its 80 GB) and about that of an H200 (of its 141 GB). On a GPU, --gpu takes the
 # device's own total_memory instead, unless --card names one.
 CARDS = {"h100": 79.1 * 2 ** 30, "h200": 139.8 * 2 ** 30}
-GPU_FILL = 0.8   # a section runs only where the planner's figure is at most 80% of the card: the planner leaves out
-                 # autocast's bf16 weight copies, activation gradients in flight, kernels' workspaces, the CUDA
-                 # context and the allocator's fragmentation
+GPU_FILL = 0.8   # a section runs only where the planner's figure is at most 80% of the card: the planner's parts
+                 # are estimates (they need not peak at once) and it leaves temporaries out (autocast's bf16
+                 # weight copies, the loss head's backward beyond one chunk's logits, kernels' workspaces, the
+                 # CUDA context, the allocator's fragmentation)
 PLAN_TOL = 0.2   # a section's measured peak (max_memory_allocated) within 20% of the planner's figure
 FP32_TOL = 1e-5  # the cp kernels in fp32 against the fp64 reference, every tensor
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -1080,7 +1081,7 @@ def gpu_sections(L=4096, heads=8):
     # stage 1: packed rows as real() builds them (max_images_per_row images a row), so the planner counts them too
     stage1 = [[f"--batch_size={r}", f"--act_ckpt={ck}"] for r in (rows >> i for i in range(rows.bit_length()))
               for ck in (False, True)]
-    stage3 = [[f"--loss_chunk={chunk >> i}"] for i in range(3)]
+    stage3 = [[f"--loss_chunk={c}"] for c in dict.fromkeys(chunk >> i for i in range(3))]  # 0 (unchunked): once
 
     def cp_plan(budget):
         figure = cp_kernels_peak(L, heads)
