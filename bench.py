@@ -20,7 +20,12 @@ Benchmarks and fast-path checks. Timing targets live here, never in tests.
     python bench.py --losses out/a/ckpt.pt out/b/ckpt.pt [--n=10 --trust_checkpoint=True]   # two runs' losses
     python bench.py --gpu                     # the prepared check for a lent GPU (under 8 minutes): stage 1's real
                                               # shape in bf16, one stage-3 row (36,864 tokens, 384 frames) on one
-                                              # GPU, the CUDA FlexAttention cp kernels against the reference
+                                              # GPU, the CUDA FlexAttention cp kernels against the reference; each
+                                              # section sized by the planner and run under its own guard; the
+                                              # output also in docs/gpu_runs/<date>-<device>.txt; exit code 1 if
+                                              # any section failed
+    python bench.py --gpu --plan_only [--card=h100|h200]   # on any machine: each section's sizes and predicted
+                                              # peak memory for that card, nothing run
     python bench.py --help                    # this text
 
 Flags are --key=value: each mode's own (above) or, where a config is read (the default mode, --real, --plan),
@@ -116,6 +121,12 @@ def check(cfg, tok, mconf, model):
     return out
 
 
+def step_flops(model, batch):
+    """Training FLOPs (forward + backward) of one micro-batch, the numerator of every MFU bench.py prints: the one
+    place bench.py asks the model for its count (Molmo2.flops), so a change of that count is made here alone."""
+    return model.flops(batch)
+
+
 def resolve_attn(name, dev):
     """The attention a training step runs: model.resolve_attn_impl ('auto' = flex on CUDA, sdpa on a CPU), with
     'flex' refused on a CPU, where FlexAttention has no backward (torch 2.13). A bad name: a one-line SystemExit."""
@@ -181,7 +192,7 @@ def speed(cfg, tok, mconf, model, steps):
             tokens += int(b["attention_mask"].sum())
             cells += b["attention_mask"].numel()
             examples += b["n_examples"]
-            flops += model.flops(b)
+            flops += step_flops(model, b)
     name = torch.cuda.get_device_name() if dev.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
     mem = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB" if dev.type == "cuda" else ""
     dname = str(dt).split(".")[-1]
@@ -203,7 +214,7 @@ def cpu_step(cfg, tok, mconf, model, steps, with_compile=False):
     dt = train_dtype(cfg, dev)
     get_batch = batch_stream(cfg, tok, mconf)
     batches = [get_batch() for _ in range(4)]
-    fl = sum(model.flops(b) for b in batches) / len(batches)  # forward + backward (3x the forward)
+    fl = sum(step_flops(model, b) for b in batches) / len(batches)  # forward + backward (3x the forward)
     variants = {"attn_tile=0": (model, 0), f"attn_tile={cfg['attn_tile']}": (model, cfg["attn_tile"])}
 
     def step(m, tile, b):
@@ -288,14 +299,15 @@ def video(seconds=180, fps=30, size=(320, 240)):
 
 def _saved_bytes(fn):
     """Bytes of the tensors autograd saves for the backward while fn runs (each storage counted once): the
-    activation memory of that forward, measured rather than guessed."""
+    activation memory of that forward, measured rather than guessed. A storage is known by its StorageImpl
+    (`_cdata`), which views share, and which fake tensors (activation_rates) have too, where data_ptr is 0."""
     seen, total = set(), 0
 
     def pack(t):  # called for each tensor autograd saves; the tensor is kept as it is (unpack: identity)
         nonlocal total
         st = t.untyped_storage()
-        if st.data_ptr() not in seen:  # views of one tensor share its storage
-            seen.add(st.data_ptr())
+        if st._cdata not in seen:  # views of one tensor share its storage
+            seen.add(st._cdata)
             total += st.nbytes()
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -303,11 +315,22 @@ def _saved_bytes(fn):
     return total
 
 
-def activation_rates(mconf):
-    """Measured on this CPU at the config's real widths, bf16 autocast as in training, by saved_tensors_hooks:
+def activation_rates(mconf, fake=True):
+    """Measured at the config's real widths on the CPU, bf16 autocast as in training, by saved_tensors_hooks:
     bytes per token per LLM block (a causal block, whose kernel keeps no T x T matrix, like flash-attn on GPU and
     the CP kernels), bytes per image through the ViT, and per pooled token through the connector. Each is the
-    slope between two sizes, so the weights' bf16 copies (constant in size) drop out."""
+    slope between two sizes, so the weights' bf16 copies (constant in size) drop out. fake (the default): the
+    forwards run under FakeTensorMode, which runs every op's shape and dtype logic (autocast, the CPU attention
+    kernel's choice) without the arithmetic, so autograd saves the same tensors in ~2 s instead of a minute of
+    real-width compute (tests/test_bench.py checks the two agree)."""
+    import contextlib
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() if fake else contextlib.nullcontext():
+        return _activation_rates(mconf)
+
+
+def _activation_rates(mconf):
+    """activation_rates' measurement, in whatever tensor mode the caller set."""
     from model import Block, Connector, ViT
     torch.manual_seed(0)
     c = mconf
@@ -359,7 +382,6 @@ def plan(argv):
     activation_rates, measured here on the CPU. Images per micro-batch are the worst case a config allows
     (max_images_per_row per row when packing). Nothing allocator-specific (fragmentation, NCCL buffers, the CUDA
     context) is counted, so a real run's peak sits above these rows."""
-    from model import Molmo2, ModelConfig
     import ast
     kinds = {"dp": int, "cp": int, "fsdp": bool, "act_ckpt": bool, "loss_frac": float}  # the planner's own flags
     opts, rest = {"dp": None, "cp": None, "fsdp": None, "act_ckpt": None, "loss_frac": 0.25}, []
@@ -379,27 +401,12 @@ def plan(argv):
                                                                "config/stage3.py"]
     flags = [a for a in rest if a.startswith("--")]
     for path in configs:
-        cfg = train.configure([path, *flags, "--init_from=scratch"], {k: getattr(train, k) for k in train.CONFIG_KEYS})
-        mc = {k: cfg[k] for k in train.MODEL_KEYS}
-        mc["im_patch_id"] = mc["base_vocab"]
-        c = ModelConfig(**mc)
-        with torch.device("meta"):
-            counts = Molmo2(c).param_counts()
-        n_all = sum(counts.values())
-        n_train = n_all - (counts["vit"] if cfg["lr_vit_mult"] == 0 else 0)
-        per_tok, per_img, per_pool = activation_rates(c)
-        # the stage number from the file name (config/stage2.py -> 2; 0 for any other config: no target row)
-        stage = int(os.path.basename(path).replace("stage", "")[0]) if "stage" in os.path.basename(path) else 0
-        video = stage >= 2
-        imgs = cfg["batch_size"] * (cfg["max_images_per_row"] if cfg["packing"] else 1)  # worst case per micro-batch
-        g = c.image_size // c.patch_size
-        ph, pw = (c.video_pool_h, c.video_pool_w) if video else (c.pool_h, c.pool_w)
-        pooled = imgs * (-(-g // ph)) * (-(-g // pw))
-        tokens = cfg["batch_size"] * cfg["seq_len"]
-        print(f"\n{path}: {n_all / 1e9:.3f}B parameters ({n_train / 1e9:.3f}B trained), micro-batch {cfg['batch_size']} "
-              f"x {tokens // cfg['batch_size']:,} tokens, {imgs:,} {'frames' if video else 'images'} at "
-              f"{c.image_size} px (worst case); measured: {per_tok / 1e3:.1f} kB per token per LLM block, "
-              f"{per_img / 1e6:.1f} MB per image in the ViT, {per_pool[ph * pw] / 1e3:.1f} kB per pooled token; "
+        s = plan_inputs(path, flags)
+        cfg, c = s.cfg, s.c
+        print(f"\n{path}: {s.n_all / 1e9:.3f}B parameters ({s.n_train / 1e9:.3f}B trained), micro-batch "
+              f"{cfg['batch_size']} x {cfg['seq_len']:,} tokens, {s.imgs:,} {'frames' if s.video else 'images'} at "
+              f"{c.image_size} px (worst case); measured: {s.per_tok / 1e3:.1f} kB per token per LLM block, "
+              f"{s.per_img / 1e6:.1f} MB per image in the ViT, {s.per_pool[s.k] / 1e3:.1f} kB per pooled token; "
               f"logits kept for {opts['loss_frac']:.0%} of the tokens (--loss_frac)"
               + (f", {cfg['loss_chunk']:,} at a time (loss_chunk)" if cfg["loss_chunk"] else ""))
         # the layouts: the one the flags name (dp by default fills 8 GPUs over cp), or six 8-GPU ones, from plain
@@ -410,33 +417,75 @@ def plan(argv):
              (1, 8, True, True)]
         print(f"  {'dp x cp':>8} {'FSDP':>5} {'ckpt':>5} | {'params':>7} {'Adam':>7} {'grads':>7} {'LLM act':>8} "
               f"{'visual':>7} {'logits':>7} | {'total GB':>8}")
-        # one row per layout: bytes of each part, then their sum. Weights, AdamW's m and v and the gradients are
-        # fp32 (4, 8, 4 bytes a parameter; a frozen ViT has no optimizer state or gradients)
         for dp, cp, fsdp, ckpt in layouts:
-            shard = dp * cp if fsdp else 1
-            params, adam, grads = 4 * n_all / shard, 8 * n_train / shard, 4 * n_train / shard
-            t = tokens / cp  # this rank's share of the micro-batch's tokens
-            # LLM activations: every block's saved tensors, or under checkpointing each block's fp32 input plus
-            # one block's saved tensors while it is recomputed
-            act = (c.n_layer * 4 * c.d_model + per_tok) * t if ckpt else c.n_layer * per_tok * t
-            if cfg["lr_vit_mult"] == 0:  # frozen: no graph, only the output features (bf16) stay
-                vit_act = imgs * g * g * len(c.vit_layers) * c.vit_width * 2
-            elif ckpt:  # each block's input (fp32), and one block's activations at a time, recomputed
-                vit_act = imgs * (g * g * c.vit_width * 4 * c.vit_built + per_img / c.vit_built)
-            else:
-                vit_act = per_img * imgs
-            # the fp32 pixels, the ViT's activations, the connector's per pooled token
-            visual = imgs * 3 * c.image_size ** 2 * 4 + vit_act + per_pool[ph * pw] * pooled
-            # the head computes logits for the loss tokens only (loss_frac of them), one loss_chunk at a time if set
-            n_logits = opts["loss_frac"] * t if not cfg["loss_chunk"] else min(opts["loss_frac"] * t, cfg["loss_chunk"])
-            logits = n_logits * (c.base_vocab + c.n_extra) * (2 + 4 + 4)  # bf16, fp32, its grad (one chunk's)
-            row = [params, adam, grads, act, visual, logits]
+            row = plan_parts(s, dp, cp, fsdp, ckpt, opts["loss_frac"])
             print(f"  {dp:>3} x {cp:<2} {str(fsdp):>5} {str(ckpt):>5} | " + " ".join(f"{v / 1e9:7.1f}" for v in row[:3])
                   + f" {row[3] / 1e9:8.1f} " + " ".join(f"{v / 1e9:7.1f}" for v in row[4:]) + f" | {sum(row) / 1e9:8.1f}")
-        if stage in SEED_MEMORY:  # the planning figures, for comparison with the rows above
-            print(f"  the target table (docs/molmo2.md, stage {stage}), GB: params {SEED_MEMORY[stage][0]}, optimizer "
-                  f"{SEED_MEMORY[stage][1]}, grads {SEED_MEMORY[stage][2]}, activations {SEED_MEMORY[stage][3]}, "
-                  f"visual {SEED_MEMORY[stage][4]}, total {SEED_MEMORY[stage][5]}")
+        if s.stage in SEED_MEMORY:  # the planning figures, for comparison with the rows above
+            t = SEED_MEMORY[s.stage]
+            print(f"  the target table (docs/molmo2.md, stage {s.stage}), GB: params {t[0]}, optimizer {t[1]}, grads "
+                  f"{t[2]}, activations {t[3]}, visual {t[4]}, total {t[5]}")
+
+
+_MEASURED = {}  # (param_counts, activation_rates) by ModelConfig (its repr): --gpu tries several sizes of one model
+
+
+def plan_inputs(path, flags):
+    """What the planner needs of one config (path plus train.py --key=value flags): the config dict (cfg), its
+    ModelConfig (c), parameter counts (n_all; n_train, without a frozen ViT) from the model built on the meta
+    device, the measured activation rates (per_tok, per_img, per_pool: activation_rates), and the micro-batch's
+    shape: stage (from the file name: config/stage2.py -> 2, 0 for other configs), video, imgs (the worst case:
+    max_images_per_row a row when packing, else one), pooled (the <im_patch> tokens they make), k (the pooling
+    window's size: 2x2 images, 3x3 frames) and tokens (batch_size x seq_len)."""
+    import types
+    from model import Molmo2, ModelConfig
+    cfg = train.configure([path, *flags, "--init_from=scratch"], {k: getattr(train, k) for k in train.CONFIG_KEYS})
+    mc = {k: cfg[k] for k in train.MODEL_KEYS}
+    mc["im_patch_id"] = mc["base_vocab"]
+    c = ModelConfig(**mc)
+    if repr(c) not in _MEASURED:
+        with torch.device("meta"):
+            counts = Molmo2(c).param_counts()
+        _MEASURED[repr(c)] = counts, activation_rates(c)
+    counts, (per_tok, per_img, per_pool) = _MEASURED[repr(c)]
+    n_all = sum(counts.values())
+    name = os.path.basename(path)
+    stage = int(name.replace("stage", "")[0]) if name.startswith("stage") else 0
+    video = stage >= 2
+    imgs = cfg["batch_size"] * (cfg["max_images_per_row"] if cfg["packing"] else 1)  # worst case per micro-batch
+    g = c.image_size // c.patch_size
+    ph, pw = (c.video_pool_h, c.video_pool_w) if video else (c.pool_h, c.pool_w)
+    return types.SimpleNamespace(
+        cfg=cfg, c=c, n_all=n_all, n_train=n_all - (counts["vit"] if cfg["lr_vit_mult"] == 0 else 0),
+        per_tok=per_tok, per_img=per_img, per_pool=per_pool, stage=stage, video=video, imgs=imgs,
+        pooled=imgs * (-(-g // ph)) * (-(-g // pw)), k=ph * pw, tokens=cfg["batch_size"] * cfg["seq_len"])
+
+
+def plan_parts(s, dp, cp, fsdp, ckpt, loss_frac=0.25):
+    """One GPU's memory for the config s (plan_inputs) in one layout, in bytes: [params, Adam, grads, LLM
+    activations, visual, logits] (plan's docstring says what each holds). Their sum is the planner's figure."""
+    c, cfg, imgs = s.c, s.cfg, s.imgs
+    g = c.image_size // c.patch_size
+    # weights, AdamW's m and v and the gradients are fp32 (4, 8, 4 bytes a parameter; a frozen ViT has no
+    # optimizer state or gradients); FSDP2 shards them over every rank
+    shard = dp * cp if fsdp else 1
+    params, adam, grads = 4 * s.n_all / shard, 8 * s.n_train / shard, 4 * s.n_train / shard
+    t = s.tokens / cp  # this rank's share of the micro-batch's tokens
+    # LLM activations: every block's saved tensors, or under checkpointing each block's fp32 input plus one
+    # block's saved tensors while it is recomputed
+    act = (c.n_layer * 4 * c.d_model + s.per_tok) * t if ckpt else c.n_layer * s.per_tok * t
+    if cfg["lr_vit_mult"] == 0:  # frozen: no graph, only the output features (bf16) stay
+        vit_act = imgs * g * g * len(c.vit_layers) * c.vit_width * 2
+    elif ckpt:  # each block's input (fp32), and one block's activations at a time, recomputed
+        vit_act = imgs * (g * g * c.vit_width * 4 * c.vit_built + s.per_img / c.vit_built)
+    else:
+        vit_act = s.per_img * imgs
+    # the fp32 pixels, the ViT's activations, the connector's per pooled token
+    visual = imgs * 3 * c.image_size ** 2 * 4 + vit_act + s.per_pool[s.k] * s.pooled
+    # the head computes logits for the loss tokens only (loss_frac of them), one loss_chunk at a time if set
+    n_logits = loss_frac * t if not cfg["loss_chunk"] else min(loss_frac * t, cfg["loss_chunk"])
+    logits = n_logits * (c.base_vocab + c.n_extra) * (2 + 4 + 4)  # bf16, fp32, its grad (one chunk's)
+    return [params, adam, grads, act, visual, logits]
 
 
 def losses(argv):
@@ -703,7 +752,7 @@ def real(argv, steps=3, media="auto"):
     # kernel skips it). Denominator: machine.peak_flops, the datasheet's dense figure for the dtype on a GPU, the
     # measured matmul rate on a CPU.
     peak = machine.peak_flops(dev, dt)
-    flops = model.flops(b)
+    flops = step_flops(model, b)
     tokens = int(b["attention_mask"].sum())  # real tokens: every one, as the synthetic rows are full
     print(f"step {t_step * 1e3:,.0f} ms (best of {steps} after 1 warm-up) | {tokens / t_step:,.0f} tok/s | MFU "
           f"{100 * flops / t_step / peak:.1f}% ({flops / 1e12:.2f} TFLOP a step over {peak / 1e12:.2f} TFLOP/s "
@@ -952,24 +1001,232 @@ def vs_transformers(argv):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# the command line
+# --gpu: the prepared check for a lent GPU, in sections sized by the memory planner, each under its own guard
 
-# each mode's own flags (read by bench.py), and the keys it hands to a configure (train.py's config keys where a
-# config is read; --vs_transformers' shape keys, VS_DEFAULTS, type-checked by the same configure)
-MODES = {None: ["steps"], "--real": ["steps", "media"], "--plan": ["dp", "cp", "fsdp", "act_ckpt", "loss_frac"],
-         "--losses": ["n", "trust_checkpoint"], "--step": ["steps", "with_compile"], "--video": [],
-         "--vs_transformers": [], "--gpu": ["L"]}
-CONFIG_FLAGS = {None: train.CONFIG_KEYS, "--real": train.CONFIG_KEYS, "--plan": train.CONFIG_KEYS,
-                "--step": train.CONFIG_KEYS,
-                "--vs_transformers": list(VS_DEFAULTS)}
+# The usable bytes of the cards `--gpu --plan_only --card=` plans for: what torch reports as total_memory on an
+# H100 80GB HBM3 (79.1 GiB of its 80 GB) and about that of an H200 (of its 141 GB). On a GPU, --gpu takes the
+# device's own total_memory instead, unless --card names one.
+CARDS = {"h100": 79.1 * 2 ** 30, "h200": 139.8 * 2 ** 30}
+GPU_FILL = 0.8   # a section runs only where the planner's figure is at most 80% of the card: the planner's parts
+                 # are estimates (they need not peak at once) and it leaves temporaries out (autocast's bf16
+                 # weight copies, the loss head's backward beyond one chunk's logits, kernels' workspaces, the
+                 # CUDA context, the allocator's fragmentation)
+PLAN_TOL = 0.2   # a section's measured peak (max_memory_allocated) within 20% of the planner's figure
+FP32_TOL = 1e-5  # the cp kernels in fp32 against the fp64 reference, every tensor
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+class Section:
+    """One section of --gpu. plan(budget bytes) -> (settings, figure, tried): the settings the section runs with,
+    fitted to the card by the planner (None where nothing fits), the predicted peak in bytes, and the
+    alternatives rejected first ("what: N GB" lines). run(settings, figure) -> [bool]: runs it on the GPU and
+    returns its checks' verdicts (each printed as PASS/FAIL with its measured error)."""
+
+    def __init__(self, title, plan, run):
+        self.title, self.plan, self.run = title, plan, run
+
+
+def verdict(ok, what, detail):
+    """One check's line, PASS or FAIL, with what was measured against what; returns ok."""
+    print(f"  {'PASS' if ok else 'FAIL'} {what}: {detail}")
+    return ok
+
+
+def fit_stage(path, fixed, candidates, budget):
+    """A stage section's sizes: the first of candidates (lists of train.py --key=value flags, each added to fixed)
+    whose planner figure on one GPU (dp 1, cp 1, no FSDP, act_ckpt as the flags say: plan_parts) is at most
+    GPU_FILL x budget. Returns (real()'s argv or None where none fits, that figure or the last one tried, the
+    rejected candidates as "flags: N GB")."""
+    tried = []
+    for flags in candidates:
+        s = plan_inputs(path, fixed + flags)
+        figure = sum(plan_parts(s, 1, 1, False, s.cfg["act_ckpt"]))
+        if figure <= GPU_FILL * budget:
+            return [path, *fixed, *flags], figure, tried
+        tried.append(f"{' '.join(flags)}: {figure / 1e9:.1f} GB")
+    return None, figure, tried
+
+
+def stage_section(title, path, fixed, candidates, steps):
+    """A stage's real-width model on synthetic batches (real()), sized by fit_stage: step time, tok/s, the MFU
+    of step_flops over the GPU's bf16 peak, and the step's peak memory checked against the planner's figure."""
+    def run(argv, figure):
+        res = real(argv, steps=steps)
+        print(f"  MFU {100 * res['flops'] / res['step_s'] / res['peak']:.1f}% ({res['flops'] / 1e12:.1f} TFLOP a "
+              f"step by step_flops, {res['step_s'] * 1e3:,.0f} ms, {res['peak'] / 1e12:.0f} TFLOP/s peak)")
+        ratio = res["mem_bytes"] / figure
+        return [verdict(abs(ratio - 1) <= PLAN_TOL, "peak memory against the planner",
+                        f"measured {res['mem_bytes'] / 1e9:.1f} GB (max_memory_allocated over the step), planner "
+                        f"{figure / 1e9:.1f} GB: {ratio:.2f}x (target within {PLAN_TOL:.0%})")]
+    return Section(title, lambda budget: fit_stage(path, fixed, candidates, budget), run)
+
+
+def cp_kernels_peak(L, heads):
+    """cp_kernels_vs_reference's peak, by hand: the fp64 reference's explicit scores of one (L/2) x (L/2) block,
+    [1, heads, L/2, L/2] at 8 bytes, about six of them alive in its backward (S, P, dP, dS and temporaries); the
+    flex kernels and the inputs are small beside them."""
+    return 6 * heads * (L // 2) ** 2 * 8
+
+
+def gpu_sections(L=4096, heads=8):
+    """The sections of --gpu, in order: (1) stage 1's real shape in bf16 (config/stage1.py: 0.68B parameters,
+    4,096-token packed rows), its rows per GPU (32) kept with activation checkpointing or halved until the planner
+    says they fit; (2) one stage-3 row (36,864 tokens, 384 frames) on one GPU, cp = 1, activation checkpointing,
+    the chunked loss head (halved if it must); (3) the CUDA FlexAttention cp kernels against the reference."""
+    s1 = os.path.relpath(os.path.join(ROOT, "config", "stage1.py"))
+    s3 = os.path.relpath(os.path.join(ROOT, "config", "stage3.py"))
+    cfg1 = train.configure([s1], {k: getattr(train, k) for k in train.CONFIG_KEYS})
+    cfg3 = train.configure([s3], {k: getattr(train, k) for k in train.CONFIG_KEYS})
+    rows, chunk = cfg1["batch_size"], cfg3["loss_chunk"]
+    # stage 1: packed rows as real() builds them (max_images_per_row images a row), so the planner counts them too
+    stage1 = [[f"--batch_size={r}", f"--act_ckpt={ck}"] for r in (rows >> i for i in range(rows.bit_length()))
+              for ck in (False, True)]
+    stage3 = [[f"--loss_chunk={c}"] for c in dict.fromkeys(chunk >> i for i in range(3))]  # 0 (unchunked): once
+
+    def cp_plan(budget):
+        figure = cp_kernels_peak(L, heads)
+        return (L if figure <= GPU_FILL * budget else None), figure, []
+
+    def cp_run(L, figure):
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 for the comparison
+        return [ok for _, ok in cp_kernels_vs_reference(torch.device("cuda"), L, heads=heads).values()]
+    return [
+        stage_section(f"stage 1, real shape ({s1}, bf16, {cfg1['seq_len']:,}-token packed rows)", s1,
+                      ["--dtype=bfloat16", "--packing=True"], stage1, steps=3),
+        stage_section(f"stage 3, one row of {cfg3['seq_len']:,} tokens and {cfg3['max_images_per_row']} frames, "
+                      f"cp = 1, activation checkpointing ({s3}, bf16)", s3,
+                      ["--dtype=bfloat16", "--cp=1", "--fsdp=False", "--batch_size=1", "--act_ckpt=True"], stage3,
+                      steps=1),
+        Section(f"the cp kernels on CUDA: FlexAttention against the fp64 reference ({L:,}-token row)", cp_plan,
+                cp_run)]
+
+
+def memory_report():
+    """What memory looked like when a section failed: on CUDA the peak and current allocation and
+    torch.cuda.memory_summary(abbreviated=True); on a CPU the process's peak RSS."""
+    if torch.cuda.is_available():
+        return (f"  max_memory_allocated {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB, memory_allocated "
+                f"{torch.cuda.memory_allocated() / 2 ** 30:.2f} GiB, memory_reserved "
+                f"{torch.cuda.memory_reserved() / 2 ** 30:.2f} GiB\n" + torch.cuda.memory_summary(abbreviated=True))
+    import resource
+    return f"  peak process memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB (max RSS)"
+
+
+def guarded(i, n, section, budget, plan_only):
+    """Section i of n: sized (section.plan), its predicted peak printed against the card's limit, then run
+    (section.run) unless plan_only or it does not fit. Any exception (out of memory, a compile error, a bad config:
+    SystemExit too) is caught here: the section, the error and the memory (memory_report) are printed, and the
+    section counts as failed. Returns whether it passed (plan_only: whether it fits)."""
+    import traceback
+    title = f"section {i}/{n}: {section.title}"
+    print(f"== {title}")
+    try:
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()  # each section's own peak
+        settings, figure, tried = section.plan(budget)
+        for t in tried:
+            print(f"  does not fit: {t}")
+        limit = GPU_FILL * budget
+        fits = settings is not None
+        what = " ".join(a for a in settings if a.startswith("--")) if isinstance(settings, list) else ""
+        print(f"  predicted peak {figure / 1e9:.1f} GB ({figure / 2 ** 30:.1f} GiB), limit {limit / 1e9:.1f} GB "
+              f"({GPU_FILL:.0%} of {budget / 1e9:.1f} GB): " + (f"fits{', runs with ' + what if what else ''}"
+                                                               if fits else "does not fit, not run"))
+        if plan_only:
+            return fits
+        ok = fits and all(section.run(settings, figure))
+    except (Exception, SystemExit) as e:  # KeyboardInterrupt still stops the whole check
+        msg = str(e).strip().splitlines()
+        print(f"  FAIL {title}: {type(e).__name__}: {msg[0] if msg else ''}")
+        print("  " + "  ".join(traceback.format_exception(e)[-3:]).rstrip())
+        try:
+            print(memory_report())
+        except Exception as m:  # a CUDA error that also breaks the allocator's statistics
+            print(f"  no memory report: {type(m).__name__}: {m}")
+        ok = False
+    print(f"== {'PASS' if ok else 'FAIL'} {title}")
+    return ok
+
+
+def run_sections(sections, budget, plan_only=False):
+    """Every section under its own guard (guarded), its memory handed back before the next one; prints which
+    passed. Returns True when all passed (plan_only: all fit)."""
+    import gc
+    passed = []
+    for i, s in enumerate(sections, 1):
+        passed.append(guarded(i, len(sections), s, budget, plan_only))
+        gc.collect()  # what a failed section's traceback held
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    failed = [f"{i}" for i, ok in enumerate(passed, 1) if not ok]
+    word = "fit" if plan_only else "passed"
+    print(f"== {len(passed) - len(failed)} of {len(passed)} sections {word}"
+          + (f"; not {word}: section {', '.join(failed)}" if failed else ""))
+    return not failed
+
+
+class Tee:
+    """A text stream writing to several (the terminal and the run's log file), flushed at every write so a run
+    cut short still leaves its output."""
+
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text):
+        for s in self.streams:
+            s.write(text)
+            s.flush()
+        return len(text)
+
+    def flush(self):
+        for s in self.streams:
+            s.flush()
+
+    def __getattr__(self, name):  # isatty, fileno, encoding...: the terminal's
+        return getattr(self.streams[0], name)
+
+
+def gpu_check(L=4096, plan_only=False, card=None, sections=None):
+    """--gpu: the prepared check for a lent GPU, in one call (gpu_sections; under 8 minutes on an H100). Each
+    section is sized to the card by the planner and runs under its own guard (run_sections); the whole output
+    also goes to docs/gpu_runs/<date>-<device>.txt. plan_only: print each section's sizes and predicted peak for
+    the card named (CARDS, default h100) and run nothing, on any machine. Returns True when every section passed."""
+    import contextlib
+    import re
+    if card is not None and card not in CARDS:
+        raise SystemExit(f"bench.py --gpu: --card must be one of {', '.join(CARDS)}, got {card!r}")
+    if plan_only:
+        card = card or "h100"
+        print(f"== bench.py --gpu --plan_only: the sections' sizes for an {card.upper()} "
+              f"({CARDS[card] / 2 ** 30:.1f} GiB usable)")
+        return run_sections(sections or gpu_sections(L), CARDS[card], plan_only=True)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench.py --gpu needs a CUDA device (on a CPU: bench.py --gpu --plan_only, or bench.py "
+                         "--real with reduced sizes)")
+    dev = torch.device("cuda")
+    name = torch.cuda.get_device_name(dev)
+    budget = CARDS[card] if card else torch.cuda.get_device_properties(dev).total_memory
+    date = time.strftime("%Y-%m-%d")
+    out = os.path.join(ROOT, "docs", "gpu_runs", f"{date}-{re.sub(r'[^A-Za-z0-9.-]+', '_', name).strip('_')}.txt")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f, contextlib.redirect_stdout(Tee(sys.stdout, f)), \
+            contextlib.redirect_stderr(Tee(sys.stderr, f)):
+        print(f"== bench.py --gpu, {date}: {name} ({budget / 2 ** 30:.1f} GiB"
+              f"{', sized as an ' + card.upper() if card else ''}), torch {torch.__version__}")
+        ok = run_sections(sections or gpu_sections(L), budget)
+        print(f"== written to {os.path.relpath(out)}")
+    return ok
 
 
 def cp_kernels_vs_reference(dev, L=4096, heads=8, kv_heads=4, hd=128, dtypes=(torch.float32, torch.bfloat16)):
     """The cp local kernels through FlexAttention (what 'auto' runs on CUDA) against the pure-PyTorch reference on
     the blocks a 2-rank zigzag ring computes for one row of L tokens under Molmo2's mask (three packed examples, a
     run of vision tokens in each, bidirectional): each block's (out, lse) forward, and the ring's gradients from the
-    final out and LSE. fp32 and bf16 inputs; the reference always in fp64. Returns {dtype: max |diff| over out,
-    lse and the gradients}; then times one flex call against plain causal SDPA (flash) at the same length."""
+    final out and LSE. fp32 and bf16 inputs; the reference always in fp64. Tolerance, for every tensor (out, lse,
+    dq, dk, dv) of every block: fp32 FP32_TOL; bf16 twice the error of the reference kernel itself run on the same
+    bf16 inputs in bf16, + 1e-3 (tests/test_cp.py's bf16 rule). Prints PASS/FAIL per dtype with the largest error;
+    returns {dtype: (max |diff| over every tensor, passed)}. Then times one flex call against plain causal SDPA
+    (flash) at the same length (on CUDA)."""
     import cp_attention as cp
     from model import MolmoMask
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -984,24 +1241,40 @@ def cp_kernels_vs_reference(dev, L=4096, heads=8, kv_heads=4, hd=128, dtypes=(to
     pos = [cp.positions_for_shard(L, r, 2, "zigzag", dev) for r in range(2)]
     out = {}
     for dt in dtypes:
-        worst = 0.0
+        worst, share = 0.0, 0.0  # the largest error, and the largest error / tolerance
         for qr, kr in ((0, 0), (1, 0), (0, 1)):               # a diagonal block and the two off-diagonal ones
             q, k, v = (torch.randn(1, h, L // 2, hd, generator=g).to(dev) for h in (heads, kv_heads, kv_heads))
             dense = cp.mask_rows_cols(mask, pos[qr], pos[kr])
-            ref_o, ref_l = cp.reference_attn_fwd(q.double(), k.double(), v.double(), mask=dense)
+            seen = dense.any(-1)[:, 0][:, None].expand(1, heads, L // 2)  # rows that see a key of this block
+
+            def err(a, ref, rows_only=False):  # max |a - ref|, over the rows that see a key where asked
+                d = (a.double() - ref).abs()
+                return (d[seen] if rows_only else d).max().item()
+            ref = cp.reference_attn_fwd(q.double(), k.double(), v.double(), mask=dense)
             bm = cp.flex_block(mask, pos[qr], pos[kr], False, 1)
-            o, l = cp.local_attn_fwd(q.to(dt), k.to(dt), v.to(dt), impl="flex", mask=bm)
-            seen = dense.any(-1)[:, 0][:, None].expand_as(ref_l)  # rows that see a key of this block
-            worst = max(worst, (o.double() - ref_o)[seen].abs().max().item(),
-                        (l.double() - ref_l)[seen].abs().max().item())
-            do = torch.randn(ref_o.shape, generator=g).to(dev)
-            ref_g = cp.reference_attn_bwd(do.double(), q.double(), k.double(), v.double(), ref_o, ref_l, mask=dense)
-            got = cp.local_attn_bwd(do.to(dt), q.to(dt), k.to(dt), v.to(dt), ref_o.to(dt), ref_l.float(),
-                                    impl="flex", mask=bm)
-            worst = max([worst] + [(a.double() - r).abs().max().item() for a, r in zip(got, ref_g)])
-        out[dt] = worst
-        print(f"  cp kernels, flex vs fp64 reference, {str(dt).split('.')[-1]}: max |diff| {worst:.2e} "
-              f"(blocks of {L // 2} x {L // 2}, {heads}/{kv_heads} heads of {hd})")
+            got = cp.local_attn_fwd(q.to(dt), k.to(dt), v.to(dt), impl="flex", mask=bm)
+            do = torch.randn(ref[0].shape, generator=g).to(dev)
+            ref_g = cp.reference_attn_bwd(do.double(), q.double(), k.double(), v.double(), *ref, mask=dense)
+            got_g = cp.local_attn_bwd(do.to(dt), q.to(dt), k.to(dt), v.to(dt), ref[0].to(dt), ref[1].float(),
+                                      impl="flex", mask=bm)
+            errs = [err(a, r, True) for a, r in zip(got, ref)] + [err(a, r) for a, r in zip(got_g, ref_g)]
+            if dt == torch.float32:
+                tols = [FP32_TOL] * 5
+            else:  # the same blocks through the reference kernel in dt: what plain math in that precision gives
+                base = cp.reference_attn_fwd(q.to(dt), k.to(dt), v.to(dt), mask=dense)
+                base_g = cp.reference_attn_bwd(do.to(dt), q.to(dt), k.to(dt), v.to(dt), ref[0].to(dt),
+                                               ref[1].float(), mask=dense)
+                tols = [2 * err(a, r, True) + 1e-3 for a, r in zip(base, ref)] + \
+                    [2 * err(a, r) + 1e-3 for a, r in zip(base_g, ref_g)]
+            worst = max([worst] + errs)
+            share = max([share] + [e / t for e, t in zip(errs, tols)])
+        name = str(dt).split(".")[-1]
+        rule = f"tolerance {FP32_TOL:.0e}" if dt == torch.float32 else \
+            "tolerance 2x the bf16 reference kernel's error + 1e-3"
+        out[dt] = (worst, share <= 1)
+        verdict(share <= 1, f"cp kernels, flex vs fp64 reference, {name}",
+                f"max |diff| {worst:.2e} over out, lse, dq, dk, dv; the worst tensor at {share:.2f} of its {rule} "
+                f"(blocks of {L // 2} x {L // 2}, {heads}/{kv_heads} heads of {hd})")
     if dev.type == "cuda":
         q, k, v = (torch.randn(1, heads, L, hd, device=dev, dtype=torch.bfloat16) for _ in range(3))
         bm = cp.flex_block(mask, rows, rows, False, 1)
@@ -1013,25 +1286,17 @@ def cp_kernels_vs_reference(dev, L=4096, heads=8, kv_heads=4, hd=128, dtypes=(to
     return out
 
 
-def gpu_check(L=4096):
-    """--gpu: the prepared check for a lent GPU, in one call (under 8 minutes on an H100): (1) stage 1's real
-    shape (config/stage1.py's 0.68B model, 224 px, 4,096-token packed rows, 8 rows, bf16): tokens/s, MFU, peak
-    memory and the step's parts; (2) one stage-3 row (36,864 tokens, 384 frames) forward and backward on one GPU
-    (cp = 1, activation checkpointing, the chunked loss head): peak memory and step time, beside bench.py --plan's
-    figure for that layout; (3) the CUDA FlexAttention cp kernels against the reference (cp_kernels_vs_reference)."""
-    if not torch.cuda.is_available():
-        raise SystemExit("bench.py --gpu needs a CUDA device (on a CPU: bench.py --real with reduced sizes)")
-    dev = torch.device("cuda")
-    print(f"== {torch.cuda.get_device_name(dev)}, torch {torch.__version__}")
-    print("== 1. stage 1, real shape, bf16")
-    real(["config/stage1.py", "--batch_size=8", "--dtype=bfloat16"], steps=3)
-    torch.cuda.empty_cache()
-    print("== 2. stage 3, one row of 36,864 tokens and 384 frames, cp = 1, activation checkpointing")
-    real(["config/stage3.py", "--cp=1", "--batch_size=1", "--act_ckpt=True", "--dtype=bfloat16"], steps=1)
-    plan(["config/stage3.py", "--dp=1", "--cp=1", "--fsdp=False", "--act_ckpt=True", "--batch_size=1"])
-    torch.cuda.empty_cache()
-    print("== 3. cp kernels on CUDA")
-    cp_kernels_vs_reference(dev, L)
+# ---------------------------------------------------------------------------------------------------------
+# the command line
+
+# each mode's own flags (read by bench.py), and the keys it hands to a configure (train.py's config keys where a
+# config is read; --vs_transformers' shape keys, VS_DEFAULTS, type-checked by the same configure)
+MODES = {None: ["steps"], "--real": ["steps", "media"], "--plan": ["dp", "cp", "fsdp", "act_ckpt", "loss_frac"],
+         "--losses": ["n", "trust_checkpoint"], "--step": ["steps", "with_compile"], "--video": [],
+         "--vs_transformers": [], "--gpu": ["L", "plan_only", "card"]}
+CONFIG_FLAGS = {None: train.CONFIG_KEYS, "--real": train.CONFIG_KEYS, "--plan": train.CONFIG_KEYS,
+                "--step": train.CONFIG_KEYS,
+                "--vs_transformers": list(VS_DEFAULTS)}
 
 
 def split_flags(argv, mode):
@@ -1079,6 +1344,8 @@ def main(argv):
         raise SystemExit(f"bench.py: one mode at a time, got {' '.join(modes)}")
     mode = modes[0] if modes else None
     argv = [a for a in argv if a != mode]
+    if mode == "--gpu":  # its one switch may stand alone
+        argv = ["--plan_only=True" if a == "--plan_only" else a for a in argv]
     own, rest = split_flags(argv, mode)
     if mode == "--losses":
         losses(argv)
@@ -1095,8 +1362,11 @@ def main(argv):
         cpu_step(cfg, tok, mconf, model, int_flag(own, "steps", 6), own.get("with_compile") == "True")
     elif mode == "--gpu":
         if rest:
-            raise SystemExit(f"bench.py --gpu takes --L= only, got {' '.join(rest)}")
-        gpu_check(int_flag(own, "L", 4096))
+            raise SystemExit(f"bench.py --gpu takes --L= --plan_only --card= only, got {' '.join(rest)}")
+        if own.get("plan_only", "True") not in ("True", "False"):
+            raise SystemExit(f"bench.py --gpu: --plan_only must be True or False, got {own['plan_only']!r}")
+        if not gpu_check(int_flag(own, "L", 4096), own.get("plan_only") == "True", own.get("card")):
+            raise SystemExit(1)  # the exit code says a section failed (or, with --plan_only, does not fit)
     elif mode == "--vs_transformers":
         if [a for a in rest if not a.startswith("-")]:
             raise SystemExit(f"bench.py --vs_transformers takes flags only, got {' '.join(rest)}")

@@ -4,6 +4,7 @@ restarting per example, labels and loss weights per example), --real end to end 
 --vs_transformers on a tiny shape (its fp32 loss check passes on the same weights and fails on different ones).
 Timing figures are printed by bench.py, never asserted here."""
 import os
+import re
 import subprocess
 import sys
 
@@ -141,17 +142,97 @@ def test_vs_transformers_same_weights_same_loss(capsys, monkeypatch):
         bench.vs_transformers(TINY_VS)
 
 
-def test_gpu_checks_cp_kernels_against_the_reference_on_a_cpu(monkeypatch):
+def test_gpu_checks_cp_kernels_against_the_reference_on_a_cpu(monkeypatch, capsys):
     """bench.py --gpu's kernel part, run here on the CPU (FlexAttention eager, its CPU backward check lifted as
-    tests/test_cp.py does): the flex blocks and their gradients equal the fp64 reference, fp32 within 1e-5."""
+    tests/test_cp.py does): the flex blocks and their gradients equal the fp64 reference, fp32 within 1e-5, bf16
+    within its rule; a tolerance too tight for fp32's rounding turns the verdict into a printed FAIL."""
     import torch.nn.attention.flex_attention as fa
     monkeypatch.setattr(fa, "_validate_device", lambda q, k, v: None)
-    worst = bench.cp_kernels_vs_reference(torch.device("cpu"), L=256, heads=4, kv_heads=2, hd=16,
-                                          dtypes=(torch.float32,))
-    assert worst[torch.float32] < 1e-5
+    res = bench.cp_kernels_vs_reference(torch.device("cpu"), L=256, heads=4, kv_heads=2, hd=16)
+    assert res[torch.float32][0] < 1e-5 and res[torch.float32][1] and res[torch.bfloat16][1]
+    out = capsys.readouterr().out
+    assert "PASS cp kernels, flex vs fp64 reference, float32" in out and "PASS cp kernels" in out.split("float32")[-1]
+    monkeypatch.setattr(bench, "FP32_TOL", 1e-12)
+    res = bench.cp_kernels_vs_reference(torch.device("cpu"), L=256, heads=4, kv_heads=2, hd=16,
+                                        dtypes=(torch.float32,))  # the same shapes: nothing new to trace
+    assert not res[torch.float32][1] and "FAIL cp kernels, flex vs fp64 reference, float32" in capsys.readouterr().out
     if not torch.cuda.is_available():  # the whole check is for a GPU: on a CPU, one clear line
         with pytest.raises(SystemExit, match="needs a CUDA device"):
             bench.gpu_check()
+
+
+def test_gpu_plan_only_fits_every_section_on_an_h100(capsys):
+    """--gpu --plan_only --card=h100, on this CPU: every section has a predicted peak under 80 GB and under the
+    run's limit (GPU_FILL of the card); stage 1 runs its 32 rows with activation checkpointing, because without
+    it the planner's figure is over the limit; the exit code is 0 only because all fit."""
+    bench.main(["--gpu", "--plan_only", "--card=h100"])
+    out = capsys.readouterr().out
+    limit = bench.GPU_FILL * bench.CARDS["h100"] / 1e9
+    sections = re.findall(r"^== section (\d+)/(\d+): ", out, re.M)
+    peaks = [float(x) for x in re.findall(r"^  predicted peak ([\d.]+) GB .*: fits", out, re.M)]
+    assert len(sections) == int(sections[0][1]) == len(peaks) == 3
+    assert all(0 < p < min(80, limit) for p in peaks), out
+    assert "--batch_size=32 --act_ckpt=True" in out
+    rejected = re.findall(r"^  does not fit: --batch_size=32 --act_ckpt=False: ([\d.]+) GB", out, re.M)
+    assert len(rejected) == 1 and float(rejected[0]) > limit
+    assert out.rstrip().endswith("3 of 3 sections fit")
+
+
+def test_gpu_guard_turns_a_failed_section_into_a_printed_failure(capsys, monkeypatch, tmp_path):
+    """Each --gpu section runs under its own guard: an out-of-memory error in one is printed with the section
+    and the memory, the next section still runs, a failed check or a section that does not fit counts too, and
+    the exit code says not all passed. The whole output is also in docs/gpu_runs/<date>-<device>.txt (here
+    under tmp_path, the device faked so gpu_check runs on this CPU)."""
+    ran = []
+
+    def oom(settings, figure):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    def ok(settings, figure):
+        ran.append(settings)
+        return [bench.verdict(True, "a check", "measured 0.0")]
+    fits = lambda budget: ("ok", 1e9, [])  # noqa: E731
+    sections = [bench.Section("raises", fits, oom), bench.Section("after it", fits, ok),
+                bench.Section("too big", lambda budget: (None, 2 * budget, ["rows 2: 9 GB"]), ok),
+                bench.Section("a failed check", fits, lambda settings, figure: [bench.verdict(False, "x", "y")])]
+    assert not bench.run_sections(sections, 80e9)
+    out = capsys.readouterr().out
+    assert "FAIL section 1/4: raises: OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB" in out
+    assert "peak process memory" in out.split("section 2/4")[0]  # the memory when it failed
+    assert "== PASS section 2/4: after it" in out and ran == ["ok"]
+    assert "does not fit: rows 2: 9 GB" in out and "== FAIL section 3/4: too big" in out
+    assert "== FAIL section 4/4" in out and out.rstrip().endswith("1 of 4 sections passed; not passed: section 1, 3, 4")
+    assert bench.run_sections(sections[1:2], 80e9)
+
+    # the command line: the output teed into the run's file, exit code 1
+    fake = {"is_available": lambda: True, "get_device_name": lambda *a: "NVIDIA H100 80GB HBM3",
+            "get_device_properties": lambda *a: type("P", (), {"total_memory": 85e9}),
+            "reset_peak_memory_stats": lambda *a: None, "empty_cache": lambda: None,
+            "max_memory_allocated": lambda *a: 0, "memory_allocated": lambda *a: 0, "memory_reserved": lambda *a: 0,
+            "memory_summary": lambda **k: "|  (summary)  |"}
+    for k, v in fake.items():
+        monkeypatch.setattr(torch.cuda, k, v)
+    monkeypatch.setattr(bench, "ROOT", str(tmp_path))
+    monkeypatch.setattr(bench, "gpu_sections", lambda L: sections[:2])
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--gpu"])
+    assert e.value.code == 1
+    out = capsys.readouterr().out
+    files = os.listdir(tmp_path / "docs" / "gpu_runs")
+    assert len(files) == 1 and re.fullmatch(r"\d{4}-\d\d-\d\d-NVIDIA_H100_80GB_HBM3\.txt", files[0])
+    logged = (tmp_path / "docs" / "gpu_runs" / files[0]).read_text()
+    assert "FAIL section 1/2: raises" in logged and "(summary)" in logged and "1 of 2 sections passed" in logged
+    assert logged in out  # everything printed is in the file
+
+
+def test_activation_rates_traced_equal_measured():
+    """The planner's activation rates come from forwards under FakeTensorMode (shapes and dtypes, no
+    arithmetic): the same bytes as real forwards, here at a tiny width."""
+    from model import ModelConfig
+    from conftest import TINY
+    c = ModelConfig(**TINY, base_vocab=64, n_extra=16, im_patch_id=64)
+    fake, real = bench.activation_rates(c), bench.activation_rates(c, fake=False)
+    assert fake == real and fake[0] > 0 and fake[1] > 0 and fake[2][4] > 0
 
 
 def test_losses_names_a_missing_or_corrupt_checkpoint(tmp_path):
