@@ -203,7 +203,7 @@ def cpu_step(cfg, tok, mconf, model, steps, with_compile=False):
     dt = train_dtype(cfg, dev)
     get_batch = batch_stream(cfg, tok, mconf)
     batches = [get_batch() for _ in range(4)]
-    fl = sum(model.flops(b) for b in batches) / len(batches)  # forward + backward (3x the forward)
+    fl = sum(model.flops(b) for b in batches) / len(batches)  # forward + backward, as the model needs them
     variants = {"attn_tile=0": (model, 0), f"attn_tile={cfg['attn_tile']}": (model, cfg["attn_tile"])}
 
     def step(m, tile, b):
@@ -697,11 +697,11 @@ def real(argv, steps=3, media="auto"):
     else:  # Linux reports ru_maxrss in KiB
         mem_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         mem = f"peak memory {mem_bytes / 2 ** 30:.2f} GiB (process max RSS, model build included)"
-    # MFU = model FLOPs per second over peak FLOP/s. Numerator: model.flops / step time, the step's work counted
-    # from the shapes (3x the forward: matmuls at 2*m*n*k, attention as dense T x T per row), not what runs:
-    # act_ckpt's recomputation is not in it, while attention's masked-out part is (a causal or block-sparse
-    # kernel skips it). Denominator: machine.peak_flops, the datasheet's dense figure for the dtype on a GPU, the
-    # measured matmul rate on a CPU.
+    # MFU = model FLOPs per second over peak FLOP/s. Numerator: model.flops / step time, the work the step needs
+    # (forward + backward: matmuls at 2*m*n*k over the non-pad tokens, attention over the pairs Molmo2's mask
+    # allows, the ViT over the images present), not what runs: neither act_ckpt's recomputation nor attention's
+    # masked-out pairs are in it. Denominator: machine.peak_flops, the datasheet's dense figure for the dtype on a
+    # GPU, the measured matmul rate on a CPU.
     peak = machine.peak_flops(dev, dt)
     flops = model.flops(b)
     tokens = int(b["attention_mask"].sum())  # real tokens: every one, as the synthetic rows are full
