@@ -121,12 +121,6 @@ def check(cfg, tok, mconf, model):
     return out
 
 
-def step_flops(model, batch):
-    """Training FLOPs (forward + backward) of one micro-batch, the numerator of every MFU bench.py prints: the one
-    place bench.py asks the model for its count (Molmo2.flops), so a change of that count is made here alone."""
-    return model.flops(batch)
-
-
 def resolve_attn(name, dev):
     """The attention a training step runs: model.resolve_attn_impl ('auto' = flex on CUDA, sdpa on a CPU), with
     'flex' refused on a CPU, where FlexAttention has no backward (torch 2.13). A bad name: a one-line SystemExit."""
@@ -192,7 +186,7 @@ def speed(cfg, tok, mconf, model, steps):
             tokens += int(b["attention_mask"].sum())
             cells += b["attention_mask"].numel()
             examples += b["n_examples"]
-            flops += step_flops(model, b)
+            flops += model.flops(b)
     name = torch.cuda.get_device_name() if dev.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
     mem = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB" if dev.type == "cuda" else ""
     dname = str(dt).split(".")[-1]
@@ -214,7 +208,7 @@ def cpu_step(cfg, tok, mconf, model, steps, with_compile=False):
     dt = train_dtype(cfg, dev)
     get_batch = batch_stream(cfg, tok, mconf)
     batches = [get_batch() for _ in range(4)]
-    fl = sum(step_flops(model, b) for b in batches) / len(batches)  # forward + backward (3x the forward)
+    fl = sum(model.flops(b) for b in batches) / len(batches)  # forward + backward, as the model needs them
     variants = {"attn_tile=0": (model, 0), f"attn_tile={cfg['attn_tile']}": (model, cfg["attn_tile"])}
 
     def step(m, tile, b):
@@ -746,13 +740,13 @@ def real(argv, steps=3, media="auto"):
     else:  # Linux reports ru_maxrss in KiB
         mem_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         mem = f"peak memory {mem_bytes / 2 ** 30:.2f} GiB (process max RSS, model build included)"
-    # MFU = model FLOPs per second over peak FLOP/s. Numerator: model.flops / step time, the step's work counted
-    # from the shapes (3x the forward: matmuls at 2*m*n*k, attention as dense T x T per row), not what runs:
-    # act_ckpt's recomputation is not in it, while attention's masked-out part is (a causal or block-sparse
-    # kernel skips it). Denominator: machine.peak_flops, the datasheet's dense figure for the dtype on a GPU, the
-    # measured matmul rate on a CPU.
+    # MFU = model FLOPs per second over peak FLOP/s. Numerator: model.flops / step time, the work the step needs
+    # (forward + backward: matmuls at 2*m*n*k over the non-pad tokens, attention over the pairs Molmo2's mask
+    # allows, the ViT over the images present), not what runs: neither act_ckpt's recomputation nor attention's
+    # masked-out pairs are in it. Denominator: machine.peak_flops, the datasheet's dense figure for the dtype on a
+    # GPU, the measured matmul rate on a CPU.
     peak = machine.peak_flops(dev, dt)
-    flops = step_flops(model, b)
+    flops = model.flops(b)
     tokens = int(b["attention_mask"].sum())  # real tokens: every one, as the synthetic rows are full
     print(f"step {t_step * 1e3:,.0f} ms (best of {steps} after 1 warm-up) | {tokens / t_step:,.0f} tok/s | MFU "
           f"{100 * flops / t_step / peak:.1f}% ({flops / 1e12:.2f} TFLOP a step over {peak / 1e12:.2f} TFLOP/s "
@@ -1049,11 +1043,11 @@ def fit_stage(path, fixed, candidates, budget):
 
 def stage_section(title, path, fixed, candidates, steps):
     """A stage's real-width model on synthetic batches (real()), sized by fit_stage: step time, tok/s, the MFU
-    of step_flops over the GPU's bf16 peak, and the step's peak memory checked against the planner's figure."""
+    of Molmo2.flops over the GPU's bf16 peak, and the step's peak memory checked against the planner's figure."""
     def run(argv, figure):
         res = real(argv, steps=steps)
         print(f"  MFU {100 * res['flops'] / res['step_s'] / res['peak']:.1f}% ({res['flops'] / 1e12:.1f} TFLOP a "
-              f"step by step_flops, {res['step_s'] * 1e3:,.0f} ms, {res['peak'] / 1e12:.0f} TFLOP/s peak)")
+              f"step by Molmo2.flops, {res['step_s'] * 1e3:,.0f} ms, {res['peak'] / 1e12:.0f} TFLOP/s peak)")
         ratio = res["mem_bytes"] / figure
         return [verdict(abs(ratio - 1) <= PLAN_TOL, "peak memory against the planner",
                         f"measured {res['mem_bytes'] / 1e9:.1f} GB (max_memory_allocated over the step), planner "

@@ -335,6 +335,23 @@ def attention_mask_block(doc_ids, is_vision, bidir, rows, cols):
                       rows[:, None], cols[None, :], bidir)[:, None]                               # (B, 1, n, m)
 
 
+def attention_pairs(doc_ids, is_vision, bidir):
+    """The number of (query, key) pairs Molmo2's mask allows between real tokens (may_attend over the non-pad
+    queries and keys: the padding's open diagonal is no work the model needs), from doc_ids (B, T) and is_vision
+    (B, T) in O(B*T), without the T x T mask: an example of n tokens, v of them vision tokens, has n(n+1)/2 causal
+    pairs (the diagonal included) and, with bidir, v(v-1)/2 more (a vision query's later vision keys). Wherever its
+    tokens lie in the row: may_attend compares doc ids and positions only."""
+    B, T = doc_ids.shape
+    real = doc_ids > 0
+    example = torch.arange(B, device=doc_ids.device)[:, None] * (T + 1) + doc_ids  # (B, T) an id per example
+    n = torch.bincount(example[real], minlength=1)                                   # tokens per example
+    pairs = (n * (n + 1) // 2).sum()
+    if bidir:
+        v = torch.bincount(example[real & is_vision], minlength=1)                 # vision tokens per example
+        pairs = pairs + (v * (v - 1) // 2).sum()
+    return int(pairs)
+
+
 class TiledMask:
     """The dense mask (B, 1, T, T) cut for packed rows. A packed row holds several short examples (the shapes
     demo: ~5 of ~100 tokens in 512), and a query sees keys of its own example only: from the example's first token
@@ -586,23 +603,46 @@ class Molmo2(nn.Module):
 
     # -- FLOPs (for MFU) -----------------------------------------------------------------------------------
     def flops(self, batch):
-        """Training FLOPs (forward + backward = 3x forward) for one micro-batch, counting the ViT, the connector
-        and the LLM; matmuls as 2*m*n*k, attention as computed (dense T x T per row with an explicit mask)."""
+        """Training FLOPs of one micro-batch (forward + backward) as the model needs them, the numerator of MFU
+        (train.py's log line, bench.py): matmuls at 2*m*n*k, counted over what the step must compute, not what the
+        kernels run. So the ViT and connector over the images and frames present (image_mask), the connector's keys
+        over the valid patches of each pooling window (not the -1 slots of a narrower window), the LLM's matmuls
+        over the non-pad tokens, attention over the (query, key) pairs Molmo2's mask allows (attention_pairs: each
+        example causal, its vision tokens both ways), the output head over the loss tokens. Elementwise work
+        (norms, RoPE, softmax) is not counted, nor act_ckpt's recomputation. Backward = 2x forward (the gradients
+        of inputs and of weights), except where autograd computes only one: the patch embedding (pixels need no
+        gradient) and, with the ViT frozen (lr_vit_mult=0: no gradients in it), no ViT backward at all and only
+        the weight gradients of the connector's first matmuls. O(B*T) time: no T x T mask is built."""
         c = self.c
-        n_img = int(batch["image_mask"].sum()) if batch.get("image_mask") is not None else 0
-        P = (c.image_size // c.patch_size) ** 2
-        W, Lv = c.vit_width, c.vit_built
-        vit_mm = (3 * c.patch_size ** 2) * W + Lv * (4 * W * W + 2 * W * c.vit_mlp)
-        vit = n_img * (2 * P * vit_mm + Lv * 4 * P * P * W)
-        n_tok = batch["pool_idx"].shape[0] if n_img else 0
-        k = batch["pool_idx"].shape[1]  # the widest window in the batch (2x2 images, 3x3 frames)
-        cin = len(c.vit_layers) * W
-        F_ = c.proj_ff or c.d_ff
-        conn = n_tok * 2 * (cin * W * (1 + 2 * k) + W * W + 3 * W * F_ + F_ * c.d_model) \
-            + n_tok * 4 * k * W
-        B, T = batch["input_ids"].shape
-        hd = c.head_dim
-        llm_mm = c.n_layer * (c.d_model * hd * (2 * c.n_head + 2 * c.n_kv_head) + 3 * c.d_model * c.d_ff)
-        llm = B * T * 2 * llm_mm + c.n_layer * B * 4 * T * T * c.n_head * hd
+        ids = batch["input_ids"]
+        doc = batch["doc_ids"] if "doc_ids" in batch else batch["attention_mask"].long()  # as hidden() reads them
+        # LLM: per non-pad token, q/k/v/o and the SwiGLU MLP of every layer; attention per allowed pair and layer
+        # (QK^T and AV, 2 * hd each, per query head); the head's logits at the loss tokens only (forward())
+        n_real = int((doc > 0).sum())
+        llm_mm = c.n_layer * (c.d_model * c.head_dim * (2 * c.n_head + 2 * c.n_kv_head) + 3 * c.d_model * c.d_ff)
+        pairs = attention_pairs(doc, ids >= c.base_vocab, c.bidir_vision)
+        llm = 2 * n_real * llm_mm + c.n_layer * pairs * 4 * c.n_head * c.head_dim
         head = int((batch["loss_weights"] > 0).sum()) * 2 * c.d_model * c.base_vocab
-        return 3 * (vit + conn + llm + head)
+        total = 3 * (llm + head)
+        mask = batch.get("image_mask")
+        n_img = int(mask.sum()) if mask is not None else 0
+        if n_img == 0:  # embed_inputs runs the vision path only when there are images
+            return total
+        # ViT, per image (or crop, or frame) of P patches: patch embedding, then per block q/k/v/o, the MLP and
+        # full attention over the P x P patch pairs
+        H, W_px = batch["pixel_values"].shape[-2:]
+        P = (H // c.patch_size) * (W_px // c.patch_size)
+        W, F_ = c.vit_width, c.proj_ff or c.d_ff
+        patch = n_img * 2 * P * 3 * c.patch_size ** 2 * W
+        blocks = n_img * c.vit_built * (2 * P * (4 * W * W + 2 * W * c.vit_mlp) + 4 * P * P * W)
+        # connector, per pooled token: the mean query's wq, then wk and wv and attention over the window's valid
+        # patches, wo and the SwiGLU projector (w1, w3: W -> F; w2: F -> d_model)
+        pool = batch["pool_idx"]
+        n_tok, n_valid = pool.shape[0], int((pool >= 0).sum())
+        cin = len(c.vit_layers) * W
+        first = 2 * n_tok * cin * W + 2 * n_valid * 2 * cin * W  # wq, wk, wv: inputs are the ViT's features
+        rest = n_valid * 4 * W + 2 * n_tok * (W * W + 2 * W * F_ + F_ * c.d_model)
+        vit_trained = any(p.requires_grad for p in self.vit.parameters())
+        if vit_trained:
+            return total + 2 * patch + 3 * blocks + 3 * first + 3 * rest
+        return total + patch + blocks + 2 * first + 3 * rest

@@ -260,7 +260,7 @@ def steps_in_budget(budget_s, spent_s, done, step_s, eval_s, final_s, eval_inter
     return max(n, done)
 
 
-def accumulate(fwd, batches, autocast=nullcontext, D=None, no_sync=None):
+def accumulate(fwd, batches, autocast=nullcontext, D=None, no_sync=None, dev=None):
     """Forward + backward over the micro-batches of one optimizer step; returns the step's loss (this rank's part
     of it under torchrun: the parts add up to the loss over all ranks).
     The loss is sum(w * CE) / sum(w) over the whole optimizer batch (Molmo2 BatchDivisor.global_batch):
@@ -272,11 +272,12 @@ def accumulate(fwd, batches, autocast=nullcontext, D=None, no_sync=None):
     and 2 (tests/test_dist.py).
     D: the distributed layout (setup_distributed). DDP and FSDP2 AVERAGE gradients over the world's ranks, while
     the global loss is the SUM of the ranks' parts: each part is scaled by the world size, so the average is the
-    sum. no_sync: DDP's context that skips the all-reduce, for every micro-batch but the last."""
+    sum. no_sync: DDP's context that skips the all-reduce, for every micro-batch but the last. dev: the run's device
+    (where the divisor's all-reduce runs; default: the batches')."""
     # The weights are known before any forward (they come with the data), so the global divisor is fixed first.
     wsum = sum(b["loss_weights"].sum() for b in batches).float()
     if D is not None and D.world > 1:
-        dist.all_reduce(wsum, group=D.dp_group)
+        wsum = all_reduce_scalar(wsum, D, dev or wsum.device, group=D.dp_group)
     if wsum <= 0:
         raise ValueError("optimizer batch has no loss tokens (every loss weight is 0)")
     scale = D.world if D is not None else 1
@@ -301,6 +302,28 @@ class Dist:
     """The layout of the run: rank, world = dp x cp, this rank's place in the mesh and its process groups.
     One process (plain python): world 1, no groups."""
     rank, world, local_rank, dp, cp, dp_rank, cp_rank, dp_group, cp_group = 0, 1, 0, 1, 1, 0, 0, None, None
+
+
+def all_reduce_scalar(x, D, dev, group=None):
+    """The sum of the number x (a float or a 0-d tensor) over the ranks of group (None: every rank), as a Python
+    float on every rank; x itself in one process. Every scalar train.py reduces goes through here: the tensor is made
+    on the run's device dev (cuda:LOCAL_RANK under torchrun on GPUs), since NCCL takes CUDA tensors only, and in
+    float64, so a loss summed over ranks is not rounded to fp32 on the way."""
+    if D.world == 1:
+        return float(x)
+    t = torch.tensor(float(x), dtype=torch.float64, device=dev)
+    dist.all_reduce(t, group=group)
+    return t.item()
+
+
+def broadcast_scalar(x, D, dev, src=0):
+    """Rank src's number x on every rank (a Python float), the same way as all_reduce_scalar: a float64 tensor on the
+    run's device. Exact for integers below 2^53 (a step count)."""
+    if D.world == 1:
+        return float(x)
+    t = torch.tensor(float(x), dtype=torch.float64, device=dev)
+    dist.broadcast(t, src=src)
+    return t.item()
 
 
 def setup_distributed(C, dev_type):
@@ -1017,7 +1040,8 @@ class Trainer:
                 torch.set_num_threads(threads)
         if D.world > 1:
             box = [res]
-            dist.broadcast_object_list(box, src=0)  # every rank gets the figures (and waits for them)
+            # every rank gets the figures (and waits for them); pickled into a tensor on dev (NCCL: CUDA only)
+            dist.broadcast_object_list(box, src=0, device=env.dev)
             res = box[0]
         return res
 
@@ -1028,11 +1052,9 @@ class Trainer:
         for g in opt.param_groups:
             g["lr"] = lr_at(self.step, g["peak"], C.warmup_steps, self.total, C.min_lr_frac)
         batches = [self.get_batch() for _ in range(C.grad_accum)]
-        loss = accumulate(self.fwd, batches, env.autocast, env.D, self.no_sync)
-        if env.D.world > 1:  # the ranks' parts -> the global batch loss (the gradients are reduced already)
-            t = torch.tensor(loss, dtype=torch.float64)
-            dist.all_reduce(t)
-            loss = t.item()
+        loss = accumulate(self.fwd, batches, env.autocast, env.D, self.no_sync, env.dev)
+        # the ranks' parts -> the global batch loss (the gradients are reduced already)
+        loss = all_reduce_scalar(loss, env.D, env.dev)
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), C.grad_clip)  # over DTensors too (FSDP2)
         if not (math.isfinite(loss) and torch.isfinite(gnorm)):
             # A NaN / inf loss or gradient: not applied (weights, Adam state and schedule unchanged), the batch is
@@ -1119,10 +1141,7 @@ class Trainer:
         """max_minutes: the total step count from the measured step time (fit_budget), the same on every rank
         (rank 0's: their clocks differ a little, their loops must not), kept in the checkpoint."""
         total = fit_budget(self.C, self.step, step_s, self.t_start, self.evals, self.run_eval, self.env.print)
-        if self.env.D.world > 1:
-            t = torch.tensor(total)
-            dist.broadcast(t, src=0)
-            total = int(t)
+        total = int(broadcast_scalar(total, self.env.D, self.env.dev))
         self.budget_steps = self.budget.fix(total)
         return total
 
