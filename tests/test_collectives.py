@@ -110,6 +110,7 @@ def test_step_and_budget_collectives_run_on_the_runs_device(device, tmp_path, mo
     run.env.D.world, run.env.D.dp = 2, 2
     calls = check_collectives(monkeypatch, dev)
     run.total, run.bad_in_a_row, run.bad_total = 100, 0, 0
+    run.budget = train.StepBudget(run.C.max_minutes, run.C.max_steps, None, run.step)  # as Trainer.train makes it
     loss, gnorm, batches = run.train_step()
     # the divisor (the global loss weight) and the loss; the one-process group's sum is the rank's own value
     assert calls == ["all_reduce", "all_reduce"]
