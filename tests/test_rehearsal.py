@@ -1,7 +1,7 @@
 """The headline use, end to end, on miniatures: the three real configs (config/stage1.py, stage2.py, stage3.py) run
-AS WRITTEN, from released-layout files, each as the command a user types. Only widths, depths, lengths, step
-counts, the process layout and the precision are overridden (--key=value); every path is the config's own,
-relative to the run's directory, which is laid out as a user's would be:
+AS WRITTEN, from released-layout files, each as the command a user types. Only sizes (widths, depths, the
+vocabulary, rows, row lengths), step counts, the precision, the device and the log interval are overridden
+(--key=value); every path is the config's own, relative to the run's directory, laid out as a user's would be:
 
     hub/allenai/pixmo-cap/data/train-00000-of-00001.parquet, ...   the released parquet files (tests/miniature.py)
     checkpoints/Qwen3-0.6B/ (+ tokenizer.json), checkpoints/siglip2-base-patch16-224/   tiny, by transformers
@@ -16,6 +16,7 @@ import glob
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -106,14 +107,22 @@ def stand_in_prepare(hub, out, names):
 
 def run(cmd, cwd, log):
     """Run a command (a stage, the export) in cwd; its output is appended to log and to <cwd>/rehearsal.log; a
-    failure shows the output's end."""
+    failure shows the output's end. Past TIMEOUT the command's whole process group is killed (torchrun's workers
+    with it) and the test fails."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     t = time.time()
-    p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
-    log.append(p.stdout + p.stderr)
+    p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+    try:
+        out, _ = p.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, _ = p.communicate()
+        pytest.fail(f"{' '.join(cmd[:4])}... did not finish in {TIMEOUT} s:\n{out[-4000:]}")
+    log.append(out)
     with open(os.path.join(cwd, "rehearsal.log"), "a") as f:
-        f.write(f"$ {' '.join(cmd)}\n{log[-1]}\n")
-    assert p.returncode == 0, f"{' '.join(cmd[:4])}... failed ({p.returncode}):\n{(p.stdout + p.stderr)[-4000:]}"
+        f.write(f"$ {' '.join(cmd)}\n{out}\n")
+    assert p.returncode == 0, f"{' '.join(cmd[:4])}... failed ({p.returncode}):\n{out[-4000:]}"
     return time.time() - t
 
 
@@ -138,6 +147,7 @@ def layout(tmp_path_factory):
         os.makedirs(d / c1["init_llm"])
         tiny_hf.qwen_tokenizer(d / c1["tokenizer"])  # checkpoints/Qwen3-0.6B/tokenizer.json, as config/stage1.py
         dims = dict(c1, **MODEL)
+        torch.manual_seed(0)  # the same checkpoints every run: the same losses
         tiny_hf.qwen3(dims, d / c1["init_llm"])
         tiny_hf.siglip(dims, d / c1["init_vit"], whole=True)
         if os.path.exists(os.path.join(ROOT, "prepare.py")):  # the copies, as a user makes them for each stage
@@ -166,10 +176,19 @@ def test_real_configs_run_end_to_end_on_miniatures(layout, capsys):
         for name in set(datasets(config(n), evals=False)) - NO_READER_YET:
             assert re.search(rf"dataset {name}: [1-9][0-9]* examples from [0-9]+ rows; skipped 0 malformed, 0 with "
                              rf"missing media", out), (name, out[-3000:])
+        assert "skipped an example" not in out, out[-3000:]  # every image and video drawn was decoded
+        # each stage starts where the config says: stage 1 from the Qwen3 and SigLIP2 checkpoints, the others from
+        # the stage before
+        starts = (["LLM initialised from checkpoints/Qwen3-0.6B", "ViT initialised from checkpoints/siglip2-base"]
+                  if n == 1 else [f"initialised weights from out/stage{n - 1}/ckpt.pt"])
+        assert all(x in out for x in starts), (starts, out[-3000:])
         if n == 3:
             assert "torchrun: 4 processes = dp 2 x cp 2 (ulysses attention), FSDP2, gloo" in out, out[-3000:]
         ls, ck = losses(d, n)
         assert len(ls) == RUN["max_steps"] and all(torch.isfinite(torch.tensor(ls))), ls
+        if n == 3:  # the layout config/stage3.py sets, as the run saved it
+            c = ck["config"]
+            assert (c["cp"], c["cp_mode"], c["fsdp"], c["act_ckpt"]) == (2, "ulysses", True, True), c
         report.append(f"stage {n}: loss {ls[0]:.4f} -> {ls[-1]:.4f} ({len(ls)} steps, {secs:.1f} s)"
                       + evaluate(d, n))
     # the last checkpoint exported as a Hugging Face Molmo2 directory, loaded in transformers: the same logits
