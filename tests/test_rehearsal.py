@@ -162,9 +162,10 @@ def layout(tmp_path_factory):
 
 
 def test_real_configs_run_end_to_end_on_miniatures(layout, capsys):
-    """stage 1 -> 2 -> 3 (torchrun, dp 2 x cp 2, FSDP2) -> hf.py -> transformers: every stage trains on every
-    dataset of its mixture (each read without a skipped row), its losses are finite, and the export's logits equal
-    ours on an example of the miniature."""
+    """stage 1 -> 2 -> 3 (torchrun, dp 2 x cp 2, FSDP2) -> hf.py -> transformers: every stage reads every dataset
+    of its mixture (no row malformed or missing its media), decodes every image and video it draws, starts from
+    where its config says, ends with finite losses (and, with eval_data, scores on its eval sets); the export's
+    logits equal ours on an example of the miniature."""
     d, log, report = str(layout), [], []
     train_py = os.path.join(ROOT, "train.py")
     for n in (1, 2, 3):
