@@ -333,9 +333,10 @@ def build(root, names, media, rows=ROWS):
                 continue
             stem = f"{src.repo.split('/')[-1]}_{subset or ''}_{src.split}".replace(" ", "_")
             table = [ROW_MAKERS[kind](media, src, stem, i) for i in range(s * per, (s + 1) * per)]
-            missing = set(src.columns) - set(table[0])
+            want = set(src.columns) | {c for c in (src.image_url, src.image_sha, src.image_bytes, src.video) if c}
+            missing = want - set(table[0])
             if missing:
-                raise KeyError(f"row maker for {kind} lacks the columns {sorted(missing)} that SOURCES[{name!r}] lists")
+                raise KeyError(f"row maker for {kind} lacks the columns {sorted(missing)} that SOURCES[{name!r}] names")
             os.makedirs(os.path.dirname(path), exist_ok=True)
             pq.write_table(pa.Table.from_pylist(table), path)
             written.add(path)
