@@ -9,6 +9,7 @@ from PIL import Image
 
 import data
 import shapes
+from tiny_hf import qwen_tokenizer  # a tiny Qwen-style tokenizer.json
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -463,34 +464,12 @@ def test_collate_packed_rows(tok, cfg):
 # ---------------------------------------------------------------------------------------------------------
 # a Hugging Face tokenizer.json (Qwen2/Qwen3 kind) converted to tiktoken
 
-QWEN_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"""
-              r"""|\s+(?!\S)|\s+""")  # Qwen2/Qwen3's pre-tokenizer regex (their tokenizer.json)
-
-
-def _hf_qwen_style_tokenizer(path):
-    """A tiny byte-level BPE built like Qwen's: NFC, the Qwen split regex, byte-level, special tokens."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    tk = Tokenizer(models.BPE())
-    tk.normalizer = normalizers.NFC()
-    tk.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tk.decoder = decoders.ByteLevel()
-    corpus = ["The quick brown fox jumps over the lazy dog. ", "Café déjà vu, naïve résumé.", "東京は日本の首都です。",
-              "emoji 😀🎉👍 and numbers 12345 67890", "    indented\n\n\ttabs  and   runs", "it's we'll they're"] * 20
-    tk.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=500, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    tk.save(str(path))
-    return tk
-
-
 def test_tokenizer_json_converts_to_tiktoken(tmp_path):
     """The same ids through Hugging Face `tokenizers` and through our tiktoken conversion, on ASCII, accents
     (composed and decomposed: NFC), CJK, emoji (a ZWJ sequence too), digits, whitespace runs, special tokens and
     characters the BPE never saw; the special ids are the file's own; the state rebuilds the same tokenizer."""
     import data
-    hf = _hf_qwen_style_tokenizer(tmp_path / "tokenizer.json")
+    hf = qwen_tokenizer(tmp_path / "tokenizer.json")
     tok = data.build_tokenizer(str(tmp_path / "tokenizer.json"))
     text = ("<|im_start|>user\nCafé déjà vu? Cafe\u0301 東京は 日本 😀🎉 🐈\u200d⬛ 12345 it's   three  spaces\n\n\t"
             "tab<|object_ref_start|> Ωμέγα ñ 漢字 \r\n end  <|im_end|>\n")
@@ -509,7 +488,7 @@ def test_tokenizer_json_keeps_molmo2_vision_ids(tmp_path):
     free rows left. So ids match a released checkpoint's config (hf.HF_TOKEN_KEYS)."""
     import json
     import data
-    hf = _hf_qwen_style_tokenizer(tmp_path / "t.json")
+    hf = qwen_tokenizer(tmp_path / "t.json")
     j = json.loads((tmp_path / "t.json").read_text())
     base = hf.get_vocab_size() + 6  # Qwen pads its embedding beyond the last id
     vis = {"<im_start>": base, "<im_end>": base + 1, "<im_patch>": base + 2, "<im_col>": base + 3,
@@ -531,7 +510,7 @@ def test_tokenizer_json_errors(tmp_path):
     import data
     with pytest.raises(FileNotFoundError, match="nope.json"):
         data.build_tokenizer(str(tmp_path / "nope.json"))
-    _hf_qwen_style_tokenizer(tmp_path / "t.json")
+    qwen_tokenizer(tmp_path / "t.json")
     j = json.loads((tmp_path / "t.json").read_text())
     merges = j["model"]["merges"]
     merges[3], merges[4] = merges[4], merges[3]  # a merge list whose order the ids do not follow

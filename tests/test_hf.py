@@ -11,6 +11,7 @@ import torch
 import transformers
 
 import hf as H
+import tiny_hf  # tiny Qwen3 / SigLIP checkpoints and a tokenizer.json
 from bench import randomise  # wide random weights: logits that vary, so a wrong weight shows
 import model as M
 
@@ -118,10 +119,8 @@ def tiny_config(**kw):
 
 
 def test_init_llm_from_qwen3_matches_transformers(tmp_path):
-    cfg = transformers.Qwen3Config(vocab_size=VOCAB, hidden_size=40, intermediate_size=72, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                   rope_parameters=dict(rope_type="default", rope_theta=10000.0))
-    qwen = transformers.Qwen3ForCausalLM(cfg)
+    qwen = tiny_hf.qwen3(dict(base_vocab=VOCAB, d_model=40, d_ff=72, n_layer=2, n_head=4, n_kv_head=2, head_dim=16,
+                              rope_theta=10000.0))
     randomise(qwen, 4)
     qwen.save_pretrained(str(tmp_path))
     model = M.Molmo2(tiny_config())
@@ -137,9 +136,7 @@ def test_init_llm_from_qwen3_matches_transformers(tmp_path):
 
 @pytest.mark.parametrize("size", [IMG, 42], ids=["same-grid", "resized-grid"])
 def test_init_vit_from_siglip_matches_transformers(tmp_path, size):
-    cfg = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                          num_attention_heads=4, image_size=IMG, patch_size=PATCH)
-    siglip = transformers.SiglipVisionModel(cfg)
+    siglip = tiny_hf.siglip(dict(vit_width=32, vit_mlp=64, vit_depth=3, vit_heads=4, image_size=IMG, patch_size=PATCH))
     randomise(siglip, 5)
     siglip.save_pretrained(str(tmp_path))
     model = M.Molmo2(tiny_config(image_size=size))
@@ -163,15 +160,8 @@ def test_train_starts_from_hf_checkpoints(tok, tmp_path):
     import train
     from conftest import TINY
     from test_train import run_args
-    qwen = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
-        vocab_size=tok.base_vocab, hidden_size=TINY["d_model"], intermediate_size=TINY["d_ff"],
-        num_hidden_layers=TINY["n_layer"], num_attention_heads=TINY["n_head"], num_key_value_heads=TINY["n_kv_head"],
-        head_dim=TINY["head_dim"], rope_parameters=dict(rope_type="default", rope_theta=1e6)))
-    siglip = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
-        hidden_size=TINY["vit_width"], intermediate_size=TINY["vit_mlp"], num_hidden_layers=TINY["vit_depth"],
-        num_attention_heads=TINY["vit_heads"], image_size=TINY["image_size"], patch_size=TINY["patch_size"]))
-    qwen.save_pretrained(str(tmp_path / "qwen3"))
-    siglip.save_pretrained(str(tmp_path / "siglip"))
+    qwen = tiny_hf.qwen3(dict(TINY, base_vocab=tok.base_vocab), tmp_path / "qwen3")
+    siglip = tiny_hf.siglip(TINY, tmp_path / "siglip")
     train.main(run_args(tmp_path / "run", max_steps=1, lr=0.0) +
                [f"--init_llm={tmp_path / 'qwen3'}", f"--init_vit={tmp_path / 'siglip'}"])
     sd = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["model"]
@@ -386,9 +376,8 @@ def test_train_with_a_qwen_tokenizer_json_and_padded_vocab(tmp_path):
     the tokenizer.json's vision tokens go to the rows after base_vocab, where the model's extra rows are, and a
     short run trains; a base_vocab below the tokenizer's ids is a clear error."""
     import train
-    from test_data import _hf_qwen_style_tokenizer
     from test_train import run_args
-    hf = _hf_qwen_style_tokenizer(tmp_path / "tokenizer.json")
+    hf = tiny_hf.qwen_tokenizer(tmp_path / "tokenizer.json")
     base = hf.get_vocab_size() + 12
     args = run_args(tmp_path / "run", max_steps=2, seq_len=1024) + [f"--tokenizer={tmp_path / 'tokenizer.json'}"]
     res = train.main(args + [f"--base_vocab={base}", "--n_extra=16"])
@@ -405,8 +394,7 @@ def test_sample_loads_a_molmo2_directory(tmp_path):
     transformers' argmax at the first answer token; ids that disagree are a clear error."""
     import sample
     from PIL import Image
-    from test_data import _hf_qwen_style_tokenizer
-    hf_tok = _hf_qwen_style_tokenizer(tmp_path / "t.json")
+    hf_tok = tiny_hf.qwen_tokenizer(tmp_path / "t.json")
     base = hf_tok.get_vocab_size() + 4
     vis = {"<im_start>": 0, "<im_end>": 1, "<im_patch>": 2, "<im_col>": 3, "<low_res_im_start>": 4,
            "<frame_start>": 7, "<frame_end>": 8}
