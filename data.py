@@ -634,7 +634,7 @@ def visual_tokens(ex, tok, cfg, max_frames=128, fps=2.0, budget=None):
         keep = list(range(len(frames)))
         ids = layout(keep)
         while budget is not None and len(ids) > budget and len(keep) > 1:
-            n = len(keep) - max(1, (len(ids) - budget) * len(keep) // len(ids))  # shrink about to fit, then check
+            n = max(1, len(keep) - max(1, (len(ids) - budget) * len(keep) // len(ids)))  # shrink about to fit
             keep = sorted({int(round(x)) for x in np.linspace(0, len(frames) - 1, n)})
             ids = layout(keep)
         imgs = [preprocess_image(frames[i], cfg.image_size) for i in keep]

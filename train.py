@@ -507,11 +507,18 @@ def batch_source(C, tok, mconf, sampler, dev, real=None):
         return data.encode_example(ex, tok, mconf, C.task_weights, C.loss_weighting, C.root_flat_weights,
                                    C.max_frames, C.video_fps, C.seq_len, C.first_token_mults.get(task, 1.0))
 
-    def encode_or_skip(key):  # None for an example whose image or video cannot be decoded: counted, skipped
+    def encode_or_skip(key):  # None for an example that cannot be decoded or can never fit a row: counted, skipped
         try:
             e = encode(key)
         except (data.MediaError, FileNotFoundError) as err:
             media.skip(key[0], err)
+            return None
+        # text alone longer than seq_len (a long Tulu conversation, a grouped image with many questions), or more
+        # frames than a packed row's vision budget: no row can hold it, so it is skipped like a broken file
+        if len(e["input_ids"]) > C.seq_len or (C.packing and len(e["images"]) > C.max_images_per_row):
+            media.skip(key[0], f"{e['task']} example of {len(e['input_ids'])} tokens and {len(e['images'])} images "
+                               f"does not fit a row (seq_len={C.seq_len}, max_images_per_row={C.max_images_per_row})",
+                       what="more tokens or images than a row holds")
             return None
         media.seen[key[0]] += 1
         return e
@@ -549,15 +556,15 @@ class BrokenMedia:
         self.max_frac, self.print = max_frac, print
         self.skipped, self.seen, self.last = Counter(), Counter(), {}
 
-    def skip(self, name, err):
+    def skip(self, name, err, what="media that cannot be decoded"):
         self.skipped[name] += 1
         self.last[name] = str(err)
         if self.skipped[name] <= 3:  # the first few by name; then only the counts (log lines, summary)
             self.print(f"skipped an example of {name}: {err}")
         tried = self.skipped[name] + self.seen[name]
         if tried >= self.MIN_JUDGED and self.skipped[name] > self.max_frac * tried:
-            raise SystemExit(f"dataset {name}: {self.skipped[name]} of {tried} examples have media that cannot be "
-                             f"decoded, more than max_broken_frac={self.max_frac:g} (latest: {err})")
+            raise SystemExit(f"dataset {name}: {self.skipped[name]} of {tried} examples skipped (the latest has "
+                             f"{what}: {err}), more than max_broken_frac={self.max_frac:g}")
 
     def summary(self):
         """'name k of n, ...' for the datasets with skips (empty when none)."""

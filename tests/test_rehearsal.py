@@ -12,15 +12,12 @@ Stage 1 starts from the tiny Qwen3 and SigLIP2, stage 2 from stage 1's checkpoin
 torchrun with 4 processes (dp 2 x cp 2, Ulysses, FSDP2, activation checkpointing, as config/stage3.py sets them);
 the last checkpoint is exported with hf.py and loaded in transformers, whose logits must equal ours. Images come
 from an HTTP server on 127.0.0.1 that the test starts. Each stage's first and last loss is printed (pytest -s)."""
-import glob
-import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 import torch
@@ -41,17 +38,12 @@ TIMEOUT = 300  # seconds a stage may take before the test fails (a deadlocked to
 MODEL = dict(image_size=48, vit_width=16, vit_depth=9, vit_heads=2, vit_mlp=32, base_vocab=512, d_model=32,
              n_layer=2, n_head=4, n_kv_head=2, head_dim=8, d_ff=64)
 # Per stage: rows, steps (warmup 1, so the few steps run at the configured LR) and row lengths (stage 3's rows
-# longer than stage 2's, as 36,864 is to 4,096; a video of the miniature is ~60 tokens). The precision is the fp32
+# longer than stage 2's, as 36,864 is to 4,096; a video of the miniature is ~60 tokens, the answer of a 26-60
+# point VideoPoint row up to ~470, and an example longer than a row is skipped, which the test forbids). The precision is the fp32
 # reference (dtype auto would time bf16 against fp32 in every process first); the device is the CPU, also where
 # a GPU is present.
 RUN = dict(batch_size=2, grad_accum=2, max_steps=3, warmup_steps=1, dtype="float32", device="cpu", log_interval=1)
-LENGTHS = {1: dict(seq_len=256), 2: dict(seq_len=384), 3: dict(seq_len=512)}
-
-# STAND-IN until readers.py has readers for VQA v2 and the academic point sets: stage 2's (and so stage 3's)
-# mixture without them, and data_paths for the datasets that remain. Delete this, and its use in
-# stage_overrides, once those readers are merged.
-NO_READER_YET = {"vqa_v2", "academic_points"}
-
+LENGTHS = {1: dict(seq_len=256), 2: dict(seq_len=640), 3: dict(seq_len=768)}
 
 def config(n):
     """The configuration config/stage<n>.py sets (train.configure, as train.py reads it)."""
@@ -59,50 +51,18 @@ def config(n):
 
 
 def datasets(c, evals=True):
-    """The dataset names a configuration's mixture names, then (evals) those of its eval_data ({name: path}: the
-    path's file name is the readers.SOURCES name, as prepare.py reads it)."""
+    """The dataset names a configuration's mixture names, then (evals) those of its eval_data (readers.SOURCES
+    names, as prepare.py reads them)."""
     names = [name for _, leaves in c["mixture"].values() for name in leaves]
     if evals:
-        names += [os.path.splitext(os.path.basename(p))[0] for p in c.get("eval_data", {}).values()]
+        names += list(c.get("eval_data", {}))
     return list(dict.fromkeys(names))
 
 
 def stage_overrides(n):
-    """--key=value overrides of stage n: sizes, steps, lengths, precision, device; and the STAND-IN mixture."""
+    """--key=value overrides of stage n: sizes, steps, lengths, precision, device."""
     kv = dict(MODEL, **RUN, **LENGTHS[n])
-    c = config(n)
-    if NO_READER_YET & set(datasets(c)):  # STAND-IN (NO_READER_YET): drop the datasets without a reader
-        mix = {g: (r, {d: w for d, w in leaves.items() if d not in NO_READER_YET}) for g, (r, leaves) in
-               c["mixture"].items()}
-        kv["mixture"] = {g: spec for g, spec in mix.items() if spec[1]}
-        kv["data_paths"] = {d: f"data/{d}.jsonl" for d in datasets(kv, evals=False)}
     return [f"--{k}={v!r}" if not isinstance(v, str) else f"--{k}={v}" for k, v in kv.items()]
-
-
-def stand_in_prepare(hub, out, names):
-    """STAND-IN for `python prepare.py --stage N --out DIR --hub_dir ROOT`, to delete once prepare.py is merged:
-    each dataset's released parquet rows (readers.SOURCES: repo, config folders, split) -> <out>/<name>.jsonl, its
-    image URLs downloaded to readers.media_path(<out>/media, url) and checked against their SHA-256 column."""
-    import hashlib
-    import pyarrow.parquet as pq
-    media = os.path.join(out, "media")
-    os.makedirs(media, exist_ok=True)
-    for name in names:
-        src = readers.SOURCES[name]
-        files = sorted(f for sub in (src.subsets or ("data",))
-                       for f in glob.glob(os.path.join(hub, src.repo, sub, f"{src.split}-*.parquet")))
-        assert files, f"{name}: no parquet files of {src.repo} under {hub}"
-        rows = [r for f in files for r in pq.read_table(f).to_pylist()]
-        for r in rows:
-            urls = r[src.image_url] if src.image_url else []
-            for url in [urls] if isinstance(urls, str) else urls:
-                body = urllib.request.urlopen(url, timeout=10).read()
-                if src.image_sha:
-                    assert hashlib.sha256(body).hexdigest() == r[src.image_sha], url
-                with open(readers.media_path(media, url), "wb") as f:
-                    f.write(body)
-        with open(os.path.join(out, f"{name}.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
 def run(cmd, cwd, log):
@@ -141,7 +101,7 @@ def layout(tmp_path_factory):
     server, base = miniature.serve(d / "www")
     try:
         media = miniature.Media(d / "www", base, d / "data" / "media")  # videos go straight to media_root
-        names = sorted({name for n in (1, 2, 3) for name in datasets(config(n))} - NO_READER_YET)
+        names = sorted({name for n in (1, 2, 3) for name in datasets(config(n))})
         miniature.build(d / "hub", names, media)
         c1 = config(1)
         os.makedirs(d / c1["init_llm"])
@@ -151,17 +111,15 @@ def layout(tmp_path_factory):
         tiny_hf.qwen3(dims, d / c1["init_llm"])
         tiny_hf.siglip(dims, d / c1["init_vit"], whole=True)
         for n in (1, 2, 3):  # the copies, as a user makes them for each stage
-            copies(str(d), [f"--stage={n}"], datasets(config(n)))
+            copies(str(d), [f"--stage={n}"])
     finally:
         server.shutdown()
     return d
 
 
-def copies(d, args, names):
+def copies(d, args):
     """`python prepare.py ARGS --out data --hub_dir hub` in d: the local copies data/<name>.jsonl and data/media
-    made from the released files under hub/ (names: the datasets ARGS selects)."""
-    if not os.path.exists(os.path.join(ROOT, "prepare.py")):  # STAND-IN: delete this branch once prepare.py is merged
-        return stand_in_prepare(os.path.join(d, "hub"), os.path.join(d, "data"), set(names) - NO_READER_YET)
+    made from the released files under hub/."""
     run([sys.executable, os.path.join(ROOT, "prepare.py"), *args, "--out", "data", "--hub_dir", "hub",
          "--no_progress"], d, [])
 
@@ -174,7 +132,7 @@ def test_every_source_has_a_miniature(tmp_path):
     server, base = miniature.serve(tmp_path / "www")
     try:
         miniature.build(tmp_path / "hub", names, miniature.Media(tmp_path / "www", base, tmp_path / "data" / "media"))
-        copies(str(tmp_path), names, names)
+        copies(str(tmp_path), names)
     finally:
         server.shutdown()
     data = tmp_path / "data"
@@ -196,7 +154,7 @@ def test_real_configs_run_end_to_end_on_miniatures(layout, capsys):
         secs = run(launch + [CONFIG[n]] + stage_overrides(n), d, log)
         out = log[-1]
         # every dataset of the mixture read, with no row malformed or missing its media
-        for name in set(datasets(config(n), evals=False)) - NO_READER_YET:
+        for name in set(datasets(config(n), evals=False)):
             assert re.search(rf"dataset {name}: [1-9][0-9]* examples from [0-9]+ rows; skipped 0 malformed, 0 with "
                              rf"missing media", out), (name, out[-3000:])
         assert "skipped an example" not in out, out[-3000:]  # every image and video drawn was decoded
@@ -226,8 +184,6 @@ def evaluate(d, n):
     """Stage n's checkpoint scored on the eval sets its config names (eval_data), as `python eval.py --ckpt CKPT
     --data name=path,...` scores them (in this process: the modules are loaded already): every set gets finite
     metrics in [0, 1]. Returns them as text for the report."""
-    if "eval_data" not in train.CONFIG_KEYS:  # STAND-IN until eval_data and eval.py --data are merged: delete this
-        return ""
     import eval as E
     spec = config(n)["eval_data"]
     assert spec, f"config/stage{n}.py names no eval_data"

@@ -230,7 +230,8 @@ def test_broken_media_are_skipped_counted_and_bounded(tmp_path, capsys):
     assert "molmo2_cap " in summary and "pixmo_cap " in summary  # the cut PNG and the text .mp4: at encoding
     assert "cut.png" not in summary and "skipped an example of pixmo_cap: cannot read image" in out
     assert "| skipped " in out  # the step lines count them too
-    with pytest.raises(SystemExit, match=r"dataset (molmo2|pixmo)_cap: \d+ of \d+ examples have media that cannot be decoded, "
+    with pytest.raises(SystemExit, match=r"dataset (molmo2|pixmo)_cap: \d+ of \d+ examples skipped \(the latest has media that "
+                                         r"cannot be decoded: .*\), "
                                          r"more than max_broken_frac=0.01"):
         train.main(args + ["--max_broken_frac=0.01", "--max_steps=30"])
 
