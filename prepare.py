@@ -676,11 +676,12 @@ def verify_dataset(name, out=OUT, media_root=None, workers=WORKERS, max_frames=M
             size = want or _header_size(img)
             if pts and size:
                 pointed += 1
-                w, h = size
+                w, h = (src.point_scale, src.point_scale) if src.point_scale else size  # SOURCES says the scale
                 bad = [(x, y) for x, y in pts if not (0 <= x <= w and 0 <= y <= h)]
                 if bad:
-                    outside.append(f"{path}:{i}: point {bad[0]} outside its {w}x{h} image {img}")
-                elif min(w, h) > 200 and all(x <= 100 and y <= 100 for x, y in pts):
+                    outside.append(f"{path}:{i}: point {bad[0]} outside its "
+                                   + (f"0-{w} scale, image {img}" if src.point_scale else f"{w}x{h} image {img}"))
+                elif not src.point_scale and min(w, h) > 200 and all(x <= 100 and y <= 100 for x, y in pts):
                     corner += 1
         if src.video and isinstance(rec.get(src.video), str) and rec[src.video]:
             videos.setdefault(readers.video_path(media_root, rec[src.video]), None)

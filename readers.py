@@ -506,6 +506,7 @@ class Source:
     video: str = ""                  # column naming the video id (<media_root>/<id>.mp4; never downloaded)
     reader: str = ""                 # READERS key when it differs from the entry's name
     eval: bool = False               # a held-out split: one example per row, never grouped
+    point_scale: int = 0             # the single-image `points` column: 0 = pixels, 100 = a 0-100 scale
 
 
 _PIXMO_COUNT = dict(columns=("image_url", "label", "count"), image_url="image_url", image_sha="image_sha256")
@@ -543,7 +544,7 @@ SOURCES = {
     # eval splits
     "pixmo_count_val": Source("allenai/pixmo-count", split="validation", reader="pixmo_count", eval=True,
                               **_PIXMO_COUNT),
-    "pixmo_points_eval": Source("allenai/pixmo-points-eval", split="test", eval=True, image_url="image_url",
+    "pixmo_points_eval": Source("allenai/pixmo-points-eval", split="test", eval=True, image_url="image_url", point_scale=100,
                                 columns=("image_url", "label", "points", "masks"), image_sha="image_sha256"),
     "vqa_v2_val": Source("lmms-lab/VQAv2", split="validation", reader="vqa_v2", eval=True, **_VQA2),
     "docvqa_val": Source("lmms-lab/DocVQA", split="validation", reader="docvqa", eval=True, **_DOCVQA),

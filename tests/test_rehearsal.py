@@ -12,6 +12,9 @@ Stage 1 starts from the tiny Qwen3 and SigLIP2, stage 2 from stage 1's checkpoin
 torchrun with 4 processes (dp 2 x cp 2, Ulysses, FSDP2, activation checkpointing, as config/stage3.py sets them);
 the last checkpoint is exported with hf.py and loaded in transformers, whose logits must equal ours. Images come
 from an HTTP server on 127.0.0.1 that the test starts. Each stage's first and last loss is printed (pytest -s)."""
+import contextlib
+import io
+import json
 import os
 import re
 import signal
@@ -139,6 +142,22 @@ def test_every_source_has_a_miniature(tmp_path):
     for name in names:
         exs, counts = readers.read_dataset(name, str(data / f"{name}.jsonl"), str(data / "media"), log=lambda *a: None)
         assert exs and counts["malformed"] == counts["missing media"] == 0, (name, counts)
+    # prepare.py --verify on these copies: all good; then one image cut short and one video that is not a video
+    # are each named by their file, and the exit status says so
+    import prepare
+    assert prepare.main(["--verify", "--out", str(data), "--no_progress"]) == 0
+    cap = next(json.loads(l) for l in open(data / "pixmo_cap.jsonl"))
+    image = readers.media_path(str(data / "media"), cap["image_url"])
+    video = readers.video_path(str(data / "media"), next(json.loads(l) for l in open(data / "molmo2_cap.jsonl"))["video_id"])
+    with open(image, "r+b") as f:
+        f.truncate(os.path.getsize(image) // 2)
+    with open(video, "wb") as f:
+        f.write(b"not an mp4")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert prepare.main(["--verify", "--out", str(data), "--no_progress"]) == 1
+    broken = [l for l in out.getvalue().splitlines() if l.startswith("BROKEN ")]
+    assert any(image in l for l in broken) and any(video in l for l in broken), broken
 
 
 def test_real_configs_run_end_to_end_on_miniatures(layout, capsys):
