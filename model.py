@@ -227,17 +227,18 @@ class Attention(nn.Module):
     def __init__(self, c):
         super().__init__()
         self.h, self.kv, self.hd = c.n_head, c.n_kv_head, c.head_dim
-        self.q_proj = nn.Linear(c.d_model, c.n_head * c.head_dim, bias=False)
-        self.k_proj = nn.Linear(c.d_model, c.n_kv_head * c.head_dim, bias=False)
-        self.v_proj = nn.Linear(c.d_model, c.n_kv_head * c.head_dim, bias=False)
+        # q, k and v from one matmul: rows [q; k; v] = (n_head*hd + 2*n_kv_head*hd, d), Molmo2's att_proj layout
+        self.qkv_proj = nn.Linear(c.d_model, (c.n_head + 2 * c.n_kv_head) * c.head_dim, bias=False)
         self.o_proj = nn.Linear(c.n_head * c.head_dim, c.d_model, bias=False)
         self.q_norm, self.k_norm = RMSNorm(c.head_dim, c.norm_eps), RMSNorm(c.head_dim, c.norm_eps)
+        self.register_load_state_dict_pre_hook(join_unfused)
 
     def forward(self, x, cos, sin, mask, cache=None):
         B, T, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(B, T, self.h, self.hd)).transpose(1, 2)   # per-head QK-norm
-        k = self.k_norm(self.k_proj(x).view(B, T, self.kv, self.hd)).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.kv, self.hd).transpose(1, 2)
+        q, k, v = self.qkv_proj(x).split([self.h * self.hd, self.kv * self.hd, self.kv * self.hd], dim=-1)
+        q = self.q_norm(q.view(B, T, self.h, self.hd)).transpose(1, 2)   # per-head QK-norm -> (B, H, T, hd)
+        k = self.k_norm(k.view(B, T, self.kv, self.hd)).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = v.view(B, T, self.kv, self.hd).transpose(1, 2)
         q, k = rope(q, cos, sin), rope(k, cos, sin)
         if cache is not None:  # KV cache: append this step's keys/values, attend over everything so far
             k, v = cache.update(k, v)
@@ -251,14 +252,36 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(c.d_model, c.norm_eps)
         self.attn = Attention(c)
         self.post_attention_layernorm = RMSNorm(c.d_model, c.norm_eps)
-        self.gate_proj = nn.Linear(c.d_model, c.d_ff, bias=False)
-        self.up_proj = nn.Linear(c.d_model, c.d_ff, bias=False)
+        # SwiGLU's two input matrices as one matmul: rows [up; gate] = (2*d_ff, d), Molmo2's ff_proj layout
+        self.up_gate_proj = nn.Linear(c.d_model, 2 * c.d_ff, bias=False)
         self.down_proj = nn.Linear(c.d_ff, c.d_model, bias=False)
+        self.register_load_state_dict_pre_hook(join_unfused)
 
     def forward(self, x, cos, sin, mask, cache=None):
         x = x + self.attn(self.input_layernorm(x), cos, sin, mask, cache)
-        h = self.post_attention_layernorm(x)
-        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+        up, gate = self.up_gate_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)  # (B, T, d_ff) each
+        return x + self.down_proj(F.silu(gate) * up)
+
+
+# the separate matrices a decoder block had before they were fused, in the fused tensor's row order
+UNFUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "up_gate_proj": ("up_proj", "gate_proj")}
+
+
+def join_unfused(module, state_dict, prefix, *args):
+    """Load-time conversion of a state dict written with separate q_proj / k_proj / v_proj (an Attention) or
+    up_proj / gate_proj (a Block): each group is concatenated in place into the fused weight (UNFUSED order), so
+    older ckpt.pt files load wherever a state dict is loaded. A partial group is left for load_state_dict to name
+    as missing / unexpected keys."""
+    for fused, parts in UNFUSED.items():
+        names = [f"{prefix}{p}.weight" for p in parts]
+        if hasattr(module, fused) and all(n in state_dict for n in names):
+            state_dict[f"{prefix}{fused}.weight"] = torch.cat([state_dict.pop(n) for n in names])
+
+
+def has_unfused(state_dict):
+    """Whether a model state dict holds the separate q/k/v or up/gate matrices (join_unfused converts them)."""
+    return any(k.rsplit(".", 2)[-2] in UNFUSED["qkv_proj"] + UNFUSED["up_gate_proj"] for k in state_dict
+               if k.startswith("llm.blocks."))
 
 
 class LayerCache:

@@ -132,10 +132,10 @@ def test_vs_transformers_same_weights_same_loss(capsys, monkeypatch):
 
     def altered(model, path, ids):
         with torch.no_grad():
-            model.llm.blocks[0].gate_proj.weight.mul_(1.5)
+            model.llm.blocks[0].up_gate_proj.weight.mul_(1.5)
         export(model, path, ids)
         with torch.no_grad():
-            model.llm.blocks[0].gate_proj.weight.div_(1.5)
+            model.llm.blocks[0].up_gate_proj.weight.div_(1.5)
     monkeypatch.setattr(H, "export_hf_molmo2", altered)
     with pytest.raises(SystemExit, match="the fp32 losses differ"):
         bench.vs_transformers(TINY_VS)

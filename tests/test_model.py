@@ -8,7 +8,8 @@ from torch.nn.attention.flex_attention import create_mask
 
 import data
 import shapes
-from model import Molmo2, ModelConfig, attend, attention_mask_4d, molmo2_mask_mod, resolve_attn_impl, TiledMask
+from model import (Block, Molmo2, ModelConfig, attend, attention_mask_4d, has_unfused, molmo2_mask_mod,
+                   resolve_attn_impl, rope, TiledMask)
 
 TW = {"caption": 1.0, "qa": 1.0, "count": 1.5, "point": 2.0, "text": 1.0}
 
@@ -111,6 +112,70 @@ def test_chunked_loss_head_equals_whole(tok, cfg, batch):
     (l0, w0, g0), (l7, w7, g7) = grads[0], grads[7]
     assert w0 == w7 and l7 == pytest.approx(l0, rel=1e-6)
     assert ((g7 - g0).norm() / g0.norm()).item() < 1e-6
+
+
+def unfused_block_forward(blk, x, cos, sin, mask, cache=None):
+    """A decoder block with q, k, v, up and gate as five separate matmuls (Qwen3's layout), on the row blocks of
+    the fused weights: the reference that the one-matmul projections are checked against."""
+    a, (B, T, _) = blk.attn, x.shape
+    wq, wk, wv = a.qkv_proj.weight.split([a.h * a.hd, a.kv * a.hd, a.kv * a.hd])
+    h = blk.input_layernorm(x)
+    q = a.q_norm(F.linear(h, wq).view(B, T, a.h, a.hd)).transpose(1, 2)
+    k = a.k_norm(F.linear(h, wk).view(B, T, a.kv, a.hd)).transpose(1, 2)
+    v = F.linear(h, wv).view(B, T, a.kv, a.hd).transpose(1, 2)
+    y = attend(rope(q, cos, sin), rope(k, cos, sin), v, mask)
+    x = x + a.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+    wu, wg = blk.up_gate_proj.weight.chunk(2)
+    h = blk.post_attention_layernorm(x)
+    return x + blk.down_proj(F.silu(F.linear(h, wg)) * F.linear(h, wu))
+
+
+def test_fused_projections_equal_separate_matmuls(tok, cfg, batch, monkeypatch):
+    """The fused q/k/v and up/gate projections give the loss and every gradient of separate matmuls (fp32)."""
+    def loss_and_grads(m):
+        loss_sum, wsum = m(batch)
+        (loss_sum / wsum).backward()
+        return loss_sum / wsum, {n: p.grad for n, p in m.named_parameters()}
+    got, grads = loss_and_grads(make_model(cfg))
+    monkeypatch.setattr(Block, "forward", unfused_block_forward)
+    want, ref = loss_and_grads(make_model(cfg))
+    assert abs(got.item() - want.item()) < 1e-5
+    for n, g in ref.items():
+        assert (grads[n] - g).abs().max() < 1e-5, n
+    assert ref["llm.blocks.0.up_gate_proj.weight"].abs().max() > 1e-3  # gradients large enough to tell apart
+
+
+def unfused_state_dict(sd):
+    """A state dict in the layout before the fusion: q_proj, k_proj, v_proj and up_proj, gate_proj."""
+    out = {}
+    for k, v in sd.items():
+        if k.endswith("attn.qkv_proj.weight"):
+            kv = (v.shape[0] - sd[k.replace("qkv_proj", "o_proj")].shape[1]) // 2
+            for name, t in zip("qkv", v.split([v.shape[0] - 2 * kv, kv, kv])):
+                out[k.replace("qkv_proj", f"{name}_proj")] = t.clone()
+        elif k.endswith("up_gate_proj.weight"):
+            for name, t in zip(("up", "gate"), v.chunk(2)):
+                out[k.replace("up_gate_proj", f"{name}_proj")] = t.clone()
+        else:
+            out[k] = v
+    return out
+
+
+def test_unfused_checkpoint_loads(cfg):
+    """A state dict with separate q/k/v and up/gate matrices (older ckpt.pt files) loads into the fused model,
+    every weight in place; a group with a matrix missing is refused, naming the keys."""
+    sd = make_model(cfg, seed=1).state_dict()
+    old = unfused_state_dict(sd)
+    assert has_unfused(old) and not has_unfused(sd)
+    assert "llm.blocks.1.attn.v_proj.weight" in old and "llm.blocks.1.attn.qkv_proj.weight" not in old
+    m = make_model(cfg, seed=2)
+    m.load_state_dict(old)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    assert "llm.blocks.1.gate_proj.weight" in old  # the caller's dict is left as it was
+    del old["llm.blocks.0.attn.v_proj.weight"]
+    with pytest.raises(RuntimeError, match=r"Missing key.*llm\.blocks\.0\.attn\.qkv_proj\.weight"):
+        m.load_state_dict(old)
 
 
 def test_attention_mask_4d_explicit():

@@ -249,6 +249,22 @@ def test_resume_missing_checkpoint(tmp_path):
         train.main(run_args(tmp_path / "empty", max_steps=2, init_from="resume"))
 
 
+def test_unfused_checkpoint_starts_a_run_but_does_not_resume(tmp_path):
+    """A ckpt.pt with separate q/k/v and up/gate matrices (written before they were fused): init_from=PATH starts
+    a run from its weights (joined at load); resuming it is refused by name (Adam's state is per matrix)."""
+    from test_model import unfused_state_dict
+    train.main(run_args(tmp_path / "A", max_steps=1))
+    path = tmp_path / "A" / "ckpt.pt"
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    want, ck["model"] = ck["model"], unfused_state_dict(ck["model"])
+    torch.save(ck, path)
+    with pytest.raises(SystemExit, match="separate q/k/v and up/gate matrices .* init_from="):
+        train.main(run_args(tmp_path / "A", max_steps=2, init_from="resume"))
+    train.main(run_args(tmp_path / "B", max_steps=1, lr=0.0, init_from=str(path)))  # lr 0: weights as loaded
+    got = torch.load(tmp_path / "B" / "ckpt.pt", map_location="cpu", weights_only=False)["model"]
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
 class _NanGrad(torch.autograd.Function):
     """Identity forward, NaN gradient: a finite loss whose backward poisons every gradient."""
     @staticmethod
