@@ -339,6 +339,13 @@ def wrap_model(model, C, D, dev):
                                                      find_unused_parameters=True)
 
 
+def adamw_kernel(dev):
+    """AdamW's implementation on dev, as torch.optim.AdamW keyword arguments: fused on CUDA (one kernel updates
+    every parameter of a group: no per-tensor launches), foreach on a CPU (the fp32 reference path: the plain
+    AdamW ops, batched over tensors). Both take FSDP2's DTensors."""
+    return dict(fused=True, foreach=False) if dev.type == "cuda" else dict(fused=False, foreach=True)
+
+
 def full_state(model, opt, D):
     """(model state, optimizer state) whole, as one process would have them, on rank 0 (CPU): the same
     checkpoint from 1 process, DDP or FSDP2 (torch.distributed.checkpoint gathers the shards). A collective
@@ -551,7 +558,8 @@ def pretrain_vit(model, C, dev, autocast, print=print):
     # "which pair is centred here" (20 pairs + none), the centre's x and y as nb bins each, and 20 cover bits.
     head = torch.nn.Linear(c.d_model, (n_pairs + 1) + 2 * nb + n_pairs).to(dev)
     params = list(model.vit.parameters()) + list(model.connector.parameters()) + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=C.vit_pretrain_lr, betas=(C.beta1, C.beta2), eps=C.adam_eps, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=C.vit_pretrain_lr, betas=(C.beta1, C.beta2), eps=C.adam_eps, weight_decay=0.0,
+                            **adamw_kernel(dev))
     size, n, bs, pool = c.image_size, C.vit_pretrain_steps, C.vit_pretrain_batch, (c.pool_h, c.pool_w)
     g = size // c.patch_size
     idx = torch.tensor(pooling_index(g, g, *pool)[0], device=dev)  # (T, k) patch ids of one image, -1 = pad
@@ -860,7 +868,8 @@ class Trainer:
         groups = model.param_groups()
         self.mults = {"llm": 1.0, "connector": C.lr_connector_mult, "vit": C.lr_vit_mult}
         self.opt = torch.optim.AdamW([dict(params=groups[k], name=k, peak=C.lr * self.mults[k]) for k in groups],
-                                     lr=C.lr, betas=(C.beta1, C.beta2), eps=C.adam_eps, weight_decay=C.weight_decay)
+                                     lr=C.lr, betas=(C.beta1, C.beta2), eps=C.adam_eps, weight_decay=C.weight_decay,
+                                     **adamw_kernel(dev))
         self.fwd = torch.compile(self.wrapped) if C.compile else self.wrapped
         self.get_batch, self.packer = batch_source(C, tok, mconf, self.sampler, dev, data_src.real)
         self.media = self.get_batch.media
@@ -881,7 +890,7 @@ class Trainer:
         load_optimizer(self.model, self.opt, ckpt["optimizer"])
         for g in self.opt.param_groups:  # the loaded state carries the old run's hyperparameters: this config rules
             g.update(peak=C.lr * self.mults[g["name"]], betas=(C.beta1, C.beta2), eps=C.adam_eps,
-                     weight_decay=C.weight_decay)
+                     weight_decay=C.weight_decay, **adamw_kernel(self.env.dev))
         self.step, self.history = ckpt["step"], ckpt["history"]
         self.budget_steps = ckpt.get("budget_steps")  # a max_minutes run's fixed step count
         set_rng_state(ckpt["rng"])

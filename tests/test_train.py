@@ -265,6 +265,29 @@ def test_unfused_checkpoint_starts_a_run_but_does_not_resume(tmp_path):
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
+def test_adamw_kernels_agree(make_cfg):
+    """train.adamw_kernel: fused on CUDA, foreach on a CPU. torch has the fused kernel for fp32 on a CPU too, so
+    its update is checked here against foreach's (the reference) over three steps of the tiny model's parameters."""
+    from model import Molmo2
+    assert train.adamw_kernel(torch.device("cuda")) == dict(fused=True, foreach=False)
+    assert train.adamw_kernel(torch.device("cpu")) == dict(fused=False, foreach=True)
+    torch.manual_seed(0)
+    ps = [p.detach() for p in Molmo2(make_cfg()).parameters()]
+    grads = [[torch.randn_like(p) for p in ps] for _ in range(3)]
+    out = []
+    for fused in (True, False):
+        mine = [p.clone().requires_grad_() for p in ps]
+        opt = torch.optim.AdamW(mine, lr=1e-2, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.1, fused=fused,
+                                foreach=not fused)
+        for gs in grads:
+            for p, g in zip(mine, gs):
+                p.grad = g
+            opt.step()
+        out.append(mine)
+    assert all((a - b).abs().max() < 1e-6 for a, b in zip(*out))
+    assert max((a - p).abs().max() for a, p in zip(out[0], ps)) > 1e-2  # the steps moved the weights
+
+
 class _NanGrad(torch.autograd.Function):
     """Identity forward, NaN gradient: a finite loss whose backward poisons every gradient."""
     @staticmethod
