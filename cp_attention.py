@@ -33,7 +33,6 @@ Kernels (the impl argument): 'auto' is the CPU flash op on a CPU and FlexAttenti
 same code eagerly, as dense math); 'auto' therefore never picks it there.
 """
 import math
-import warnings
 
 import torch
 import torch.distributed as dist
@@ -112,19 +111,52 @@ def reference_attn_bwd(dout, q, k, v, out, lse, causal=False, scale=None, mask=N
 # FlexAttention: the kernel, and its masks built without ever holding an Lq x Lk tensor
 
 _compiled_flex = None
-# Eager FlexAttention (on a CPU) warns that it is unfused; there it only serves the tests, so it is silenced here.
-warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+# One compiled FlexAttention serves every call site (model.attend, the ring's blocks, Ulysses), and dynamo compiles
+# it once per call signature (shapes, dtype, grad mode, LSE or not, mask function): its cache holds them all. Past
+# dynamo's limit (8 by default) the function would run eagerly, which materialises the whole T x T scores (out of
+# memory at 36,864 tokens): so the limit is raised to what a run needs and hitting it is an error. A run needs a
+# handful: training rows on CUDA have one shape (data.collate fixed=True), seen with gradients (and by eval without),
+# the cp kernels' blocks, and one per length of eval's prompt batches, rounded up to whole 128-tiles
+# (model.flex_block_mask), so at most (longest prompt) / 128 of those.
+FLEX_RECOMPILE_LIMIT = 64
+
+
+class FlexRecompileLimit(RuntimeError):
+    """The compiled FlexAttention met more call signatures than FLEX_RECOMPILE_LIMIT."""
+
+
+def compile_flex(backend="inductor"):
+    """flex_attention under torch.compile (static shapes), with dynamo's recompile limit set to
+    FLEX_RECOMPILE_LIMIT and an eager fallback past it turned into FlexRecompileLimit (fail_on_recompile_limit_hit:
+    a process-wide dynamo setting, so a compiled model (train.py compile) that hits its limit fails too rather than
+    running eagerly). backend: 'inductor' (the fused kernel); the tests use 'eager' on a CPU."""
+    cfg = torch._dynamo.config
+    cfg.recompile_limit = FLEX_RECOMPILE_LIMIT
+    cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, FLEX_RECOMPILE_LIMIT)
+    cfg.fail_on_recompile_limit_hit = True
+    compiled = torch.compile(flex_attention, dynamic=False, backend=backend)
+
+    def run(*args, **kw):
+        try:
+            return compiled(*args, **kw)
+        except torch._dynamo.exc.FailOnRecompileLimitHit as e:
+            raise FlexRecompileLimit(
+                f"FlexAttention was compiled for {cfg.recompile_limit} call signatures (cp_attention."
+                f"FLEX_RECOMPILE_LIMIT) and met another; run with TORCH_LOGS=recompiles to see what changes between "
+                f"calls (packing=True gives every row one length), or raise the limit") from e
+    return run
 
 
 def flex_attention_fn(cuda):
-    """FlexAttention compiled on CUDA (a fused kernel that skips fully masked tiles and keeps no scores for the
-    backward: it recomputes them from the LSE); eager elsewhere, where it computes the same masked softmax densely
-    (that is how the tests check the masks and the gradients on a CPU)."""
+    """FlexAttention compiled on CUDA (compile_flex: a fused kernel that skips fully masked tiles and keeps no scores
+    for the backward: it recomputes them from the LSE); eager elsewhere, where it computes the same masked softmax
+    densely (that is how the tests check the masks and the gradients on a CPU; flex_attention warns once that it
+    is unfused)."""
     global _compiled_flex
     if not cuda:
         return flex_attention
     if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        _compiled_flex = compile_flex()
     return _compiled_flex
 
 

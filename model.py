@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 from torch.utils.checkpoint import checkpoint
 
-from cp_attention import CPAttention, build_block_mask, flex_attention_fn
+from cp_attention import FLEX_BLOCK, CPAttention, build_block_mask, flex_attention_fn, pad_to_multiple
 
 try:  # optional fast path: flash-attn on CUDA (detected, never required)
     from flash_attn import flash_attn_func
@@ -100,8 +100,12 @@ def attend(q, k, v, mask):
         return torch.cat([F.scaled_dot_product_attention(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1],
                                                          attn_mask=mask.mask[:, :, q0:q1, k0:k1], enable_gqa=gqa)
                           for q0, q1, k0, k1 in mask.tiles], dim=2)
-    if isinstance(mask, BlockMask):
-        return flex_attention_fn(q.is_cuda)(q, k, v, block_mask=mask, enable_gqa=gqa)
+    if isinstance(mask, BlockMask):  # built for whole 128-tiles (flex_block_mask): q, k, v padded to them, cut after
+        T, (Tq, Tk) = q.shape[2], mask.seq_lengths
+        if (Tq, Tk) != (T, k.shape[2]):
+            pad = (0, 0, 0, Tk - k.shape[2])
+            q, k, v = F.pad(q, (0, 0, 0, Tq - T)), F.pad(k, pad), F.pad(v, pad)
+        return flex_attention_fn(q.is_cuda)(q, k, v, block_mask=mask, enable_gqa=gqa)[:, :, :T]
     if mask is None and flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True).transpose(1, 2)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
@@ -418,7 +422,10 @@ def flex_block_mask(doc_ids, is_vision, bidir):
     """The same mask as attention_mask_4d, as a FlexAttention BlockMask (cp_attention.build_block_mask): which
     128 x 128 tiles are empty (never computed), full, or partial (molmo2_mask_mod applied). With packed rows most
     off-diagonal tiles are empty, which is where the dense mask wastes its work; built a slab of rows at a time,
-    it never holds the T x T mask either."""
+    it never holds the T x T mask either. Its length is T rounded up to whole tiles (T_pad = 128 * ceil(T / 128);
+    the extra positions are padding, doc id 0: no real query sees them), so that batches of nearby lengths share
+    one compiled kernel (cp_attention.FLEX_RECOMPILE_LIMIT); attend pads q, k, v to it and cuts the output back."""
+    doc_ids, is_vision = pad_to_multiple(doc_ids, FLEX_BLOCK, 1, 0), pad_to_multiple(is_vision, FLEX_BLOCK, 1, False)
     B, T = doc_ids.shape
     return build_block_mask(molmo2_mask_mod(doc_ids, is_vision, bidir), B, T, T, doc_ids.device)
 

@@ -1,15 +1,16 @@
 """The Molmo2 model (model.py): losses, gradients, masks, padding, KV-cache decoding, init scale, FLOPs."""
 import math
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import create_mask
+from torch.nn.attention.flex_attention import create_mask, flex_attention
 
 import data
 import shapes
-from model import (Block, Molmo2, ModelConfig, attend, attention_mask_4d, has_unfused, molmo2_mask_mod,
-                   resolve_attn_impl, rope, TiledMask)
+from model import (Block, Molmo2, ModelConfig, attend, attention_mask_4d, flex_block_mask, has_unfused,
+                   molmo2_mask_mod, resolve_attn_impl, rope, TiledMask)
 
 TW = {"caption": 1.0, "qa": 1.0, "count": 1.5, "point": 2.0, "text": 1.0}
 
@@ -566,3 +567,43 @@ def test_flex_attention_mask_equals_dense(tok, make_cfg, flex_on_cpu):
         assert gd.keys() == gf.keys() and len(gd) == len(list(m.parameters()))  # every parameter has a gradient
         for n in gd:
             assert torch.allclose(gf[n], gd[n], atol=1e-5, rtol=0), (n, (gf[n] - gd[n]).abs().max())
+
+
+def test_flex_block_mask_rounds_lengths_to_tiles():
+    """A BlockMask covers whole 128-tiles: batches of 40 and 100 tokens share one length (one compiled kernel),
+    129 tokens take two tiles. The padded positions (doc id 0) see only themselves."""
+    lens = {}
+    for T in (40, 100, 129):
+        doc = torch.ones(2, T, dtype=torch.long)
+        lens[T] = flex_block_mask(doc, torch.zeros(2, T, dtype=torch.bool), True).seq_lengths
+    assert lens == {40: (128, 128), 100: (128, 128), 129: (256, 256)}
+
+
+def test_flex_recompile_limit_is_an_error(monkeypatch):
+    """The compiled FlexAttention (cp_attention.compile_flex) sets dynamo's recompile limit to FLEX_RECOMPILE_LIMIT
+    and fails past it rather than running eagerly (the whole T x T scores): here with a limit of 1, on dynamo's
+    eager backend (a CPU has no FlexAttention backward to compile)."""
+    import torch._dynamo.config as dc
+    import cp_attention as cpa
+    for k in ("recompile_limit", "accumulated_recompile_limit", "fail_on_recompile_limit_hit"):
+        monkeypatch.setattr(dc, k, getattr(dc, k))  # restored after the test
+    monkeypatch.setattr(cpa, "FLEX_RECOMPILE_LIMIT", 1)
+    f = cpa.compile_flex(backend="eager")
+    assert dc.recompile_limit == 1 and dc.fail_on_recompile_limit_hit
+    q = torch.randn(1, 2, 16, 8)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        assert (f(q, q, q) - flex_attention(q, q, q)).abs().max() < 1e-6
+        q = torch.randn(1, 2, 32, 8)  # another length: a second signature
+        try:
+            with pytest.raises(cpa.FlexRecompileLimit, match="compiled for 1 call signatures"):
+                f(q, q, q)
+        finally:
+            torch._dynamo.reset()
+
+
+def test_eager_flex_warning_is_not_filtered():
+    """Eager FlexAttention's warning (it materialises the scores) is what a fallback would show: nothing in the
+    code silences it."""
+    import cp_attention  # noqa: F401 (imported: any filter it installed would be in place)
+    assert not [f for f in warnings.filters if f[1] is not None and f[1].search("flex_attention called without")]
