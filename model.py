@@ -441,6 +441,8 @@ class Molmo2(nn.Module):
         self.loss_chunk = 0      # loss-head rows per chunk (0 = all at once): one chunk's logits alive at a time
         self.attn_tile = 0       # dense-mask attention (sdpa): query rows per kernel call, keys cut to what they see
                                  # (TiledMask); 0 = the whole T x T at once, the reference
+        self.always_vision = False  # run the ViT and connector on every forward, on a blank image when the batch has
+                                    # none (train.wrap_model sets it under FSDP2: every rank joins every all-gather)
         self.vit = ViT(c)
         self.connector = Connector(c)
         self.llm = LLM(c)
@@ -503,6 +505,14 @@ class Molmo2(nn.Module):
                 raise ValueError(f"{int(slots.sum())} <im_patch> slots but {tok.shape[0]} pooled features")
             x = x.clone()
             x[slots] = x[slots] + tok.to(x.dtype)               # Molmo2: x[is_patch] += feats
+        elif self.always_vision:
+            # No image here, but FSDP2 all-gathers each ViT block's parameters (and reduce-scatters their gradients)
+            # with every rank at once, so a rank that skipped the ViT would leave the others waiting. A blank image
+            # through the ViT and one pooling window, its output added times 0: x unchanged, gradients zero.
+            c = self.c
+            feats = self.vit(torch.zeros(1, 3, c.image_size, c.image_size, device=x.device, dtype=x.dtype))
+            window = torch.arange(c.pool_h * c.pool_w, device=x.device)[None]     # (1, k): the first k patches
+            x = x + 0.0 * self.connector(feats.flatten(0, 1), window).sum()
         return x
 
     def hidden(self, batch, positions=None, caches=None):

@@ -68,31 +68,39 @@ def _one_process_step():
     return loss, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def _step_worker(rank, world, port, cp_mode, out):
+def _step_worker(rank, world, port, mode, out):
     _as_rank(rank, world, port)
-    C = types.SimpleNamespace(cp=world if cp_mode else 1, fsdp=False, dry_run=False)
+    cp = mode in ("ring", "ulysses")
+    C = types.SimpleNamespace(cp=world if cp else 1, fsdp=mode == "fsdp", dry_run=False)
     D = train.setup_distributed(C, "cpu")
     try:
-        if cp_mode:  # every rank holds the whole batch; the model keeps this rank's shard of each sequence
+        if cp:  # every rank holds the whole batch; the model keeps this rank's shard of each sequence
             from cp_attention import ContextParallel
             model, batches = _model_and_batches()
-            model.cp = ContextParallel(D.cp_group, cp_mode)
-        else:  # data parallel: each rank its own rows
+            model.cp = ContextParallel(D.cp_group, mode)
+        else:  # data parallel: each rank its own rows; rank 1's first micro-batch is text only
             model, batches = _model_and_batches(rank, world)
+            assert bool(batches[0]["image_mask"].any()) == (rank == 0)
         wrapped = train.wrap_model(model, C, D, torch.device("cpu"))
-        loss = torch.tensor(train.accumulate(wrapped, batches, nullcontext, D, wrapped.no_sync), dtype=torch.float64)
+        loss = torch.tensor(train.accumulate(wrapped, batches, nullcontext, D, train.no_sync_of(wrapped)),
+                            dtype=torch.float64)
         dist.all_reduce(loss)  # the ranks' parts -> the global loss
+        from torch.distributed.tensor import DTensor  # FSDP2's gradients are shards: gathered whole (every rank)
+        grads = {n: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+                 for n, p in model.named_parameters()}
         if rank == 0:
-            torch.save(dict(loss=loss.item(), grads={n: p.grad for n, p in model.named_parameters()}), out)
+            torch.save(dict(loss=loss.item(), grads=grads), out)
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("mode", ["ring", "ulysses", None])
+@pytest.mark.parametrize("mode", ["ring", "ulysses", None, "fsdp"])
 def test_two_rank_step_equals_one_process(mode, tmp_path):
     """cp = 2 (ring: zigzag shards, the mask given as a function, bidirectional vision so every block is computed
-    under its slice; Ulysses: heads split) and dp = 2 (mode None: DDP, each rank half the rows): the global loss
-    and every parameter's gradient equal one process's on the whole batch (fp32: 1e-5)."""
+    under its slice; Ulysses: heads split) and dp = 2 (mode None: DDP; 'fsdp': FSDP2; each rank half the rows, and
+    rank 1's first micro-batch has no image: under FSDP2 it runs the ViT on a blank one, or the ranks would wait on
+    each other's all-gathers until the timeout; the gradients are reduced on the last micro-batch only): the global
+    loss and every parameter's gradient equal one process's on the whole batch (fp32: 1e-5)."""
     want_loss, want = _one_process_step()
     out = tmp_path / "res.pt"
     _spawn(_step_worker, 2, mode, str(out))
