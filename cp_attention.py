@@ -713,10 +713,10 @@ class _AllToAll(torch.autograd.Function):
 
 def ulysses_attention(q, k, v, group=None, causal=None, scale=None, impl="auto", mask=None, cache=None):
     """Attention over a sequence sharded contiguously across `group` (shard_sequence(..., layout='contiguous')):
-    q [B, H, n, D], k and v [B, Hkv, n, D] -> this rank's output [B, H, n, D]. Two all-to-alls each way: each rank
-    attends with H/W of the heads over the whole sequence, so any mask that a single process can apply works
-    unchanged (Molmo2 uses Ulysses for this reason). Contiguous layout only: zigzag shards would arrive out of
-    order and break the causal mask. GQA: kv heads are split like the query heads when W divides Hkv; otherwise
+    q [B, H, n, D], k and v [B, Hkv, n, D] -> this rank's output [B, H, n, D]. One all-to-all there (q, k and v
+    together) and one back, each mirrored in the backward: each rank attends with H/W of the heads over the whole
+    sequence, so any mask that a single process can apply works unchanged (Molmo2 uses Ulysses for this reason).
+    Contiguous layout only: zigzag shards would arrive out of order and break the causal mask. GQA: kv heads are split like the query heads when W divides Hkv; otherwise
     each kv head is first repeated for its query heads (H of them; autograd sums the copies' gradients).
     mask: bool [B, 1, L, L] over the WHOLE sequence (True = may attend), e.g. model.attention_mask_4d of the global
     doc ids and vision flags, which every rank has (the sequence is built whole, then sharded): Molmo2's
@@ -734,7 +734,12 @@ def ulysses_attention(q, k, v, group=None, causal=None, scale=None, impl="auto",
     check_shards(q, k, group, cache, "ulysses_attention")
     if hkv % w:
         k, v = _expand_kv(k, h), _expand_kv(v, h)
-    q, k, v = (_AllToAll.apply(t.contiguous(), group, True) for t in (q, k, v))
+    # q, k and v in one all-to-all: stacked on the head axis so that head group j (the part rank j receives) holds
+    # rank j's H/W query heads, then its Hkv/W key heads, then its value heads: [B, (H + 2 Hkv) / W * W, n, D]
+    b, _, n, d = q.shape
+    hs = [t.shape[1] // w for t in (q, k, v)]
+    qkv = torch.cat([t.reshape(b, w, hw, n, d) for t, hw in zip((q, k, v), hs)], 2).reshape(b, -1, n, d)
+    q, k, v = _AllToAll.apply(qkv, group, True).split(hs, dim=1)   # [B, H/W, L, D], [B, Hkv/W, L, D] x 2
     if kernel_for(q, impl) == "flex":
         L = q.shape[2]
         key = ("ulysses", L, causal, q.shape[0])
