@@ -141,6 +141,7 @@ def test_vs_transformers_same_weights_same_loss(capsys, monkeypatch):
         bench.vs_transformers(TINY_VS)
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # eager on purpose (CPU)
 def test_gpu_checks_cp_kernels_against_the_reference_on_a_cpu(monkeypatch):
     """bench.py --gpu's kernel part, run here on the CPU (FlexAttention eager, its CPU backward check lifted as
     tests/test_cp.py does): the flex blocks and their gradients equal the fp64 reference, fp32 within 1e-5."""
