@@ -267,15 +267,15 @@ class Block(nn.Module):
         return x + self.down_proj(F.silu(gate) * up)
 
 
-# the separate matrices a decoder block had before they were fused, in the fused tensor's row order
+# the separate matrices (Qwen3's layout) that a state dict may name instead of the fused ones, in the fused row order
 UNFUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "up_gate_proj": ("up_proj", "gate_proj")}
 
 
 def join_unfused(module, state_dict, prefix, *args):
-    """Load-time conversion of a state dict written with separate q_proj / k_proj / v_proj (an Attention) or
-    up_proj / gate_proj (a Block): each group is concatenated in place into the fused weight (UNFUSED order), so
-    older ckpt.pt files load wherever a state dict is loaded. A partial group is left for load_state_dict to name
-    as missing / unexpected keys."""
+    """Load-time conversion of a state dict with separate q_proj / k_proj / v_proj (an Attention) or up_proj /
+    gate_proj (a Block), as ckpt.pt files from before the fusion hold: each group is concatenated into the fused
+    weight (UNFUSED order), wherever a state dict is loaded (train.py init_from, sample.py, hf.py export). A
+    partial group is left for load_state_dict to name as missing / unexpected keys."""
     for fused, parts in UNFUSED.items():
         names = [f"{prefix}{p}.weight" for p in parts]
         if hasattr(module, fused) and all(n in state_dict for n in names):
