@@ -82,13 +82,19 @@ def _step_worker(rank, world, port, mode, out):
             model, batches = _model_and_batches(rank, world)
             assert bool(batches[0]["image_mask"].any()) == (rank == 0)
         wrapped = train.wrap_model(model, C, D, torch.device("cpu"))
-        loss = torch.tensor(train.accumulate(wrapped, batches, nullcontext, D, train.no_sync_of(wrapped)),
-                            dtype=torch.float64)
+        rs, reductions = dist.reduce_scatter_single, []  # FSDP2's gradient reduce-scatters, counted
+        dist.reduce_scatter_single = lambda *a, **kw: (reductions.append(1), rs(*a, **kw))[1]
+        try:
+            loss = torch.tensor(train.accumulate(wrapped, batches, nullcontext, D, train.no_sync_of(wrapped)),
+                                dtype=torch.float64)
+        finally:
+            dist.reduce_scatter_single = rs
         dist.all_reduce(loss)  # the ranks' parts -> the global loss
         from torch.distributed.tensor import DTensor  # FSDP2's gradients are shards: gathered whole (every rank)
         grads = {n: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
                  for n, p in model.named_parameters()}
-        res = dict(loss=loss.item(), grads=grads)
+        res = dict(loss=loss.item(), grads=grads, reductions=len(reductions),
+                   groups=len(model.vit.blocks) + len(model.llm.blocks) + 1)  # fully_shard units: blocks + the rest
         if mode == "fsdp":  # the same step again, bf16: parameters all-gathered in bf16, gradients reduced in fp32
             model, batches = _model_and_batches(rank, world)
             seen = []  # the dtype of the weights that a block's forward uses
@@ -114,8 +120,9 @@ def test_two_rank_step_equals_one_process(mode, tmp_path):
     under its slice; Ulysses: heads split) and dp = 2 (mode None: DDP; "fsdp": FSDP2; each rank half the rows, and
     rank 1's first micro-batch has no image: under FSDP2 it runs the ViT on a blank one, or the ranks would wait on
     each other's all-gathers until the timeout; the gradients are reduced on the last micro-batch only): the global
-    loss and every parameter's gradient equal one process's on the whole batch (fp32: 1e-5). FSDP2 in bf16 too:
-    the blocks compute with bf16 weights, the weights and gradients stay fp32, and the step is close to fp32's."""
+    loss and every parameter's gradient equal one process's on the whole batch (fp32: 1e-5); FSDP2 reduce-scatters
+    once a step (counted). FSDP2 in bf16 too: the blocks compute with bf16 weights, the weights and gradients stay
+    fp32, and the step is close to fp32's."""
     want_loss, want = _one_process_step()
     out = tmp_path / "res.pt"
     _spawn(_step_worker, 2, mode, str(out))
@@ -124,7 +131,9 @@ def test_two_rank_step_equals_one_process(mode, tmp_path):
     for n, g in want.items():
         err = (got["grads"][n] - g).abs().max().item()
         assert err <= 1e-5, f"{mode}: gradient of {n} differs by {err:.2e}"
-    if mode == "fsdp":  # bf16 (MixedPrecisionPolicy): computed with bf16 weights; weights and gradients kept in fp32
+    if mode == "fsdp":
+        assert got["reductions"] == got["groups"]  # one reduce-scatter a unit: on the last of the 2 micro-batches only
+        # bf16 (MixedPrecisionPolicy): computed with bf16 weights; weights and gradients kept in fp32
         assert got["bf16_seen"] == {torch.bfloat16} and got["bf16_kept"] == {torch.float32}
         ref, bf16 = (torch.cat([gs[n].flatten() for n in want]) for gs in (want, got["bf16_grads"]))
         rel = ((bf16 - ref).norm() / ref.norm()).item()
