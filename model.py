@@ -235,7 +235,6 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(c.d_model, (c.n_head + 2 * c.n_kv_head) * c.head_dim, bias=False)
         self.o_proj = nn.Linear(c.n_head * c.head_dim, c.d_model, bias=False)
         self.q_norm, self.k_norm = RMSNorm(c.head_dim, c.norm_eps), RMSNorm(c.head_dim, c.norm_eps)
-        self.register_load_state_dict_pre_hook(join_unfused)
 
     def forward(self, x, cos, sin, mask, cache=None):
         B, T, _ = x.shape
@@ -259,7 +258,6 @@ class Block(nn.Module):
         # SwiGLU's two input matrices as one matmul: rows [up; gate] = (2*d_ff, d), Molmo2's ff_proj layout
         self.up_gate_proj = nn.Linear(c.d_model, 2 * c.d_ff, bias=False)
         self.down_proj = nn.Linear(c.d_ff, c.d_model, bias=False)
-        self.register_load_state_dict_pre_hook(join_unfused)
 
     def forward(self, x, cos, sin, mask, cache=None):
         x = x + self.attn(self.input_layernorm(x), cos, sin, mask, cache)
@@ -267,25 +265,22 @@ class Block(nn.Module):
         return x + self.down_proj(F.silu(gate) * up)
 
 
-# the separate matrices (Qwen3's layout) that a state dict may name instead of the fused ones, in the fused row order
-UNFUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "up_gate_proj": ("up_proj", "gate_proj")}
+# the separate matrices (Qwen3's layout) that checkpoints from before the fusion hold, in the fused tensor's row order
+UNFUSED = {"attn.qkv_proj": ("attn.q_proj", "attn.k_proj", "attn.v_proj"), "up_gate_proj": ("up_proj", "gate_proj")}
 
 
-def join_unfused(module, state_dict, prefix, *args):
-    """Load-time conversion of a state dict with separate q_proj / k_proj / v_proj (an Attention) or up_proj /
-    gate_proj (a Block), as ckpt.pt files from before the fusion hold: each group is concatenated into the fused
-    weight (UNFUSED order), wherever a state dict is loaded (train.py init_from, sample.py, hf.py export). A
-    partial group is left for load_state_dict to name as missing / unexpected keys."""
-    for fused, parts in UNFUSED.items():
-        names = [f"{prefix}{p}.weight" for p in parts]
-        if hasattr(module, fused) and all(n in state_dict for n in names):
-            state_dict[f"{prefix}{fused}.weight"] = torch.cat([state_dict.pop(n) for n in names])
-
-
-def has_unfused(state_dict):
-    """Whether a model state dict holds the separate q/k/v or up/gate matrices (join_unfused converts them)."""
-    return any(k.rsplit(".", 2)[-2] in UNFUSED["qkv_proj"] + UNFUSED["up_gate_proj"] for k in state_dict
-               if k.startswith("llm.blocks."))
+def unfused_groups(names):
+    """{fused parameter: [the separate ones, in row order]} for each decoder block whose separate q/k/v or up/gate
+    matrices (UNFUSED) are all among names, a state dict's parameter names: what checkpoint.fuse_projections joins."""
+    names, out = set(names), {}
+    for n in names:
+        for fused, parts in UNFUSED.items():
+            if n.startswith("llm.blocks.") and n.endswith(f".{parts[0]}.weight"):
+                prefix = n[:-len(f"{parts[0]}.weight")]  # llm.blocks.{i}.
+                group = [f"{prefix}{p}.weight" for p in parts]
+                if all(g in names for g in group):
+                    out[f"{prefix}{fused}.weight"] = group
+    return out
 
 
 class LayerCache:

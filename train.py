@@ -910,11 +910,6 @@ class Trainer:
         """The whole state of the run that wrote ckpt: optimizer (this run's hyperparameters), step, the budget's
         step count, the curve, the random generators, and each rank's sampler and packer buffer."""
         C, D = self.C, self.env.D
-        from model import has_unfused
-        if has_unfused(ckpt["model"]):  # its weights were joined at load (model.join_unfused); Adam's state is not
-            raise SystemExit(f"resume: {C.out_dir}/ckpt.pt holds separate q/k/v and up/gate matrices (written before "
-                             f"they were fused): its weights load but its optimizer state does not; start a new run "
-                             f"from its weights with init_from=<that file> and another out_dir")
         load_optimizer(self.model, self.opt, ckpt["optimizer"])
         for g in self.opt.param_groups:  # the loaded state carries the old run's hyperparameters: this config rules
             g.update(peak=C.lr * self.mults[g["name"]], betas=(C.beta1, C.beta2), eps=C.adam_eps,

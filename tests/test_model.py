@@ -9,8 +9,8 @@ from torch.nn.attention.flex_attention import create_mask, flex_attention
 
 import data
 import shapes
-from model import (Block, Molmo2, ModelConfig, attend, attention_mask_4d, flex_block_mask, has_unfused,
-                   molmo2_mask_mod, resolve_attn_impl, rope, TiledMask)
+from model import (Block, Molmo2, ModelConfig, attend, attention_mask_4d, flex_block_mask, molmo2_mask_mod,
+                   resolve_attn_impl, rope, TiledMask)
 
 TW = {"caption": 1.0, "qa": 1.0, "count": 1.5, "point": 2.0, "text": 1.0}
 
@@ -144,39 +144,6 @@ def test_fused_projections_equal_separate_matmuls(tok, cfg, batch, monkeypatch):
     for n, g in ref.items():
         assert (grads[n] - g).abs().max() < 1e-5, n
     assert ref["llm.blocks.0.up_gate_proj.weight"].abs().max() > 1e-3  # gradients large enough to tell apart
-
-
-def unfused_state_dict(sd):
-    """A state dict in the layout before the fusion: q_proj, k_proj, v_proj and up_proj, gate_proj."""
-    out = {}
-    for k, v in sd.items():
-        if k.endswith("attn.qkv_proj.weight"):
-            kv = (v.shape[0] - sd[k.replace("qkv_proj", "o_proj")].shape[1]) // 2
-            for name, t in zip("qkv", v.split([v.shape[0] - 2 * kv, kv, kv])):
-                out[k.replace("qkv_proj", f"{name}_proj")] = t.clone()
-        elif k.endswith("up_gate_proj.weight"):
-            for name, t in zip(("up", "gate"), v.chunk(2)):
-                out[k.replace("up_gate_proj", f"{name}_proj")] = t.clone()
-        else:
-            out[k] = v
-    return out
-
-
-def test_unfused_checkpoint_loads(cfg):
-    """A state dict with separate q/k/v and up/gate matrices (older ckpt.pt files) loads into the fused model,
-    every weight in place; a group with a matrix missing is refused, naming the keys."""
-    sd = make_model(cfg, seed=1).state_dict()
-    old = unfused_state_dict(sd)
-    assert has_unfused(old) and not has_unfused(sd)
-    assert "llm.blocks.1.attn.v_proj.weight" in old and "llm.blocks.1.attn.qkv_proj.weight" not in old
-    m = make_model(cfg, seed=2)
-    m.load_state_dict(old)
-    for k, v in m.state_dict().items():
-        assert torch.equal(v, sd[k]), k
-    assert "llm.blocks.1.gate_proj.weight" in old  # the caller's dict is left as it was
-    del old["llm.blocks.0.attn.v_proj.weight"]
-    with pytest.raises(RuntimeError, match=r"Missing key.*llm\.blocks\.0\.attn\.qkv_proj\.weight"):
-        m.load_state_dict(old)
 
 
 def test_attention_mask_4d_explicit():

@@ -249,20 +249,46 @@ def test_resume_missing_checkpoint(tmp_path):
         train.main(run_args(tmp_path / "empty", max_steps=2, init_from="resume"))
 
 
-def test_unfused_checkpoint_starts_a_run_but_does_not_resume(tmp_path):
-    """A ckpt.pt with separate q/k/v and up/gate matrices (written before they were fused): init_from=PATH starts
-    a run from its weights (joined at load); resuming it is refused by name (Adam's state is per matrix)."""
-    from test_model import unfused_state_dict
-    train.main(run_args(tmp_path / "A", max_steps=1))
-    path = tmp_path / "A" / "ckpt.pt"
-    ck = torch.load(path, map_location="cpu", weights_only=False)
-    want, ck["model"] = ck["model"], unfused_state_dict(ck["model"])
-    torch.save(ck, path)
-    with pytest.raises(SystemExit, match="separate q/k/v and up/gate matrices .* init_from="):
-        train.main(run_args(tmp_path / "A", max_steps=2, init_from="resume"))
-    train.main(run_args(tmp_path / "B", max_steps=1, lr=0.0, init_from=str(path)))  # lr 0: weights as loaded
-    got = torch.load(tmp_path / "B" / "ckpt.pt", map_location="cpu", weights_only=False)["model"]
-    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+def _separate(name):
+    """The separate matrices that a fused one replaces, in the modules' old order, each with its rows [a, b) of the
+    fused tensor (None for any other parameter)."""
+    q, kv, f = TINY["n_head"] * TINY["head_dim"], TINY["n_kv_head"] * TINY["head_dim"], TINY["d_ff"]
+    if name.endswith("attn.qkv_proj.weight"):
+        rows = (("q", 0, q), ("k", q, q + kv), ("v", q + kv, q + 2 * kv))
+        return [(name.replace("qkv", x), a, b) for x, a, b in rows]
+    if name.endswith("up_gate_proj.weight"):
+        return [(name.replace("up_gate", "gate"), f, 2 * f), (name.replace("up_gate", "up"), 0, f)]
+    return None
+
+
+def unfuse_checkpoint(ck):
+    """A checkpoint as written before q/k/v and up/gate were fused: those weights and their Adam moments as separate
+    tensors, and the optimizer's parameter lists naming them."""
+    state = ck["optimizer"]["state"]
+    for k in [k for k in ck["model"] if _separate(k)]:
+        w, s = ck["model"].pop(k), state.pop(k)
+        for n, a, b in _separate(k):
+            ck["model"][n] = w[a:b].clone()
+            state[n] = dict(s, exp_avg=s["exp_avg"][a:b].clone(), exp_avg_sq=s["exp_avg_sq"][a:b].clone())
+    for g in ck["optimizer"]["param_groups"]:
+        g["params"] = [n for k in g["params"] for n, _, _ in _separate(k) or [(k, 0, 0)]]
+    return ck
+
+
+def test_unfused_checkpoint_resumes_exactly(tmp_path):
+    """A ckpt.pt with separate q/k/v and up/gate matrices (weights and Adam's state) is joined as it is read
+    (checkpoint.fuse_projections): resumed, it gives the uninterrupted run's losses and weights, bit for bit."""
+    a = train.main(run_args(tmp_path / "A", max_steps=3))["losses"]
+    train.main(run_args(tmp_path / "B", max_steps=3, stop_at=2))
+    path = tmp_path / "B" / "ckpt.pt"
+    torch.save(unfuse_checkpoint(torch.load(path, map_location="cpu", weights_only=False)), path)
+    old = torch.load(path, map_location="cpu", weights_only=False)
+    assert "llm.blocks.1.attn.v_proj.weight" in old["model"] and "llm.blocks.1.gate_proj.weight" in old["model"]
+    assert "llm.blocks.1.up_proj.weight" in old["optimizer"]["state"]
+    b = train.main(run_args(tmp_path / "B", max_steps=3, init_from="resume"))["losses"]
+    assert b == a
+    ca, cb = (torch.load(tmp_path / x / "ckpt.pt", map_location="cpu", weights_only=False)["model"] for x in "AB")
+    assert ca.keys() == cb.keys() and all(torch.equal(ca[k], cb[k]) for k in ca)
 
 
 def test_adamw_kernels_agree(make_cfg):
