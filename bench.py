@@ -661,7 +661,7 @@ def real(argv, steps=3, media="auto"):
                         backward with a random gradient on the hidden states (the vision features not added)
       loss head         Molmo2.forward's head on detached hidden states: logits of the loss tokens, weighted CE
                         (chunked as loss_chunk says), backward
-      optimizer         gradient clipping + AdamW step (fused on CUDA)
+      optimizer         gradient clipping + AdamW step (train.adamw_kernel: fused on CUDA)
     Their sum beside the whole step shows what the split leaves out (the vision features' scatter into the
     embeddings, gradient accumulation across parts). Returns a dict of the figures (seconds, FLOP/s, bytes)."""
     import resource
@@ -693,7 +693,7 @@ def real(argv, steps=3, media="auto"):
     trained = {k: [p for p in ps if p.requires_grad] for k, ps in groups.items()}  # train.py's three LR groups
     opt = torch.optim.AdamW([dict(params=ps, lr=cfg["lr"] * mults[k]) for k, ps in trained.items() if ps],
                             lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]), eps=cfg["adam_eps"],
-                            weight_decay=cfg["weight_decay"], fused=dev.type == "cuda")
+                            weight_decay=cfg["weight_decay"], **train.adamw_kernel(dev))
     B, T = cfg["batch_size"], cfg["seq_len"]
     b = synthetic_batch(mconf, B, T, cfg["max_images_per_row"], video, cfg["loss_weighting"], cfg["seed"])
     n_examples = b.pop("n_examples")

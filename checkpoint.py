@@ -12,6 +12,8 @@ A checkpoint (train.py writes it) is a plain dict of tensors, numbers, strings, 
     rng                  the torch, Python and numpy random states, as tensors and lists (rng_state)
 Every one of those types loads under torch.load(weights_only=True), PyTorch's restricted unpickler, which builds
 only such data and refuses anything else (a pickled object's __reduce__ can call any function: os.system too).
+A checkpoint whose decoder holds separate q/k/v and up/gate matrices is converted to the fused layout as it is read
+(fuse_projections), so every reader (train.py, sample.py, hf.py) gets the one layout.
 """
 import os
 import pickle
@@ -20,6 +22,8 @@ import re
 
 import numpy as np
 import torch
+
+from model import unfused_groups
 
 
 class CheckpointError(Exception):
@@ -86,7 +90,7 @@ def load_checkpoint(path, trust=False):
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} not found")
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust)
+        ckpt = torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as e:
         msg = str(e)
         m = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", msg)
@@ -99,6 +103,33 @@ def load_checkpoint(path, trust=False):
     except Exception as e:  # garbage makes the reader fail in many ways (RuntimeError, EOFError, BadZipFile, ...)
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"checkpoint {path} is truncated or not a checkpoint ({first})") from None
+    return fuse_projections(ckpt)
+
+
+def fuse_projections(ckpt):
+    """A checkpoint whose decoder blocks hold separate q/k/v and up/gate matrices (model.UNFUSED: written before
+    they were fused), converted in place to the fused layout, so that it loads, and resumes, like a new one: each
+    group of weights, and of Adam's moments (exp_avg, exp_avg_sq), concatenated by rows in the fused order, the
+    group's step count kept, and the optimizer's parameter lists renamed, the fused name where the group's first
+    stood. Any other checkpoint is returned as it is."""
+    model = ckpt.get("model") if isinstance(ckpt, dict) else None
+    groups = unfused_groups(model) if isinstance(model, dict) else {}
+    if not groups:
+        return ckpt
+    for fused, parts in groups.items():
+        model[fused] = torch.cat([model.pop(p) for p in parts])
+    opt = ckpt.get("optimizer")
+    if isinstance(opt, dict):  # train.full_state's form: state and param_groups by parameter name
+        state, owner = opt["state"], {p: f for f, parts in groups.items() for p in parts}
+        for fused, parts in groups.items():
+            if all(p in state for p in parts):
+                s = [state.pop(p) for p in parts]
+                state[fused] = {k: torch.cat([x[k] for x in s]) if k.startswith("exp_avg") else v
+                                for k, v in s[0].items()}
+        for g in opt["param_groups"]:
+            names = [owner.get(n, n) for n in g["params"]]
+            g["params"] = list(dict.fromkeys(names))  # each fused name once, where its group's first stood
+    return ckpt
 
 
 def non_finite(state_dict):

@@ -33,7 +33,6 @@ Kernels (the impl argument): 'auto' is the CPU flash op on a CPU and FlexAttenti
 same code eagerly, as dense math); 'auto' therefore never picks it there.
 """
 import math
-import warnings
 
 import torch
 import torch.distributed as dist
@@ -112,19 +111,52 @@ def reference_attn_bwd(dout, q, k, v, out, lse, causal=False, scale=None, mask=N
 # FlexAttention: the kernel, and its masks built without ever holding an Lq x Lk tensor
 
 _compiled_flex = None
-# Eager FlexAttention (on a CPU) warns that it is unfused; there it only serves the tests, so it is silenced here.
-warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+# One compiled FlexAttention serves every call site (model.attend, the ring's blocks, Ulysses), and dynamo compiles
+# it once per call signature (shapes, dtype, grad mode, LSE or not, mask function): its cache holds them all. Past
+# dynamo's limit (8 by default) the function would run eagerly, which materialises the whole T x T scores (out of
+# memory at 36,864 tokens): so the limit is raised to what a run needs and hitting it is an error. A run needs a
+# handful: training rows on CUDA have one shape (data.collate fixed=True), seen with gradients (and by eval without),
+# the cp kernels' blocks, and one per length of eval's prompt batches, rounded up to whole 128-tiles
+# (model.flex_block_mask), so at most (longest prompt) / 128 of those.
+FLEX_RECOMPILE_LIMIT = 64
+
+
+class FlexRecompileLimit(RuntimeError):
+    """The compiled FlexAttention met more call signatures than FLEX_RECOMPILE_LIMIT."""
+
+
+def compile_flex(backend="inductor"):
+    """flex_attention under torch.compile (static shapes), with dynamo's recompile limit set to
+    FLEX_RECOMPILE_LIMIT and an eager fallback past it turned into FlexRecompileLimit (fail_on_recompile_limit_hit:
+    a process-wide dynamo setting, so a compiled model (train.py compile) that hits its limit fails too rather than
+    running eagerly). backend: 'inductor' (the fused kernel); the tests use 'eager' on a CPU."""
+    cfg = torch._dynamo.config
+    cfg.recompile_limit = FLEX_RECOMPILE_LIMIT
+    cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, FLEX_RECOMPILE_LIMIT)
+    cfg.fail_on_recompile_limit_hit = True
+    compiled = torch.compile(flex_attention, dynamic=False, backend=backend)
+
+    def run(*args, **kw):
+        try:
+            return compiled(*args, **kw)
+        except torch._dynamo.exc.FailOnRecompileLimitHit as e:
+            raise FlexRecompileLimit(
+                f"FlexAttention was compiled for {cfg.recompile_limit} call signatures (cp_attention."
+                f"FLEX_RECOMPILE_LIMIT) and met another; run with TORCH_LOGS=recompiles to see what changes between "
+                f"calls (packing=True gives every row one length), or raise the limit") from e
+    return run
 
 
 def flex_attention_fn(cuda):
-    """FlexAttention compiled on CUDA (a fused kernel that skips fully masked tiles and keeps no scores for the
-    backward: it recomputes them from the LSE); eager elsewhere, where it computes the same masked softmax densely
-    (that is how the tests check the masks and the gradients on a CPU)."""
+    """FlexAttention compiled on CUDA (compile_flex: a fused kernel that skips fully masked tiles and keeps no scores
+    for the backward: it recomputes them from the LSE); eager elsewhere, where it computes the same masked softmax
+    densely (that is how the tests check the masks and the gradients on a CPU; flex_attention warns once that it
+    is unfused)."""
     global _compiled_flex
     if not cuda:
         return flex_attention
     if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        _compiled_flex = compile_flex()
     return _compiled_flex
 
 
@@ -681,10 +713,10 @@ class _AllToAll(torch.autograd.Function):
 
 def ulysses_attention(q, k, v, group=None, causal=None, scale=None, impl="auto", mask=None, cache=None):
     """Attention over a sequence sharded contiguously across `group` (shard_sequence(..., layout='contiguous')):
-    q [B, H, n, D], k and v [B, Hkv, n, D] -> this rank's output [B, H, n, D]. Two all-to-alls each way: each rank
-    attends with H/W of the heads over the whole sequence, so any mask that a single process can apply works
-    unchanged (Molmo2 uses Ulysses for this reason). Contiguous layout only: zigzag shards would arrive out of
-    order and break the causal mask. GQA: kv heads are split like the query heads when W divides Hkv; otherwise
+    q [B, H, n, D], k and v [B, Hkv, n, D] -> this rank's output [B, H, n, D]. One all-to-all there (q, k and v
+    together) and one back, each mirrored in the backward: each rank attends with H/W of the heads over the whole
+    sequence, so any mask that a single process can apply works unchanged (Molmo2 uses Ulysses for this reason).
+    Contiguous layout only: zigzag shards would arrive out of order and break the causal mask. GQA: kv heads are split like the query heads when W divides Hkv; otherwise
     each kv head is first repeated for its query heads (H of them; autograd sums the copies' gradients).
     mask: bool [B, 1, L, L] over the WHOLE sequence (True = may attend), e.g. model.attention_mask_4d of the global
     doc ids and vision flags, which every rank has (the sequence is built whole, then sharded): Molmo2's
@@ -702,7 +734,12 @@ def ulysses_attention(q, k, v, group=None, causal=None, scale=None, impl="auto",
     check_shards(q, k, group, cache, "ulysses_attention")
     if hkv % w:
         k, v = _expand_kv(k, h), _expand_kv(v, h)
-    q, k, v = (_AllToAll.apply(t.contiguous(), group, True) for t in (q, k, v))
+    # q, k and v in one all-to-all: stacked on the head axis so that head group j (the part rank j receives) holds
+    # rank j's H/W query heads, then its Hkv/W key heads, then its value heads: [B, (H + 2 Hkv) / W * W, n, D]
+    b, _, n, d = q.shape
+    hs = [t.shape[1] // w for t in (q, k, v)]
+    qkv = torch.cat([t.reshape(b, w, hw, n, d) for t, hw in zip((q, k, v), hs)], 2).reshape(b, -1, n, d)
+    q, k, v = _AllToAll.apply(qkv, group, True).split(hs, dim=1)   # [B, H/W, L, D], [B, Hkv/W, L, D] x 2
     if kernel_for(q, impl) == "flex":
         L = q.shape[2]
         key = ("ulysses", L, causal, q.shape[0])

@@ -109,7 +109,8 @@ def read_hf_checkpoint(path):
 def molmo2_hf_names(c):
     """The one name map: {our parameter: (Molmo2's name, part)}. Molmo2's names are those of the released
     checkpoints (allenai/Molmo2-*), which transformers' Molmo2ForConditionalGeneration also writes. part is
-    None, or k for the k-th block of rows of a tensor that Molmo2 stores fused (hf_part_sizes).
+    None, or k for the k-th block of rows of a tensor that Molmo2 stores as one and ours as several (the
+    embedding: hf_part_sizes).
     Every matrix is a torch Linear weight (out, in) on both sides, so a tensor moves unchanged: only its name
     changes, and for a fused tensor the rows it takes. The three prefixes are Molmo2's three parts:
         model.vision_backbone.image_vit.   the ViT (SigLIP's layers under Molmo2's own names)
@@ -131,20 +132,16 @@ def molmo2_hf_names(c):
         m[f"connector.{x}.weight"] = f"{V}image_projector.{x}.weight"
     m["llm.embed.weight"] = (T + "wte", 0)         # wte.embedding: the vocab rows
     m["llm.embed_extra.weight"] = (T + "wte", 1)   # wte.new_embedding: the 128 extra rows
-    # The LLM. Ours keeps Qwen3's separate q/k/v and gate/up matrices (init_llm_from_qwen3 is then a rename);
-    # Molmo2 stores each group as one fused matrix, one matmul in its forward, so each of ours is a block of rows.
+    # The LLM. Ours fuses q/k/v and up/gate as Molmo2 does, in its row order ([q; k; v], [up; gate]): a rename
     for i in range(c.n_layer):
         b = f"{T}blocks.{i}."
         m.update({f"llm.blocks.{i}.input_layernorm.weight": b + "attn_norm.weight",
-                  f"llm.blocks.{i}.attn.q_proj.weight": (b + "self_attn.att_proj.weight", 0),  # rows [q; k; v]
-                  f"llm.blocks.{i}.attn.k_proj.weight": (b + "self_attn.att_proj.weight", 1),
-                  f"llm.blocks.{i}.attn.v_proj.weight": (b + "self_attn.att_proj.weight", 2),
+                  f"llm.blocks.{i}.attn.qkv_proj.weight": b + "self_attn.att_proj.weight",
                   f"llm.blocks.{i}.attn.q_norm.weight": b + "self_attn.q_norm.weight",
                   f"llm.blocks.{i}.attn.k_norm.weight": b + "self_attn.k_norm.weight",
                   f"llm.blocks.{i}.attn.o_proj.weight": b + "self_attn.attn_out.weight",
                   f"llm.blocks.{i}.post_attention_layernorm.weight": b + "ff_norm.weight",
-                  f"llm.blocks.{i}.up_proj.weight": (b + "mlp.ff_proj.weight", 0),    # rows [up; gate] (OLMo)
-                  f"llm.blocks.{i}.gate_proj.weight": (b + "mlp.ff_proj.weight", 1),
+                  f"llm.blocks.{i}.up_gate_proj.weight": b + "mlp.ff_proj.weight",
                   f"llm.blocks.{i}.down_proj.weight": b + "mlp.ff_out.weight"})
     m["llm.norm.weight"] = T + "ln_f.weight"
     if not c.tie_embeddings:
@@ -155,16 +152,10 @@ def molmo2_hf_names(c):
 
 def hf_part_sizes(c, hf_name):
     """Row counts of the blocks a fused Molmo2 tensor is made of, in storage order: tensor.split(sizes)[part]
-    is one of ours, torch.cat of ours in this order is Molmo2's. The blocks are not equal, so they are split by
-    size, never by chunk:
-        att_proj (n_head*hd + 2*n_kv_head*hd, d_model): [q; k; v], k and v narrower than q under GQA
-        ff_proj  (2*d_ff, d_model): [up; gate], the order OLMo's fused SwiGLU splits its output in
-        wte      (base_vocab + n_extra, d_model): the vocabulary rows, then the extra (vision token) rows"""
-    if hf_name.endswith("att_proj.weight"):
-        return [c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.n_kv_head * c.head_dim]
-    if hf_name.endswith("ff_proj.weight"):
-        return [c.d_ff, c.d_ff]
-    return [c.base_vocab, c.n_extra]  # wte
+    is one of ours, torch.cat of ours in this order is Molmo2's. The one such tensor is the embedding,
+        wte (base_vocab + n_extra, d_model): the vocabulary rows, then the extra (vision token) rows
+    (att_proj and ff_proj are fused in ours too, so they move whole)."""
+    return [c.base_vocab, c.n_extra]
 
 
 def named_tensors(model, sd, names, source):
@@ -181,6 +172,15 @@ def named_tensors(model, sd, names, source):
             raise ValueError(f"{source}: {hf!r} has shape {tuple(t.shape)}, {k} needs {tuple(ours[k].shape)}")
         out[k] = t
     return out
+
+
+def join_rows(sd, joined, parts, source):
+    """sd[joined] = the tensors named parts, concatenated by rows (and removed): separate checkpoint matrices
+    made into one of our fused ones. A missing part is a ValueError naming it and the checkpoint."""
+    for p in parts:
+        if p not in sd:
+            raise ValueError(f"{source}: tensor {p!r} is missing")
+    sd[joined] = torch.cat([sd.pop(p) for p in parts])
 
 
 def load_named(model, sd, names, source):
@@ -341,9 +341,10 @@ def export_hf_molmo2(model, path, token_ids):
 def init_llm_from_qwen3(model, path):
     """init_llm=PATH (stage 1): a Qwen3 checkpoint directory (Qwen3ForCausalLM) -> the LLM's weights. The extra
     vocabulary rows, the connector and the ViT keep their init. The config must describe the same decoder.
-    Our LLM follows Qwen3's layout, so the load is a rename with no reshaping: separate q_proj (n_head*hd, d),
-    k_proj and v_proj (n_kv_head*hd, d) under GQA, o_proj, per-head q_norm / k_norm (hd,), and the SwiGLU's
-    gate_proj / up_proj (d_ff, d) and down_proj (d, d_ff). Qwen3 has no extra rows: embed_tokens is our vocab table."""
+    Qwen3 stores q_proj (n_head*hd, d), k_proj and v_proj (n_kv_head*hd, d) under GQA, and the SwiGLU's gate_proj
+    and up_proj (d_ff, d) as separate matrices; ours are fused, so each group is concatenated by rows ([q; k; v],
+    [up; gate]: join_rows) and the rest is a rename: o_proj, per-head q_norm / k_norm (hd,), down_proj (d, d_ff).
+    Qwen3 has no extra rows: embed_tokens is our vocab table."""
     cfg, sd = read_hf_checkpoint(path)
     c, src = model.c, os.path.join(path, "config.json")
     # newer transformers write rope_parameters, older ones rope_theta at the top level
@@ -359,11 +360,14 @@ def init_llm_from_qwen3(model, path):
              tie_word_embeddings=(g("tie_word_embeddings", False), c.tie_embeddings))
     names = {"llm.embed.weight": "model.embed_tokens.weight", "llm.norm.weight": "model.norm.weight"}
     for i in range(c.n_layer):  # Qwen3's: ours under model.layers.{i}., with self_attn. for attn. and mlp. on the FFN
-        for ours in ("input_layernorm", "post_attention_layernorm", "attn.q_proj", "attn.k_proj", "attn.v_proj",
-                     "attn.o_proj", "attn.q_norm", "attn.k_norm", "gate_proj", "up_proj", "down_proj"):
-            # attn.q_proj -> self_attn.q_proj, gate_proj -> mlp.gate_proj, the norms as they are
+        L = f"model.layers.{i}."
+        join_rows(sd, L + "self_attn.qkv_proj.weight", [L + f"self_attn.{x}_proj.weight" for x in "qkv"], path)
+        join_rows(sd, L + "mlp.up_gate_proj.weight", [L + "mlp.up_proj.weight", L + "mlp.gate_proj.weight"], path)
+        for ours in ("input_layernorm", "post_attention_layernorm", "attn.qkv_proj", "attn.o_proj", "attn.q_norm",
+                     "attn.k_norm", "up_gate_proj", "down_proj"):
+            # attn.o_proj -> self_attn.o_proj, down_proj -> mlp.down_proj, the norms as they are
             hf = "self_" + ours if ours.startswith("attn.") else "mlp." + ours if ours.endswith("_proj") else ours
-            names[f"llm.blocks.{i}.{ours}.weight"] = f"model.layers.{i}.{hf}.weight"
+            names[f"llm.blocks.{i}.{ours}.weight"] = f"{L}{hf}.weight"
     if not c.tie_embeddings:
         names["llm.lm_head.weight"] = "lm_head.weight"
     load_named(model, sd, {k: (v, None) for k, v in names.items()}, path)

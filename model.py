@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 from torch.utils.checkpoint import checkpoint
 
-from cp_attention import CPAttention, build_block_mask, flex_attention_fn
+from cp_attention import FLEX_BLOCK, CPAttention, build_block_mask, flex_attention_fn, pad_to_multiple
 
 try:  # optional fast path: flash-attn on CUDA (detected, never required)
     from flash_attn import flash_attn_func
@@ -100,8 +100,12 @@ def attend(q, k, v, mask):
         return torch.cat([F.scaled_dot_product_attention(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1],
                                                          attn_mask=mask.mask[:, :, q0:q1, k0:k1], enable_gqa=gqa)
                           for q0, q1, k0, k1 in mask.tiles], dim=2)
-    if isinstance(mask, BlockMask):
-        return flex_attention_fn(q.is_cuda)(q, k, v, block_mask=mask, enable_gqa=gqa)
+    if isinstance(mask, BlockMask):  # built for whole 128-tiles (flex_block_mask): q, k, v padded to them, cut after
+        T, (Tq, Tk) = q.shape[2], mask.seq_lengths
+        if (Tq, Tk) != (T, k.shape[2]):
+            pad = (0, 0, 0, Tk - k.shape[2])
+            q, k, v = F.pad(q, (0, 0, 0, Tq - T)), F.pad(k, pad), F.pad(v, pad)
+        return flex_attention_fn(q.is_cuda)(q, k, v, block_mask=mask, enable_gqa=gqa)[:, :, :T]
     if mask is None and flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True).transpose(1, 2)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
@@ -227,17 +231,17 @@ class Attention(nn.Module):
     def __init__(self, c):
         super().__init__()
         self.h, self.kv, self.hd = c.n_head, c.n_kv_head, c.head_dim
-        self.q_proj = nn.Linear(c.d_model, c.n_head * c.head_dim, bias=False)
-        self.k_proj = nn.Linear(c.d_model, c.n_kv_head * c.head_dim, bias=False)
-        self.v_proj = nn.Linear(c.d_model, c.n_kv_head * c.head_dim, bias=False)
+        # q, k and v from one matmul: rows [q; k; v] = (n_head*hd + 2*n_kv_head*hd, d), Molmo2's att_proj layout
+        self.qkv_proj = nn.Linear(c.d_model, (c.n_head + 2 * c.n_kv_head) * c.head_dim, bias=False)
         self.o_proj = nn.Linear(c.n_head * c.head_dim, c.d_model, bias=False)
         self.q_norm, self.k_norm = RMSNorm(c.head_dim, c.norm_eps), RMSNorm(c.head_dim, c.norm_eps)
 
     def forward(self, x, cos, sin, mask, cache=None):
         B, T, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(B, T, self.h, self.hd)).transpose(1, 2)   # per-head QK-norm
-        k = self.k_norm(self.k_proj(x).view(B, T, self.kv, self.hd)).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.kv, self.hd).transpose(1, 2)
+        q, k, v = self.qkv_proj(x).split([self.h * self.hd, self.kv * self.hd, self.kv * self.hd], dim=-1)
+        q = self.q_norm(q.view(B, T, self.h, self.hd)).transpose(1, 2)   # per-head QK-norm -> (B, H, T, hd)
+        k = self.k_norm(k.view(B, T, self.kv, self.hd)).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = v.view(B, T, self.kv, self.hd).transpose(1, 2)
         q, k = rope(q, cos, sin), rope(k, cos, sin)
         if cache is not None:  # KV cache: append this step's keys/values, attend over everything so far
             k, v = cache.update(k, v)
@@ -251,14 +255,32 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(c.d_model, c.norm_eps)
         self.attn = Attention(c)
         self.post_attention_layernorm = RMSNorm(c.d_model, c.norm_eps)
-        self.gate_proj = nn.Linear(c.d_model, c.d_ff, bias=False)
-        self.up_proj = nn.Linear(c.d_model, c.d_ff, bias=False)
+        # SwiGLU's two input matrices as one matmul: rows [up; gate] = (2*d_ff, d), Molmo2's ff_proj layout
+        self.up_gate_proj = nn.Linear(c.d_model, 2 * c.d_ff, bias=False)
         self.down_proj = nn.Linear(c.d_ff, c.d_model, bias=False)
 
     def forward(self, x, cos, sin, mask, cache=None):
         x = x + self.attn(self.input_layernorm(x), cos, sin, mask, cache)
-        h = self.post_attention_layernorm(x)
-        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+        up, gate = self.up_gate_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)  # (B, T, d_ff) each
+        return x + self.down_proj(F.silu(gate) * up)
+
+
+# the separate matrices (Qwen3's layout) that checkpoints from before the fusion hold, in the fused tensor's row order
+UNFUSED = {"attn.qkv_proj": ("attn.q_proj", "attn.k_proj", "attn.v_proj"), "up_gate_proj": ("up_proj", "gate_proj")}
+
+
+def unfused_groups(names):
+    """{fused parameter: [the separate ones, in row order]} for each decoder block whose separate q/k/v or up/gate
+    matrices (UNFUSED) are all among names, a state dict's parameter names: what checkpoint.fuse_projections joins."""
+    names, out = set(names), {}
+    for n in names:
+        for fused, parts in UNFUSED.items():
+            if n.startswith("llm.blocks.") and n.endswith(f".{parts[0]}.weight"):
+                prefix = n[:-len(f"{parts[0]}.weight")]  # llm.blocks.{i}.
+                group = [f"{prefix}{p}.weight" for p in parts]
+                if all(g in names for g in group):
+                    out[f"{prefix}{fused}.weight"] = group
+    return out
 
 
 class LayerCache:
@@ -412,7 +434,10 @@ def flex_block_mask(doc_ids, is_vision, bidir):
     """The same mask as attention_mask_4d, as a FlexAttention BlockMask (cp_attention.build_block_mask): which
     128 x 128 tiles are empty (never computed), full, or partial (molmo2_mask_mod applied). With packed rows most
     off-diagonal tiles are empty, which is where the dense mask wastes its work; built a slab of rows at a time,
-    it never holds the T x T mask either."""
+    it never holds the T x T mask either. Its length is T rounded up to whole tiles (T_pad = 128 * ceil(T / 128);
+    the extra positions are padding, doc id 0: no real query sees them), so that batches of nearby lengths share
+    one compiled kernel (cp_attention.FLEX_RECOMPILE_LIMIT); attend pads q, k, v to it and cuts the output back."""
+    doc_ids, is_vision = pad_to_multiple(doc_ids, FLEX_BLOCK, 1, 0), pad_to_multiple(is_vision, FLEX_BLOCK, 1, False)
     B, T = doc_ids.shape
     return build_block_mask(molmo2_mask_mod(doc_ids, is_vision, bidir), B, T, T, doc_ids.device)
 
@@ -428,6 +453,8 @@ class Molmo2(nn.Module):
         self.loss_chunk = 0      # loss-head rows per chunk (0 = all at once): one chunk's logits alive at a time
         self.attn_tile = 0       # dense-mask attention (sdpa): query rows per kernel call, keys cut to what they see
                                  # (TiledMask); 0 = the whole T x T at once, the reference
+        self.always_vision = False  # run the ViT and connector on every forward, on a blank image when the batch has
+                                    # none (train.wrap_model sets it under FSDP2: every rank joins every all-gather)
         self.vit = ViT(c)
         self.connector = Connector(c)
         self.llm = LLM(c)
@@ -490,6 +517,14 @@ class Molmo2(nn.Module):
                 raise ValueError(f"{int(slots.sum())} <im_patch> slots but {tok.shape[0]} pooled features")
             x = x.clone()
             x[slots] = x[slots] + tok.to(x.dtype)               # Molmo2: x[is_patch] += feats
+        elif self.always_vision:
+            # No image here, but FSDP2 all-gathers each ViT block's parameters (and reduce-scatters their gradients)
+            # with every rank at once, so a rank that skipped the ViT would leave the others waiting. A blank image
+            # through the ViT and one pooling window, its output added times 0: x unchanged, gradients zero.
+            c = self.c
+            feats = self.vit(torch.zeros(1, 3, c.image_size, c.image_size, device=x.device, dtype=x.dtype))
+            window = torch.arange(c.pool_h * c.pool_w, device=x.device)[None]     # (1, k): the first k patches
+            x = x + 0.0 * self.connector(feats.flatten(0, 1), window).sum()
         return x
 
     def hidden(self, batch, positions=None, caches=None):

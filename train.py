@@ -35,7 +35,7 @@ import random
 import sys
 import time
 import types
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 
 import numpy as np
@@ -272,8 +272,8 @@ def accumulate(fwd, batches, autocast=nullcontext, D=None, no_sync=None, dev=Non
     and 2 (tests/test_dist.py).
     D: the distributed layout (setup_distributed). DDP and FSDP2 AVERAGE gradients over the world's ranks, while
     the global loss is the SUM of the ranks' parts: each part is scaled by the world size, so the average is the
-    sum. no_sync: DDP's context that skips the all-reduce, for every micro-batch but the last. dev: the run's device
-    (where the divisor's all-reduce runs; default: the batches')."""
+    sum. no_sync: the context that skips the gradient reduction (no_sync_of: DDP's or FSDP2's), for every
+    micro-batch but the last. dev: the run's device (where the divisor's all-reduce runs; default: the batches')."""
     # The weights are known before any forward (they come with the data), so the global divisor is fixed first.
     wsum = sum(b["loss_weights"].sum() for b in batches).float()
     if D is not None and D.world > 1:
@@ -351,24 +351,59 @@ def setup_distributed(C, dev_type):
     return D
 
 
-def wrap_model(model, C, D, dev):
+def wrap_model(model, C, D, dev, dtype=torch.float32):
     """The module the training loop calls. One process: the model. torchrun: DDP (parameters replicated,
     gradients all-reduced over every rank, dp x cp: the cp ranks hold different tokens' gradients too), or
     FSDP2 (fsdp=True: fully_shard on each ViT block, each LLM block, then the rest, over all ranks; a block's
-    parameters are all-gathered just before its forward and backward, gradients reduce-scattered after)."""
+    parameters are all-gathered just before its forward and backward, gradients reduce-scattered after).
+    Under FSDP2 every rank runs every module on every micro-batch (model.always_vision: a rank without an image
+    runs the ViT on a blank one), and with dtype bf16 the parameters are all-gathered and computed in bf16 while
+    the gradients are reduced, and the sharded weights and Adam state kept, in fp32 (MixedPrecisionPolicy)."""
     if D.world == 1:
         return model
     if C.fsdp:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         mesh = init_device_mesh(dev.type, (D.world,))
+        low = dtype if dtype != torch.float32 else None
+        mp = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32 if low else None)
         for blk in list(model.vit.blocks) + list(model.llm.blocks):
-            fully_shard(blk, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+            fully_shard(blk, mesh=mesh, mp_policy=mp)
+        # the root's forward input is the batch: left as it is (loss weights stay fp32; autocast casts the pixels)
+        fully_shard(model, mesh=mesh, mp_policy=dataclasses.replace(mp, cast_forward_inputs=False))
+        model.always_vision = True
         return model
     # find_unused_parameters: a micro-batch of text only leaves the ViT and connector out of the graph
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None,
                                                      find_unused_parameters=True)
+
+
+def no_sync_of(wrapped):
+    """The context accumulate enters for every micro-batch but the last, so that gradients are reduced across ranks
+    once a step: DDP's no_sync; under FSDP2 set_requires_gradient_sync(False) (each rank then accumulates its
+    unsharded gradients, in fp32, until the last micro-batch's reduce-scatter: a full gradient's memory held for the
+    step in exchange for one reduce-scatter instead of grad_accum); None for one process."""
+    if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+        return wrapped.no_sync
+    from torch.distributed.fsdp import FSDPModule
+    if not isinstance(wrapped, FSDPModule):
+        return None
+
+    @contextmanager
+    def no_sync():
+        wrapped.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            wrapped.set_requires_gradient_sync(True)
+    return no_sync
+
+
+def adamw_kernel(dev):
+    """AdamW's implementation on dev, as torch.optim.AdamW keyword arguments: fused on CUDA (one kernel updates
+    every parameter of a group: no per-tensor launches), foreach on a CPU (the fp32 reference path: the plain
+    AdamW ops, batched over tensors). Both take FSDP2's DTensors."""
+    return dict(fused=True, foreach=False) if dev.type == "cuda" else dict(fused=False, foreach=True)
 
 
 def full_state(model, opt, D):
@@ -591,7 +626,8 @@ def pretrain_vit(model, C, dev, autocast, print=print):
     # "which pair is centred here" (20 pairs + none), the centre's x and y as nb bins each, and 20 cover bits.
     head = torch.nn.Linear(c.d_model, (n_pairs + 1) + 2 * nb + n_pairs).to(dev)
     params = list(model.vit.parameters()) + list(model.connector.parameters()) + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=C.vit_pretrain_lr, betas=(C.beta1, C.beta2), eps=C.adam_eps, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=C.vit_pretrain_lr, betas=(C.beta1, C.beta2), eps=C.adam_eps, weight_decay=0.0,
+                            **adamw_kernel(dev))
     size, n, bs, pool = c.image_size, C.vit_pretrain_steps, C.vit_pretrain_batch, (c.pool_h, c.pool_w)
     g = size // c.patch_size
     idx = torch.tensor(pooling_index(g, g, *pool)[0], device=dev)  # (T, k) patch ids of one image, -1 = pad
@@ -943,14 +979,14 @@ class Trainer:
                 raise SystemExit(f"cp_mode='ulysses' splits the {mconf.n_head} heads over cp={D.cp} ranks: it must "
                                  f"divide")
             model.cp = ContextParallel(D.cp_group, C.cp_mode)
-        self.wrapped = wrap_model(model, C, D, dev)  # FSDP2 swaps in sharded parameters: the optimizer comes after
-        self.no_sync = self.wrapped.no_sync if isinstance(self.wrapped, torch.nn.parallel.DistributedDataParallel) \
-            else None
+        self.wrapped = wrap_model(model, C, D, dev, env.dtype)  # FSDP2 swaps in sharded parameters: the optimizer
+        self.no_sync = no_sync_of(self.wrapped)                   # comes after
         # AdamW, one group per component at its multiple of lr (Molmo2: connector 10x, ViT 0.3x in pretraining)
         groups = model.param_groups()
         self.mults = {"llm": 1.0, "connector": C.lr_connector_mult, "vit": C.lr_vit_mult}
         self.opt = torch.optim.AdamW([dict(params=groups[k], name=k, peak=C.lr * self.mults[k]) for k in groups],
-                                     lr=C.lr, betas=(C.beta1, C.beta2), eps=C.adam_eps, weight_decay=C.weight_decay)
+                                     lr=C.lr, betas=(C.beta1, C.beta2), eps=C.adam_eps, weight_decay=C.weight_decay,
+                                     **adamw_kernel(dev))
         self.fwd = torch.compile(self.wrapped) if C.compile else self.wrapped
         self.get_batch, self.packer = batch_source(C, tok, mconf, self.sampler, dev, data_src.real)
         self.media = self.get_batch.media
@@ -971,7 +1007,7 @@ class Trainer:
         load_optimizer(self.model, self.opt, ckpt["optimizer"])
         for g in self.opt.param_groups:  # the loaded state carries the old run's hyperparameters: this config rules
             g.update(peak=C.lr * self.mults[g["name"]], betas=(C.beta1, C.beta2), eps=C.adam_eps,
-                     weight_decay=C.weight_decay)
+                     weight_decay=C.weight_decay, **adamw_kernel(self.env.dev))
         self.step, self.history = ckpt["step"], ckpt["history"]
         self.budget_steps = ckpt.get("budget_steps")  # a max_minutes run's fixed step count
         set_rng_state(ckpt["rng"])

@@ -133,15 +133,16 @@ def test_vs_transformers_same_weights_same_loss(capsys, monkeypatch):
 
     def altered(model, path, ids):
         with torch.no_grad():
-            model.llm.blocks[0].gate_proj.weight.mul_(1.5)
+            model.llm.blocks[0].up_gate_proj.weight.mul_(1.5)
         export(model, path, ids)
         with torch.no_grad():
-            model.llm.blocks[0].gate_proj.weight.div_(1.5)
+            model.llm.blocks[0].up_gate_proj.weight.div_(1.5)
     monkeypatch.setattr(H, "export_hf_molmo2", altered)
     with pytest.raises(SystemExit, match="the fp32 losses differ"):
         bench.vs_transformers(TINY_VS)
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # eager on purpose (CPU)
 def test_gpu_checks_cp_kernels_against_the_reference_on_a_cpu(monkeypatch, capsys):
     """bench.py --gpu's kernel part, run here on the CPU (FlexAttention eager, its CPU backward check lifted as
     tests/test_cp.py does): the flex blocks and their gradients equal the fp64 reference, fp32 within 1e-5, bf16

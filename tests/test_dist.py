@@ -68,31 +68,61 @@ def _one_process_step():
     return loss, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def _step_worker(rank, world, port, cp_mode, out):
+def _step_worker(rank, world, port, mode, out):
     _as_rank(rank, world, port)
-    C = types.SimpleNamespace(cp=world if cp_mode else 1, fsdp=False, dry_run=False)
+    cp = mode in ("ring", "ulysses")
+    C = types.SimpleNamespace(cp=world if cp else 1, fsdp=mode == "fsdp", dry_run=False)
     D = train.setup_distributed(C, "cpu")
     try:
-        if cp_mode:  # every rank holds the whole batch; the model keeps this rank's shard of each sequence
+        if cp:  # every rank holds the whole batch; the model keeps this rank's shard of each sequence
             from cp_attention import ContextParallel
             model, batches = _model_and_batches()
-            model.cp = ContextParallel(D.cp_group, cp_mode)
-        else:  # data parallel: each rank its own rows
+            model.cp = ContextParallel(D.cp_group, mode)
+        else:  # data parallel: each rank its own rows; rank 1's first micro-batch is text only
             model, batches = _model_and_batches(rank, world)
+            assert bool(batches[0]["image_mask"].any()) == (rank == 0)
         wrapped = train.wrap_model(model, C, D, torch.device("cpu"))
-        loss = torch.tensor(train.accumulate(wrapped, batches, nullcontext, D, wrapped.no_sync), dtype=torch.float64)
+        rs, reductions = dist.reduce_scatter_single, []  # FSDP2's gradient reduce-scatters, counted
+        dist.reduce_scatter_single = lambda *a, **kw: (reductions.append(1), rs(*a, **kw))[1]
+        try:
+            loss = torch.tensor(train.accumulate(wrapped, batches, nullcontext, D, train.no_sync_of(wrapped)),
+                                dtype=torch.float64)
+        finally:
+            dist.reduce_scatter_single = rs
         dist.all_reduce(loss)  # the ranks' parts -> the global loss
+        from torch.distributed.tensor import DTensor  # FSDP2's gradients are shards: gathered whole (every rank)
+        grads = {n: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+                 for n, p in model.named_parameters()}
+        res = dict(loss=loss.item(), grads=grads, reductions=len(reductions),
+                   groups=len(model.vit.blocks) + len(model.llm.blocks) + 1)  # fully_shard units: blocks + the rest
+        if mode == "fsdp":  # the same step again, bf16: parameters all-gathered in bf16, gradients reduced in fp32
+            model, batches = _model_and_batches(rank, world)
+            seen = []  # the dtype of the weights that a block's forward uses
+            model.llm.blocks[0].register_forward_pre_hook(lambda m, a: seen.append(m.attn.qkv_proj.weight.dtype))
+            model.vit.blocks[0].register_forward_pre_hook(lambda m, a: seen.append(m.fc1.weight.dtype))
+            wrapped = train.wrap_model(model, C, D, torch.device("cpu"), torch.bfloat16)
+            bf16 = train.accumulate(wrapped, batches, lambda: torch.autocast("cpu", dtype=torch.bfloat16), D,
+                                    train.no_sync_of(wrapped))
+            bf16 = torch.tensor(bf16, dtype=torch.float64)
+            dist.all_reduce(bf16)
+            res.update(bf16_loss=bf16.item(), bf16_seen=set(seen), bf16_grads={
+                n: p.grad.full_tensor() for n, p in model.named_parameters()},
+                bf16_kept={p.dtype for p in model.parameters()} | {p.grad.dtype for p in model.parameters()})
         if rank == 0:
-            torch.save(dict(loss=loss.item(), grads={n: p.grad for n, p in model.named_parameters()}), out)
+            torch.save(res, out)
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("mode", ["ring", "ulysses", None])
+@pytest.mark.parametrize("mode", ["ring", "ulysses", None, "fsdp"])
 def test_two_rank_step_equals_one_process(mode, tmp_path):
     """cp = 2 (ring: zigzag shards, the mask given as a function, bidirectional vision so every block is computed
-    under its slice; Ulysses: heads split) and dp = 2 (mode None: DDP, each rank half the rows): the global loss
-    and every parameter's gradient equal one process's on the whole batch (fp32: 1e-5)."""
+    under its slice; Ulysses: heads split) and dp = 2 (mode None: DDP; "fsdp": FSDP2; each rank half the rows, and
+    rank 1's first micro-batch has no image: under FSDP2 it runs the ViT on a blank one, or the ranks would wait on
+    each other's all-gathers until the timeout; the gradients are reduced on the last micro-batch only): the global
+    loss and every parameter's gradient equal one process's on the whole batch (fp32: 1e-5); FSDP2 reduce-scatters
+    once a step (counted). FSDP2 in bf16 too: the blocks compute with bf16 weights, the weights and gradients stay
+    fp32, and the step is close to fp32's."""
     want_loss, want = _one_process_step()
     out = tmp_path / "res.pt"
     _spawn(_step_worker, 2, mode, str(out))
@@ -101,6 +131,14 @@ def test_two_rank_step_equals_one_process(mode, tmp_path):
     for n, g in want.items():
         err = (got["grads"][n] - g).abs().max().item()
         assert err <= 1e-5, f"{mode}: gradient of {n} differs by {err:.2e}"
+    if mode == "fsdp":
+        assert got["reductions"] == got["groups"]  # one reduce-scatter a unit: on the last of the 2 micro-batches only
+        # bf16 (MixedPrecisionPolicy): computed with bf16 weights; weights and gradients kept in fp32
+        assert got["bf16_seen"] == {torch.bfloat16} and got["bf16_kept"] == {torch.float32}
+        ref, bf16 = (torch.cat([gs[n].flatten() for n in want]) for gs in (want, got["bf16_grads"]))
+        rel = ((bf16 - ref).norm() / ref.norm()).item()
+        print(f"bf16 FSDP2 step: loss {got['bf16_loss']:.6f} against fp32 {want_loss:.6f}, gradient error {rel:.2e}")
+        assert abs(got["bf16_loss"] - want_loss) < 1e-2 and rel < 5e-2
 
 
 # ---------------------------------------------------------------------------------------------------------

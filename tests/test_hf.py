@@ -165,7 +165,9 @@ def test_train_starts_from_hf_checkpoints(tok, tmp_path):
     train.main(run_args(tmp_path / "run", max_steps=1, lr=0.0) +
                [f"--init_llm={tmp_path / 'qwen3'}", f"--init_vit={tmp_path / 'siglip'}"])
     sd = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["model"]
-    assert torch.equal(sd["llm.blocks.1.attn.k_proj.weight"], qwen.model.layers[1].self_attn.k_proj.weight)
+    att = qwen.model.layers[1].self_attn  # joined by rows into our fused q/k/v matrix
+    assert torch.equal(sd["llm.blocks.1.attn.qkv_proj.weight"],
+                       torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight]))
     assert torch.equal(sd["vit.blocks.0.fc2.bias"], siglip.encoder.layers[0].mlp.fc2.bias)
     with pytest.raises(SystemExit, match=r"init_vit='nowhere' \(a SigLIP checkpoint directory\)"):
         train.main(run_args(tmp_path / "x", max_steps=1) + ["--init_vit=nowhere"])

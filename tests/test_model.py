@@ -1,14 +1,16 @@
 """The Molmo2 model (model.py): losses, gradients, masks, padding, KV-cache decoding, init scale, FLOPs."""
 import math
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import create_mask
+from torch.nn.attention.flex_attention import create_mask, flex_attention
 
 import data
 import shapes
-from model import Molmo2, ModelConfig, attend, attention_mask_4d, molmo2_mask_mod, resolve_attn_impl, TiledMask
+from model import (Block, Molmo2, ModelConfig, attend, attention_mask_4d, flex_block_mask, molmo2_mask_mod,
+                   resolve_attn_impl, rope, TiledMask)
 
 TW = {"caption": 1.0, "qa": 1.0, "count": 1.5, "point": 2.0, "text": 1.0}
 
@@ -111,6 +113,37 @@ def test_chunked_loss_head_equals_whole(tok, cfg, batch):
     (l0, w0, g0), (l7, w7, g7) = grads[0], grads[7]
     assert w0 == w7 and l7 == pytest.approx(l0, rel=1e-6)
     assert ((g7 - g0).norm() / g0.norm()).item() < 1e-6
+
+
+def unfused_block_forward(blk, x, cos, sin, mask, cache=None):
+    """A decoder block with q, k, v, up and gate as five separate matmuls (Qwen3's layout), on the row blocks of
+    the fused weights: the reference that the one-matmul projections are checked against."""
+    a, (B, T, _) = blk.attn, x.shape
+    wq, wk, wv = a.qkv_proj.weight.split([a.h * a.hd, a.kv * a.hd, a.kv * a.hd])
+    h = blk.input_layernorm(x)
+    q = a.q_norm(F.linear(h, wq).view(B, T, a.h, a.hd)).transpose(1, 2)
+    k = a.k_norm(F.linear(h, wk).view(B, T, a.kv, a.hd)).transpose(1, 2)
+    v = F.linear(h, wv).view(B, T, a.kv, a.hd).transpose(1, 2)
+    y = attend(rope(q, cos, sin), rope(k, cos, sin), v, mask)
+    x = x + a.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+    wu, wg = blk.up_gate_proj.weight.chunk(2)
+    h = blk.post_attention_layernorm(x)
+    return x + blk.down_proj(F.silu(F.linear(h, wg)) * F.linear(h, wu))
+
+
+def test_fused_projections_equal_separate_matmuls(tok, cfg, batch, monkeypatch):
+    """The fused q/k/v and up/gate projections give the loss and every gradient of separate matmuls (fp32)."""
+    def loss_and_grads(m):
+        loss_sum, wsum = m(batch)
+        (loss_sum / wsum).backward()
+        return loss_sum / wsum, {n: p.grad for n, p in m.named_parameters()}
+    got, grads = loss_and_grads(make_model(cfg))
+    monkeypatch.setattr(Block, "forward", unfused_block_forward)
+    want, ref = loss_and_grads(make_model(cfg))
+    assert abs(got.item() - want.item()) < 1e-5
+    for n, g in ref.items():
+        assert (grads[n] - g).abs().max() < 1e-5, n
+    assert ref["llm.blocks.0.up_gate_proj.weight"].abs().max() > 1e-3  # gradients large enough to tell apart
 
 
 def test_attention_mask_4d_explicit():
@@ -501,3 +534,43 @@ def test_flex_attention_mask_equals_dense(tok, make_cfg, flex_on_cpu):
         assert gd.keys() == gf.keys() and len(gd) == len(list(m.parameters()))  # every parameter has a gradient
         for n in gd:
             assert torch.allclose(gf[n], gd[n], atol=1e-5, rtol=0), (n, (gf[n] - gd[n]).abs().max())
+
+
+def test_flex_block_mask_rounds_lengths_to_tiles():
+    """A BlockMask covers whole 128-tiles: batches of 40 and 100 tokens share one length (one compiled kernel),
+    129 tokens take two tiles. The padded positions (doc id 0) see only themselves."""
+    lens = {}
+    for T in (40, 100, 129):
+        doc = torch.ones(2, T, dtype=torch.long)
+        lens[T] = flex_block_mask(doc, torch.zeros(2, T, dtype=torch.bool), True).seq_lengths
+    assert lens == {40: (128, 128), 100: (128, 128), 129: (256, 256)}
+
+
+def test_flex_recompile_limit_is_an_error(monkeypatch):
+    """The compiled FlexAttention (cp_attention.compile_flex) sets dynamo's recompile limit to FLEX_RECOMPILE_LIMIT
+    and fails past it rather than running eagerly (the whole T x T scores): here with a limit of 1, on dynamo's
+    eager backend (a CPU has no FlexAttention backward to compile)."""
+    import torch._dynamo.config as dc
+    import cp_attention as cpa
+    for k in ("recompile_limit", "accumulated_recompile_limit", "fail_on_recompile_limit_hit"):
+        monkeypatch.setattr(dc, k, getattr(dc, k))  # restored after the test
+    monkeypatch.setattr(cpa, "FLEX_RECOMPILE_LIMIT", 1)
+    f = cpa.compile_flex(backend="eager")
+    assert dc.recompile_limit == 1 and dc.fail_on_recompile_limit_hit
+    q = torch.randn(1, 2, 16, 8)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        assert (f(q, q, q) - flex_attention(q, q, q)).abs().max() < 1e-6
+        q = torch.randn(1, 2, 32, 8)  # another length: a second signature
+        try:
+            with pytest.raises(cpa.FlexRecompileLimit, match="compiled for 1 call signatures"):
+                f(q, q, q)
+        finally:
+            torch._dynamo.reset()
+
+
+def test_eager_flex_warning_is_not_filtered():
+    """Eager FlexAttention's warning (it materialises the scores) is what a fallback would show: nothing in the
+    code silences it."""
+    import cp_attention  # noqa: F401 (imported: any filter it installed would be in place)
+    assert not [f for f in warnings.filters if f[1] is not None and f[1].search("flex_attention called without")]

@@ -249,6 +249,71 @@ def test_resume_missing_checkpoint(tmp_path):
         train.main(run_args(tmp_path / "empty", max_steps=2, init_from="resume"))
 
 
+def _separate(name):
+    """The separate matrices that a fused one replaces, in the modules' old order, each with its rows [a, b) of the
+    fused tensor (None for any other parameter)."""
+    q, kv, f = TINY["n_head"] * TINY["head_dim"], TINY["n_kv_head"] * TINY["head_dim"], TINY["d_ff"]
+    if name.endswith("attn.qkv_proj.weight"):
+        rows = (("q", 0, q), ("k", q, q + kv), ("v", q + kv, q + 2 * kv))
+        return [(name.replace("qkv", x), a, b) for x, a, b in rows]
+    if name.endswith("up_gate_proj.weight"):
+        return [(name.replace("up_gate", "gate"), f, 2 * f), (name.replace("up_gate", "up"), 0, f)]
+    return None
+
+
+def unfuse_checkpoint(ck):
+    """A checkpoint as written before q/k/v and up/gate were fused: those weights and their Adam moments as separate
+    tensors, and the optimizer's parameter lists naming them."""
+    state = ck["optimizer"]["state"]
+    for k in [k for k in ck["model"] if _separate(k)]:
+        w, s = ck["model"].pop(k), state.pop(k)
+        for n, a, b in _separate(k):
+            ck["model"][n] = w[a:b].clone()
+            state[n] = dict(s, exp_avg=s["exp_avg"][a:b].clone(), exp_avg_sq=s["exp_avg_sq"][a:b].clone())
+    for g in ck["optimizer"]["param_groups"]:
+        g["params"] = [n for k in g["params"] for n, _, _ in _separate(k) or [(k, 0, 0)]]
+    return ck
+
+
+def test_unfused_checkpoint_resumes_exactly(tmp_path):
+    """A ckpt.pt with separate q/k/v and up/gate matrices (weights and Adam's state) is joined as it is read
+    (checkpoint.fuse_projections): resumed, it gives the uninterrupted run's losses and weights, bit for bit."""
+    a = train.main(run_args(tmp_path / "A", max_steps=3))["losses"]
+    train.main(run_args(tmp_path / "B", max_steps=3, stop_at=2))
+    path = tmp_path / "B" / "ckpt.pt"
+    torch.save(unfuse_checkpoint(torch.load(path, map_location="cpu", weights_only=False)), path)
+    old = torch.load(path, map_location="cpu", weights_only=False)
+    assert "llm.blocks.1.attn.v_proj.weight" in old["model"] and "llm.blocks.1.gate_proj.weight" in old["model"]
+    assert "llm.blocks.1.up_proj.weight" in old["optimizer"]["state"]
+    b = train.main(run_args(tmp_path / "B", max_steps=3, init_from="resume"))["losses"]
+    assert b == a
+    ca, cb = (torch.load(tmp_path / x / "ckpt.pt", map_location="cpu", weights_only=False)["model"] for x in "AB")
+    assert ca.keys() == cb.keys() and all(torch.equal(ca[k], cb[k]) for k in ca)
+
+
+def test_adamw_kernels_agree(make_cfg):
+    """train.adamw_kernel: fused on CUDA, foreach on a CPU. torch has the fused kernel for fp32 on a CPU too, so
+    its update is checked here against foreach's (the reference) over three steps of the tiny model's parameters."""
+    from model import Molmo2
+    assert train.adamw_kernel(torch.device("cuda")) == dict(fused=True, foreach=False)
+    assert train.adamw_kernel(torch.device("cpu")) == dict(fused=False, foreach=True)
+    torch.manual_seed(0)
+    ps = [p.detach() for p in Molmo2(make_cfg()).parameters()]
+    grads = [[torch.randn_like(p) for p in ps] for _ in range(3)]
+    out = []
+    for fused in (True, False):
+        mine = [p.clone().requires_grad_() for p in ps]
+        opt = torch.optim.AdamW(mine, lr=1e-2, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.1, fused=fused,
+                                foreach=not fused)
+        for gs in grads:
+            for p, g in zip(mine, gs):
+                p.grad = g
+            opt.step()
+        out.append(mine)
+    assert all((a - b).abs().max() < 1e-6 for a, b in zip(*out))
+    assert max((a - p).abs().max() for a, p in zip(out[0], ps)) > 1e-2  # the steps moved the weights
+
+
 class _NanGrad(torch.autograd.Function):
     """Identity forward, NaN gradient: a finite loss whose backward poisons every gradient."""
     @staticmethod
