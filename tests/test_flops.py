@@ -36,9 +36,8 @@ def brute_flops(model, batch):
     with the ViT frozen, the ViT (no backward) and the connector's wq, wk, wv (weight gradients only: 1x)."""
     c, m = model.c, model
     blocks = m.llm.blocks
-    per_token = sum(mm(b.attn.q_proj, b.attn.k_proj, b.attn.v_proj, b.attn.o_proj, b.gate_proj, b.up_proj,
-                       b.down_proj) for b in blocks)
-    per_pair = sum(2 * 2 * b.attn.q_proj.weight.shape[0] for b in blocks)  # QK^T and AV over every query head
+    per_token = sum(mm(b.attn.qkv_proj, b.attn.o_proj, b.up_gate_proj, b.down_proj) for b in blocks)
+    per_pair = sum(2 * 2 * b.attn.o_proj.weight.shape[1] for b in blocks)  # QK^T and AV over every query head
     head = m.llm.lm_head if m.llm.lm_head is not None else m.llm.embed
     n_real = int((batch["doc_ids"] > 0).sum())
     n_loss = int((batch["loss_weights"] > 0).sum())
