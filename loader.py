@@ -1,0 +1,267 @@
+"""
+The training stream: the mixture's keys -> encoded examples -> packed rows -> one micro-batch on the device, built
+off the training thread's critical path and resumable exactly.
+
+    main process         the sampler (mixing.MixtureSampler) draws (dataset, index) keys, in order
+    data_workers         torch.utils.data.DataLoader worker processes map each key to its encoded example
+                         (ExampleMaker: decode the image or video with Pillow / PyAV, resize, tokenize:
+                         data.encode_example), `prefetch` keys ahead of the training thread, handed back in key
+                         order (the DataLoader keeps it), so the stream is the same for any number of workers
+    main process         the packer (data.Packer, best-fit over its buffer) fills rows from the examples in key
+                         order, collate pads them into the batch dict, pixels as uint8 bytes; on CUDA the batch
+                         goes through pinned memory with non-blocking copies, and the model normalises the bytes on
+                         the device (data.normalize_pixels)
+    cp > 1               the cp ranks of a dp group train on the same batch: only cp rank 0 of each group builds it
+                         (each video decoded once per group) and broadcasts it to the group (broadcast_batch)
+
+Exact resume: the checkpoint holds the stream as CONSUMED by training, not as prefetched. Each key in flight keeps
+the sampler's state from before it was drawn; the state saved (TrainingStream.state) is the oldest in-flight key's,
+and the packer's buffered keys plus the replayed keys still in flight. data_workers = 0 is the DataLoader's
+in-process mode: the same code path, each example encoded on the training thread when the packer asks for it.
+"""
+import time
+from collections import Counter, deque
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+import data
+import shapes
+
+
+class Skipped:
+    """What a worker returns for a key whose media cannot be decoded: the error's text (the main process counts
+    it: BrokenMedia)."""
+
+    def __init__(self, err):
+        self.err = err
+
+
+class ExampleMaker:
+    """A map-style dataset over keys: dataset[(dataset, index)] -> (key, encoded example) or (key, Skipped). Runs in
+    the DataLoader's worker processes (forked: the tokenizer and real data's example lists are shared, not copied).
+    For the shapes world the dataset is a task name and the index a scene seed (offset into the training seed range,
+    so held-out scenes are never trained on); for real data the index wraps around the local copy's examples (the
+    sampler's indices run past its size once a dataset is repeated)."""
+
+    def __init__(self, C, tok, mconf, real=None):
+        self.C, self.tok, self.mconf, self.real = C, tok, mconf, real
+
+    def __getitem__(self, key):
+        C, (name, idx) = self.C, key
+        try:
+            if self.real is not None:  # a local copy: its examples carry their task
+                ex = self.real[name][idx % len(self.real[name])]
+            else:
+                ex = shapes.make_example(name, shapes.TRAIN_SEED_OFFSET + idx, self.mconf.image_size,
+                                         C.turns_per_image, C.absent_rate, video_frames=C.video_frames)
+            e = data.encode_example(ex, self.tok, self.mconf, C.task_weights, C.loss_weighting, C.root_flat_weights,
+                                    C.max_frames, C.video_fps, C.seq_len, C.first_token_mults.get(ex["task"], 1.0))
+        except (data.MediaError, FileNotFoundError) as err:
+            return key, Skipped(str(err))
+        # one uint8 tensor (F, 3, H, W) for the example's frames: one shared-memory block between processes, not F
+        e["images"] = torch.stack(e["images"]) if e["images"] else None
+        return key, e
+
+
+def _as_is(item):
+    """The DataLoader's collate_fn: items pass unchanged (collating happens after packing, in the main process)."""
+    return item
+
+
+class _Keys:
+    """The DataLoader's sampler: iterated in the main process, it yields the stream's keys (TrainingStream._keys)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def __iter__(self):
+        return self.stream._keys()
+
+
+class TrainingStream:
+    """One rank's micro-batches: get_batch() -> the batch dict on the device (data.collate's fields and n_examples).
+    C.batch_size rows, each one example, or (C.packing) as many whole examples as fit seq_len and max_images_per_row.
+    Under torchrun the sampler is the dp rank's share of the one global stream; the cp ranks of a dp group receive
+    their cp rank 0's batch. Attributes: packer, media (BrokenMedia), wait_s (seconds get_batch has blocked)."""
+
+    def __init__(self, C, tok, mconf, sampler, dev, real=None, D=None, print=print):
+        self.C, self.tok, self.sampler, self.dev = C, tok, sampler, dev
+        self.cp_rank, self.cp, self.cp_group = (D.cp_rank, D.cp, D.cp_group) if D is not None else (0, 1, None)
+        self.media = BrokenMedia(C.max_broken_frac, print)
+        self.packer = data.Packer(self._source, self._taken, C.seq_len, C.max_images_per_row, C.pack_buffer)
+        self.inflight = deque()  # [(key, the sampler's state before it was drawn, or None for a replayed key)]
+        self.replay = deque()    # a resumed packer's buffered keys, re-encoded (by the workers) before any new draw
+        self.wait_s, self._it, self._got = 0.0, None, None
+        workers = data_workers(C.data_workers, dev)
+        # prefetch is counted in examples; the DataLoader counts it per worker (prefetch_factor)
+        self.loader = DataLoader(ExampleMaker(C, tok, mconf, real), batch_size=None, sampler=_Keys(self),
+                                 num_workers=workers, collate_fn=_as_is,
+                                 prefetch_factor=-(-C.prefetch // workers) if workers else None,
+                                 multiprocessing_context="fork" if workers else None)
+
+    # -- the key stream, in order ----------------------------------------------------------------------------
+    def _keys(self):
+        """The keys in the order training consumes them, each noted in flight with what the checkpoint must save
+        should it not be consumed yet: the replayed keys first, then the sampler's draws."""
+        while True:
+            if self.replay:
+                key, before = self.replay.popleft(), None
+            else:
+                before = self.sampler.state()
+                key = self.sampler.draw()
+            self.inflight.append((key, before))
+            yield key
+
+    def _next(self):
+        """The next key in order and its encoded example, or None where the example is skipped (its media cannot be
+        decoded, or it can never fit a row: counted in media)."""
+        if self._it is None:  # started at the first batch, after a resume has set the state
+            self._it = iter(self.loader)
+        key, e = next(self._it)
+        want, _ = self.inflight.popleft()
+        assert key == want, (key, want)  # the DataLoader hands results back in key order
+        C = self.C
+        if isinstance(e, Skipped):
+            self.media.skip(key[0], e.err)
+            return key, None
+        e["images"] = list(e["images"]) if e["images"] is not None else []  # (3, H, W) views of one tensor
+        # text alone longer than seq_len (a long Tulu conversation, a grouped image with many questions), or more
+        # frames than a packed row's vision budget: no row can hold it, so it is skipped like a broken file
+        if len(e["input_ids"]) > C.seq_len or (C.packing and len(e["images"]) > C.max_images_per_row):
+            self.media.skip(key[0], f"{e['task']} example of {len(e['input_ids'])} tokens and {len(e['images'])} "
+                                    f"images does not fit a row (seq_len={C.seq_len}, max_images_per_row="
+                                    f"{C.max_images_per_row})", what="more tokens or images than a row holds")
+            return key, None
+        self.media.seen[key[0]] += 1
+        return key, e
+
+    # the packer's two callbacks: source() gives the next key, encode(key) its example (None: skipped)
+    def _source(self):
+        key, self._got = self._next()
+        return key
+
+    def _taken(self, key):
+        e, self._got = self._got, None
+        return e
+
+    def _example(self):
+        """The next example that encodes (unpacked rows)."""
+        while True:
+            e = self._next()[1]
+            if e is not None:
+                return e
+
+    # -- batches -------------------------------------------------------------------------------------------
+    def _build(self):
+        """One micro-batch on the host: B rows. Packed, a row is a list of whole examples chosen best-fit from a
+        buffer of pack_buffer encoded examples (their doc ids keep them apart in attention); unpacked, a row is one
+        example. collate pads to the longest row (seq_len at most) and stacks: input_ids (B, T), labels (B, T),
+        loss_weights (B, T), pixel_values (B, F, 3, H, W) uint8, ..."""
+        C = self.C
+        rows = self.packer.rows(C.batch_size) if C.packing else [self._example() for _ in range(C.batch_size)]
+        b = data.collate(rows, self.tok.pad, C.seq_len, fixed=self.dev.type == "cuda")  # CUDA: one shape, one compile
+        b["n_examples"] = sum(len(r) if isinstance(r, list) else 1 for r in rows)
+        return b
+
+    def get_batch(self):
+        """The next micro-batch on the device; the time it blocks the training thread is added to wait_s."""
+        t = time.perf_counter()
+        b = to_device(self._build(), self.dev) if self.cp_rank == 0 else None
+        if self.cp > 1:
+            b = broadcast_batch(b, self.cp_group, self.dev)
+        self.wait_s += time.perf_counter() - t
+        return b
+
+    # -- checkpoint state ----------------------------------------------------------------------------------
+    def state(self):
+        """The stream as consumed: the sampler's state before its oldest key in flight (or now, when none is), and
+        the packer's buffered keys followed by the replayed keys not consumed yet. None on a cp rank > 0 (it
+        receives its batches)."""
+        if self.cp_rank:
+            return None
+        before = next((s for _, s in self.inflight if s is not None), None)
+        return dict(sampler=before or self.sampler.state(),
+                    packer=self.packer.state() + [k for k, s in self.inflight if s is None] + list(self.replay))
+
+    def load_state(self, s):
+        """Continue from state(): the sampler's counters, and the packer's buffered keys re-encoded first, in their
+        order, so the next rows are the saved run's."""
+        if s is None:
+            return
+        assert self._it is None, "load_state before the first batch"
+        self.sampler.load_state(s["sampler"])
+        self.packer.buf, self.replay = [], deque(s["packer"])
+
+    def close(self):
+        """Stop the worker processes (the iterator's end)."""
+        self._it = None
+
+
+def data_workers(n, dev):
+    """Config key data_workers: -1 = 4 on CUDA (the GPU waits on decoding otherwise), 0 on a CPU (measured on
+    config/shapes_stage2.py: a worker process takes cores from the matmuls: docs/experiments.md); else n."""
+    return n if n >= 0 else (4 if dev.type == "cuda" else 0)
+
+
+def to_device(b, dev):
+    """The batch's tensors on dev. On CUDA through pinned (page-locked) memory, the copies non-blocking: they run
+    while the training thread goes on, in stream order before any kernel that reads them."""
+    if dev.type != "cuda":
+        return {k: v.to(dev) if torch.is_tensor(v) else v for k, v in b.items()}
+    return {k: v.pin_memory().to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
+
+
+def broadcast_batch(b, group, dev):
+    """cp rank 0's batch on every rank of its cp group (group): one broadcast of the layout (names, shapes, dtypes
+    and the plain values), then one of every tensor's bytes packed into a single uint8 buffer on dev (NCCL moves CUDA
+    tensors only). b: the batch on cp rank 0, None on the others."""
+    src = dist.get_global_rank(group, 0)
+    box = [None if b is None else ({k: (tuple(v.shape), v.dtype) for k, v in b.items() if torch.is_tensor(v)},
+                                   {k: v for k, v in b.items() if not torch.is_tensor(v)})]
+    dist.broadcast_object_list(box, src=src, group=group, device=dev)
+    layout, plain = box[0]
+    # each tensor's bytes, padded to 8 so every piece starts aligned for its dtype view
+    sizes = [int(np.prod(shape, dtype=np.int64)) * dtype.itemsize for shape, dtype in layout.values()]
+    starts = np.cumsum([0] + [-(-n // 8) * 8 for n in sizes])
+    if b is not None:
+        flat = torch.zeros(int(starts[-1]), dtype=torch.uint8, device=dev)
+        for k, at, n in zip(layout, starts, sizes):
+            flat[at:at + n] = b[k].contiguous().reshape(-1).view(torch.uint8)
+    else:
+        flat = torch.empty(int(starts[-1]), dtype=torch.uint8, device=dev)
+    dist.broadcast(flat, src=src, group=group)
+    if b is not None:
+        return b
+    out = dict(plain)
+    for (k, (shape, dtype)), at, n in zip(layout.items(), starts, sizes):
+        out[k] = flat[at:at + n].view(dtype).reshape(shape)
+    return out
+
+
+class BrokenMedia:
+    """Examples skipped because their image or video cannot be decoded (a truncated PNG, an empty JPEG, a text file
+    named .mp4: at PixMo scale some files always are), counted per dataset. The skip is deterministic (the same
+    key fails again), so a resumed run replays the same stream. Too many is a data problem, not bad luck: past
+    max_frac of a dataset's examples (once MIN_JUDGED of them were tried) the run stops, naming an example."""
+    MIN_JUDGED = 20
+
+    def __init__(self, max_frac, print=print):
+        self.max_frac, self.print = max_frac, print
+        self.skipped, self.seen, self.last = Counter(), Counter(), {}
+
+    def skip(self, name, err, what="media that cannot be decoded"):
+        self.skipped[name] += 1
+        self.last[name] = str(err)
+        if self.skipped[name] <= 3:  # the first few by name; then only the counts (log lines, summary)
+            self.print(f"skipped an example of {name}: {err}")
+        tried = self.skipped[name] + self.seen[name]
+        if tried >= self.MIN_JUDGED and self.skipped[name] > self.max_frac * tried:
+            raise SystemExit(f"dataset {name}: {self.skipped[name]} of {tried} examples skipped (the latest has "
+                             f"{what}: {err}), more than max_broken_frac={self.max_frac:g}")
+
+    def summary(self):
+        """'name k of n, ...' for the datasets with skips (empty when none)."""
+        return ", ".join(f"{n} {k} of {k + self.seen[n]}" for n, k in sorted(self.skipped.items()))
