@@ -878,7 +878,7 @@ def collate(rows, pad_id, seq_len, left_pad=False, fixed=False):
                 offset += n_patches
                 f += 1
     k = max((p.shape[1] for p in pool), default=1)  # 2x2 image windows and 3x3 frame windows: pad with -1
-    pool = [np.pad(p, ((0, 0), (0, k - p.shape[1])), constant_values=-1) for p in pool]
+    pool = [p if p.shape[1] == k else np.pad(p, ((0, 0), (0, k - p.shape[1])), constant_values=-1) for p in pool]
     pool_idx = torch.from_numpy(np.concatenate(pool)) if pool else torch.zeros(0, k, dtype=torch.long)
     return dict(input_ids=input_ids, attention_mask=doc_ids > 0, labels=labels, loss_weights=loss_w,
                 doc_ids=doc_ids, position_ids=position_ids, pixel_values=pixel_values, image_mask=image_mask,

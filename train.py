@@ -1084,7 +1084,8 @@ class Trainer:
             print(f"training throughput over {step - self.start_step} steps (evals excluded): "
                   f"{tot['tokens'] / tot['seconds']:,.0f} tok/s, {tot['examples'] / tot['seconds']:.1f} examples/s, "
                   f"non-pad {100 * tot['tokens'] / tot['cells']:.1f}% of the rows, "
-                  f"{tot['examples'] / max(1, step - self.start_step) / C.grad_accum:.1f} examples per micro-batch")
+                  f"{tot['examples'] / max(1, step - self.start_step) / C.grad_accum:.1f} examples per micro-batch, "
+                  f"data wait {100 * tot['data_wait'] / tot['seconds']:.0f}% of the step time")
         if self.media.skipped:
             print(f"examples skipped for media that cannot be decoded (this rank): {self.media.summary()}")
         # The last state is always saved (a run stopped by stop_at resumes from exactly here), then the final eval
