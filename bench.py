@@ -921,7 +921,8 @@ def vs_transformers(argv):
     # pooled grid (rows, cols; zeros for the crops it does not have), by which the features are split per image
     hf_in = dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"].long(),
                  mm_token_type_ids=(b["input_ids"] >= base).long(),  # vision tokens: bidirectional among themselves
-                 pixel_values=M.patchify(normalize_pixels(b["pixel_values"][b["image_mask"]]), mconf.patch_size),  # (N, P, 3 p p)
+                 # (N, P, 3 p p), the bytes normalised as the model normalises them
+                 pixel_values=M.patchify(normalize_pixels(b["pixel_values"][b["image_mask"]]), mconf.patch_size),
                  image_token_pooling=b["pool_idx"],
                  image_grids=torch.tensor([[rows_, cols_, 0, 0]] * n_img, device=dev))  # a single crop each
     labels, w = b["labels"], b["loss_weights"]

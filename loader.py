@@ -97,9 +97,11 @@ class TrainingStream:
         self.replay = deque()    # a resumed packer's buffered keys, re-encoded (by the workers) before any new draw
         self.wait_s, self._it, self._got = 0.0, None, None
         workers = data_workers(C.data_workers, dev)
-        # prefetch is counted in examples; the DataLoader counts it per worker (prefetch_factor)
+        # prefetch is counted in examples; the DataLoader counts it per worker (prefetch_factor). Its own generator:
+        # starting an iterator draws the workers' base seed, which must not move the training's global RNG
         self.loader = DataLoader(ExampleMaker(C, tok, mconf, real), batch_size=None, sampler=_Keys(self),
                                  num_workers=workers, collate_fn=_as_is,
+                                 generator=torch.Generator().manual_seed(C.seed),
                                  prefetch_factor=-(-C.prefetch // workers) if workers else None,
                                  multiprocessing_context="fork" if workers else None)
 

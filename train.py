@@ -112,8 +112,8 @@ packing = False                 # pack several examples per row (doc ids + resta
 max_images_per_row = 8          # packing: vision budget per row (Molmo2: max crops per sequence)
 pack_buffer = 32                # packing: examples the best-fit packer chooses from
 grad_accum = 1                  # micro-batches per optimizer step
-data_workers = -1               # processes decoding and encoding examples ahead of training (loader.py); 0 = on the
-                                # training thread; -1 = 4 on CUDA, 0 on a CPU, where a worker takes cores from the matmuls
+data_workers = -1               # processes encoding examples ahead of training (loader.py); 0 = on the training
+                                # thread; -1 = 4 on CUDA, 0 on a CPU (a worker there takes cores from the matmuls)
 prefetch = 64                   # examples encoded ahead by the workers: about two shapes stage-2 micro-batches
 vit_pretrain_steps = 0          # shapes only: pretrain ViT + connector first (stand-in for SigLIP2; 0 = none)
 vit_pretrain_batch = 64         # images per ViT pretraining step
@@ -665,7 +665,7 @@ def check_config(C):
             raise SystemExit(f"config key {key!r} must be one of {allowed}, got {getattr(C, key)!r}")
     for key, least in (("vit_pretrain_steps", 0), ("vit_pretrain_batch", 1), ("lr_vit_mult", 0),
                        ("lr_connector_mult", 0), ("max_minutes", 0), ("max_bad_steps", 1), ("max_broken_frac", 0),
-                       ("attn_tile", 0)):
+                       ("attn_tile", 0), ("data_workers", -1), ("prefetch", 1)):
         if getattr(C, key) < least:
             raise SystemExit(f"config key {key!r} must be >= {least}, got {getattr(C, key)!r}")
     if not 0.0 <= C.absent_rate <= 1.0:
@@ -895,8 +895,9 @@ class Trainer:
         self.step, self.history = ckpt["step"], ckpt["history"]
         self.budget_steps = ckpt.get("budget_steps")  # a max_minutes run's fixed step count
         set_rng_state(ckpt["rng"])
-        # One stream state per rank: each dp rank draws its own share of the global sample stream; the other cp
-        # ranks of a dp group receive its batches (their entry is None). Resuming on another process count would change who draws what.
+        # One stream state per rank: each dp rank draws its own share of the global sample stream; the other
+        # cp ranks of a dp group receive its batches (their entry is None). Resuming on another process count
+        # would change who draws what.
         states = ckpt["streams"]
         if len(states) != D.world:
             raise SystemExit(f"resume: the checkpoint was written by {len(states)} process(es), this run has "
