@@ -8,17 +8,20 @@ off the training thread's critical path and resumable exactly.
                          data.encode_example), `prefetch` keys ahead of the training thread, handed back in key
                          order (the DataLoader keeps it), so the stream is the same for any number of workers
     main process         the packer (data.Packer, best-fit over its buffer) fills rows from the examples in key
-                         order, collate pads them into the batch dict, pixels as uint8 bytes; on CUDA the batch
-                         goes through pinned memory with non-blocking copies, and the model normalises the bytes on
-                         the device (data.normalize_pixels)
+                         order, collate pads them into the batch dict, pixels as uint8 bytes, on CUDA in pinned
+                         memory; with workers this runs one batch ahead on a thread of its own (the training thread
+                         only takes the batch); the copy to the GPU is non-blocking, and the model normalises the
+                         bytes on the device (data.normalize_pixels)
     cp > 1               the cp ranks of a dp group train on the same batch: only cp rank 0 of each group builds it
                          (each video decoded once per group) and broadcasts it to the group (broadcast_batch)
 
 Exact resume: the checkpoint holds the stream as CONSUMED by training, not as prefetched. Each key in flight keeps
-the sampler's state from before it was drawn; the state saved (TrainingStream.state) is the oldest in-flight key's,
-and the packer's buffered keys plus the replayed keys still in flight. data_workers = 0 is the DataLoader's
-in-process mode: the same code path, each example encoded on the training thread when the packer asks for it.
+the sampler's state from before it was drawn, and each batch built ahead the stream's state from before it was
+built; the state saved (TrainingStream.state) is the oldest one not consumed. data_workers = 0 is the DataLoader's
+in-process mode with no thread: the same code, each example encoded on the training thread when the packer asks.
 """
+import queue
+import threading
 import time
 from collections import Counter, deque
 
@@ -97,6 +100,10 @@ class TrainingStream:
         self.replay = deque()    # a resumed packer's buffered keys, re-encoded (by the workers) before any new draw
         self.wait_s, self._it, self._got = 0.0, None, None
         workers = data_workers(C.data_workers, dev)
+        # with workers, batches are built one ahead on a thread (_ahead): its queue, the stream's state before each
+        # batch not consumed yet (oldest first), and the lock that keeps those states whole
+        self.thread, self._q, self._pending, self._lock = None, queue.Queue(maxsize=1), deque(), threading.Lock()
+        self._stop, self._ahead_on = False, workers > 0
         # prefetch is counted in examples; the DataLoader counts it per worker (prefetch_factor). Its own generator:
         # starting an iterator draws the workers' base seed, which must not move the training's global RNG
         self.loader = DataLoader(ExampleMaker(C, tok, mconf, real), batch_size=None, sampler=_Keys(self),
@@ -166,13 +173,48 @@ class TrainingStream:
         C = self.C
         rows = self.packer.rows(C.batch_size) if C.packing else [self._example() for _ in range(C.batch_size)]
         b = data.collate(rows, self.tok.pad, C.seq_len, fixed=self.dev.type == "cuda")  # CUDA: one shape, one compile
+        if self.dev.type == "cuda":  # page-locked: the copy to the GPU can then run asynchronously
+            b = {k: v.pin_memory() for k, v in b.items()}
         b["n_examples"] = sum(len(r) if isinstance(r, list) else 1 for r in rows)
         return b
+
+    def _ahead(self):
+        """The batch-ahead thread: note the stream's state, build a batch, queue it (the queue holds one: the next is
+        built while the training thread uses it); an error is queued in its place and raised by get_batch."""
+        while not self._stop:
+            with self._lock:
+                self._pending.append(self._live_state())
+            try:
+                item = self._build()
+            except BaseException as e:  # noqa: B036 (SystemExit from BrokenMedia too: the training thread raises it)
+                item = e
+            while not self._stop:
+                try:
+                    self._q.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    pass
+            if isinstance(item, BaseException):
+                return
+
+    def _host_batch(self):
+        """The next batch on the host: built here (no workers) or taken from the batch-ahead thread."""
+        if not self._ahead_on:
+            return self._build()
+        if self.thread is None:  # started at the first batch, after a resume has set the state
+            self.thread = threading.Thread(target=self._ahead, name="batch-ahead", daemon=True)
+            self.thread.start()
+        item = self._q.get()
+        with self._lock:
+            self._pending.popleft()  # consumed: the state saved from now on is the next batch's
+        if isinstance(item, BaseException):
+            raise item
+        return item
 
     def get_batch(self):
         """The next micro-batch on the device; the time it blocks the training thread is added to wait_s."""
         t = time.perf_counter()
-        b = to_device(self._build(), self.dev) if self.cp_rank == 0 else None
+        b = to_device(self._host_batch(), self.dev) if self.cp_rank == 0 else None
         if self.cp > 1:
             b = broadcast_batch(b, self.cp_group, self.dev)
         self.wait_s += time.perf_counter() - t
@@ -185,6 +227,11 @@ class TrainingStream:
         receives its batches)."""
         if self.cp_rank:
             return None
+        with self._lock:  # a batch built ahead and not consumed: the state before it; else the stream's now
+            return self._pending[0] if self._pending else self._live_state()
+
+    def _live_state(self):
+        """The stream's state now, for the next batch to be built (state())."""
         before = next((s for _, s in self.inflight if s is not None), None)
         return dict(sampler=before or self.sampler.state(),
                     packer=self.packer.state() + [k for k, s in self.inflight if s is None] + list(self.replay))
@@ -194,12 +241,15 @@ class TrainingStream:
         order, so the next rows are the saved run's."""
         if s is None:
             return
-        assert self._it is None, "load_state before the first batch"
+        assert self._it is None and self.thread is None, "load_state before the first batch"
         self.sampler.load_state(s["sampler"])
         self.packer.buf, self.replay = [], deque(s["packer"])
 
     def close(self):
-        """Stop the worker processes (the iterator's end)."""
+        """Stop the batch-ahead thread and the worker processes (the iterator's end)."""
+        self._stop = True
+        if self.thread is not None:
+            self.thread.join(timeout=60)
         self._it = None
 
 
@@ -210,11 +260,10 @@ def data_workers(n, dev):
 
 
 def to_device(b, dev):
-    """The batch's tensors on dev. On CUDA through pinned (page-locked) memory, the copies non-blocking: they run
-    while the training thread goes on, in stream order before any kernel that reads them."""
-    if dev.type != "cuda":
-        return {k: v.to(dev) if torch.is_tensor(v) else v for k, v in b.items()}
-    return {k: v.pin_memory().to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
+    """The batch's tensors on dev. On CUDA they come from pinned (page-locked) memory (TrainingStream._build) and the
+    copies are non-blocking: they run while the training thread goes on, in stream order before any kernel that
+    reads them."""
+    return {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
 
 
 def broadcast_batch(b, group, dev):
