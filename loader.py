@@ -28,7 +28,7 @@ from collections import Counter, deque
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, get_worker_info
 
 import data
 import shapes
@@ -64,9 +64,11 @@ class ExampleMaker:
                                     C.max_frames, C.video_fps, C.seq_len, C.first_token_mults.get(ex["task"], 1.0))
         except (data.MediaError, FileNotFoundError) as err:
             return key, Skipped(str(err))
-        # the frames as one uint8 array (F, 3, H, W), pickled through the worker's pipe: measured faster than a
-        # shared-memory tensor each (a file descriptor passed per tensor), and no descriptors to run out of
-        e["images"] = torch.stack(e["images"]).numpy() if e["images"] else None
+        # in a worker process, the frames as one uint8 array (F, 3, H, W), pickled through the worker's pipe:
+        # measured faster than a shared-memory tensor each (a file descriptor passed per tensor), and no descriptors
+        # to run out of
+        if e["images"] and get_worker_info() is not None:
+            e["images"] = torch.stack(e["images"]).numpy()
         return key, e
 
 
@@ -137,7 +139,8 @@ class TrainingStream:
         if isinstance(e, Skipped):
             self.media.skip(key[0], e.err)
             return key, None
-        e["images"] = list(torch.from_numpy(e["images"])) if e["images"] is not None else []  # (3, H, W) views
+        if isinstance(e["images"], np.ndarray):  # from a worker: (3, H, W) views of one tensor
+            e["images"] = list(torch.from_numpy(e["images"]))
         # text alone longer than seq_len (a long Tulu conversation, a grouped image with many questions), or more
         # frames than a packed row's vision budget: no row can hold it, so it is skipped like a broken file
         if len(e["input_ids"]) > C.seq_len or (C.packing and len(e["images"]) > C.max_images_per_row):
@@ -255,7 +258,8 @@ class TrainingStream:
 
 def data_workers(n, dev):
     """Config key data_workers: -1 = 4 on CUDA (the GPU waits on decoding otherwise), 0 on a CPU (measured on
-    config/shapes_stage2.py: a worker process takes cores from the matmuls: docs/experiments.md); else n."""
+    config/shapes_stage2.py: the data are 4% of a step, and workers take cores from the matmuls, 1.9 s a step against
+    1.55: docs/experiments.md, The training stream); else n."""
     return n if n >= 0 else (4 if dev.type == "cuda" else 0)
 
 
