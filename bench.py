@@ -551,8 +551,8 @@ TIMESTAMP_TOKENS = 4  # a frame's "{t:.1f} " text before it: digit by digit, e.g
 def synthetic_example(mconf, ids, n_vision, video, n_text, weighting, rng, gen):
     """One example in data.encode_example's layout and output keys:
         <bos> [n_vision images or frames] prompt (n_text // 4 tokens) answer (the rest, >= 1 token)
-    Token ids are random text ids (< base_vocab) outside the vision layout; pixels are uniform in [-1, 1] as
-    preprocessed images are. labels[t] = input_ids[t + 1] (the last -1); loss_weights[t] > 0 where the target
+    Token ids are random text ids (< base_vocab) outside the vision layout; pixels are uniform uint8 bytes, as
+    encoded images are. labels[t] = input_ids[t + 1] (the last -1); loss_weights[t] > 0 where the target
     input_ids[t + 1] is an answer token: 1.0 each ('task' weighting) or 2/sqrt(answer tokens) ('root')."""
     layout, idx, patches = vision_unit(mconf, ids, video)
     V, H = mconf.base_vocab, mconf.image_size
