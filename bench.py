@@ -48,8 +48,10 @@ import time
 
 import torch
 
+import loader
 import machine
 import train
+from data import normalize_pixels
 
 
 def build(argv):
@@ -66,11 +68,11 @@ def build(argv):
 
 
 def batch_stream(cfg, tok, mconf):
-    """The training loop's own stream (train.batch_source): packed or not, exactly what train.py would see."""
+    """The training loop's own stream (loader.TrainingStream): packed or not, exactly what train.py would see."""
     import mixing
     C = type("Config", (), cfg)
     sampler = mixing.MixtureSampler(*train.mixture_of(C), seed=cfg["seed"])
-    return train.batch_source(C, tok, mconf, sampler, torch.device("cpu"))[0]
+    return loader.TrainingStream(C, tok, mconf, sampler, torch.device("cpu")).get_batch
 
 
 def run_once(model, batch, dev, dt, attn_impl="sdpa"):
@@ -549,8 +551,8 @@ TIMESTAMP_TOKENS = 4  # a frame's "{t:.1f} " text before it: digit by digit, e.g
 def synthetic_example(mconf, ids, n_vision, video, n_text, weighting, rng, gen):
     """One example in data.encode_example's layout and output keys:
         <bos> [n_vision images or frames] prompt (n_text // 4 tokens) answer (the rest, >= 1 token)
-    Token ids are random text ids (< base_vocab) outside the vision layout; pixels are uniform in [-1, 1] as
-    preprocessed images are. labels[t] = input_ids[t + 1] (the last -1); loss_weights[t] > 0 where the target
+    Token ids are random text ids (< base_vocab) outside the vision layout; pixels are uniform uint8 bytes, as
+    encoded images are. labels[t] = input_ids[t + 1] (the last -1); loss_weights[t] > 0 where the target
     input_ids[t + 1] is an answer token: 1.0 each ('task' weighting) or 2/sqrt(answer tokens) ('root')."""
     layout, idx, patches = vision_unit(mconf, ids, video)
     V, H = mconf.base_vocab, mconf.image_size
@@ -567,7 +569,7 @@ def synthetic_example(mconf, ids, n_vision, video, n_text, weighting, rng, gen):
     w = 1.0 if weighting == "task" else 2.0 / n_ans ** 0.5
     labels = input_ids[1:] + [-1]
     loss_w = [w if a else 0.0 for a in is_answer[1:]] + [0.0]
-    images = [torch.rand(3, H, H, generator=gen) * 2 - 1 for _ in range(n_vision)]
+    images = [torch.randint(0, 256, (3, H, H), generator=gen, dtype=torch.uint8) for _ in range(n_vision)]  # bytes
     return dict(input_ids=input_ids, labels=labels, loss_weights=loss_w, images=images, pool_idx=[idx] * n_vision,
                 timestamps=[0.5 * f for f in range(n_vision)] if video else [0.0] * n_vision,
                 n_patches=[patches] * n_vision, task="synthetic")
@@ -764,7 +766,7 @@ def real(argv, steps=3, media="auto"):
     t_opt = timed(optimizer, steps, dev)
 
     g = torch.Generator(device=dev).manual_seed(0)
-    imgs = b["pixel_values"][b["image_mask"]]  # (N_img, 3, H, W): the real images and frames only
+    imgs = normalize_pixels(b["pixel_values"][b["image_mask"]])  # (N_img, 3, H, W): the real images and frames only
     g_tok = torch.randn(n_tok, mconf.d_model, device=dev, generator=g)  # dL/d(pooled features) (N_tok, d_model)
 
     def vision():  # Molmo2.embed_inputs' vision half: pixels -> ViT features -> pooled, projected tokens
@@ -919,7 +921,8 @@ def vs_transformers(argv):
     # pooled grid (rows, cols; zeros for the crops it does not have), by which the features are split per image
     hf_in = dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"].long(),
                  mm_token_type_ids=(b["input_ids"] >= base).long(),  # vision tokens: bidirectional among themselves
-                 pixel_values=M.patchify(b["pixel_values"][b["image_mask"]], mconf.patch_size),  # (N, P, 3 p p)
+                 # (N, P, 3 p p), the bytes normalised as the model normalises them
+                 pixel_values=M.patchify(normalize_pixels(b["pixel_values"][b["image_mask"]]), mconf.patch_size),
                  image_token_pooling=b["pool_idx"],
                  image_grids=torch.tensor([[rows_, cols_, 0, 0]] * n_img, device=dev))  # a single crop each
     labels, w = b["labels"], b["loss_weights"]

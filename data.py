@@ -5,7 +5,8 @@ Data: text -> token ids, images -> pixels, examples -> the batch fields every st
                   under a second), plus Molmo2's special tokens. A named tiktoken encoding (or a local
                   .tiktoken file) is used only if it is already on disk: nothing is fetched at run time.
     chat format   Qwen3 turns; BOS is <|im_end|>; the image goes right after BOS (docs/molmo2.md, Architecture).
-    images        Pillow, any mode -> RGB, stretched to image_size, scaled to [-1, 1] (mean = std = 0.5).
+    images        Pillow, any mode -> RGB, stretched to image_size, kept as uint8 bytes; the model scales them to
+                  [-1, 1] (mean = std = 0.5) on its device.
     image tokens  <im_start> + rows of (pooled <im_patch> tokens [+ <im_col>]) + <im_end>; what an image
                   and a frame cost per config: image_block, visual_tokens (docs/molmo2.md, Token layout)
     video         PyAV, Molmo2's frame times (2 fps + last frame, or max_frames uniformly), true timestamps;
@@ -15,7 +16,7 @@ Data: text -> token ids, images -> pixels, examples -> the batch fields every st
     packing       several examples per row, best-fit over a small buffer (docs/molmo2.md, Stages); each row
                   keeps its examples apart with doc_ids and restarted position_ids
     batch         input_ids [B,T], attention_mask [B,T], labels [B,T], loss_weights [B,T],
-                  pixel_values [B,F,3,H,W], image_mask [B,F], timestamps [B,F]  (docs/molmo2.md, Stages)
+                  pixel_values [B,F,3,H,W] uint8, image_mask [B,F], timestamps [B,F]  (docs/molmo2.md, Stages)
                   + doc_ids [B,T], position_ids [B,T], pool_idx [N_tok, k] (packing, pooling)
 
 The path of one example: encode_example (turns -> ids, labels, loss weights; visual_tokens -> the pixels and
@@ -311,7 +312,7 @@ def parse_points(text):
 
 class MediaError(ValueError):
     """An image or video file that exists but cannot be decoded (truncated, corrupt, not media at all). Training
-    skips the example that needs it and counts it (train.batch_source); elsewhere it is an error naming the file."""
+    skips the example that needs it and counts it (loader.TrainingStream); elsewhere it is an error naming the file."""
 
 
 def _to_rgb(im):
@@ -337,16 +338,29 @@ def load_image(src):
         raise MediaError(f"cannot read image {src}: {e}") from None
 
 
+def image_bytes(img, size, width=None):
+    """PIL or path -> uint8 tensor (3, size, width or size): the image's RGB bytes at the model's size. Stretched, no
+    aspect-preserving pad (Molmo2 resizes to the square); bilinear without antialiasing and rounded back to bytes, as
+    transformers' Molmo2 image and video processors resize, so a released checkpoint sees the pixels it was trained
+    on. Examples and batches carry pixels as these bytes (a quarter of fp32's memory, in the packer's buffer, between
+    loader processes and on the way to the GPU); the model normalises them on its device (normalize_pixels)."""
+    x = torch.from_numpy(np.array(load_image(img), dtype=np.uint8)).permute(2, 0, 1)  # (3, H, W)
+    if x.shape[1:] != (size, width or size):
+        x = torch.nn.functional.interpolate(x[None].float(), size=(size, width or size), mode="bilinear",
+                                            align_corners=False, antialias=False).round().clamp(0, 255)[0]
+    return x.to(torch.uint8).contiguous()
+
+
+def normalize_pixels(x):
+    """uint8 bytes (..., 3, H, W) -> float32 in [-1, 1]: x / 255, then (x - mean) / std with Molmo2's mean = std = 0.5
+    (its image_preprocessor). Runs wherever x is: model.Molmo2 calls it on the device."""
+    return (x.float() / 255.0 - 0.5) / 0.5
+
+
 def preprocess_image(img, size, width=None):
-    """PIL or path -> float32 tensor (3, size, width or size) in [-1, 1]. Stretched, no aspect-preserving pad
-    (Molmo2 resizes to the square); bilinear without antialiasing and rounded back to bytes, as transformers'
-    Molmo2 image and video processors resize, so a released checkpoint sees the pixels it was trained on;
-    x*2-1 is normalisation with mean = std = 0.5."""
-    x = torch.from_numpy(np.array(load_image(img), dtype=np.float32)).permute(2, 0, 1)[None]  # (1, 3, H, W)
-    if x.shape[2:] != (size, width or size):
-        x = torch.nn.functional.interpolate(x, size=(size, width or size), mode="bilinear", align_corners=False,
-                                            antialias=False).round().clamp(0, 255)
-    return x[0] / 255.0 * 2 - 1
+    """PIL or path -> float32 tensor (3, size, width or size) in [-1, 1]: image_bytes, normalised (the ViT's input,
+    for code that feeds the ViT directly)."""
+    return normalize_pixels(image_bytes(img, size, width))
 
 
 @lru_cache(maxsize=None)  # the same few grids every example: computed once, never mutated by callers
@@ -413,8 +427,8 @@ def multicrop_tokens(tok, height, width, crop=378, patch=14, pool=2, max_crops=8
 
 
 def multicrop_pixels(img, crop=378, patch=14, pool=2, max_crops=8, margins=(4, 4)):
-    """Molmo2's multi-crop pixels, in the order of multicrop_tokens. Returns crops (1 + r*c, 3, crop, crop) in
-    [-1, 1] (the global crop, then the tiles row-major) and pool_idx int64 (n_tokens, pool*pool): the crops'
+    """Molmo2's multi-crop pixels, in the order of multicrop_tokens. Returns crops (1 + r*c, 3, crop, crop) as uint8
+    bytes (image_bytes; the global crop, then the tiles row-major) and pool_idx int64 (n_tokens, pool*pool): the crops'
     patches (numbered crop by crop, row-major) pooled into each <im_patch>, -1 on padded slots. High-res windows
     are taken on the stitched canvas grid, so one may span two tiles."""
     if crop // patch <= sum(margins):
@@ -423,8 +437,8 @@ def multicrop_pixels(img, crop=378, patch=14, pool=2, max_crops=8, margins=(4, 4
     r, c, ch, cw = crop_geometry(img.height, img.width, crop, patch, max_crops, margins)
     g, (lm, rm) = crop // patch, margins
     step = crop - (lm + rm) * patch  # tiles start every window (266 px)
-    tiles = preprocess_image(img, ch, cw).unfold(1, crop, step).unfold(2, crop, step)  # (3, r, c, crop, crop)
-    crops = torch.cat([preprocess_image(img, crop)[None], tiles.permute(1, 2, 0, 3, 4).reshape(r * c, 3, crop, crop)])
+    tiles = image_bytes(img, ch, cw).unfold(1, crop, step).unfold(2, crop, step)  # (3, r, c, crop, crop)
+    crops = torch.cat([image_bytes(img, crop)[None], tiles.permute(1, 2, 0, 3, 4).reshape(r * c, 3, crop, crop)])
     # the canvas's patch grid as indices into the tiles' patches: every tile gives its window, and the tiles on
     # the canvas's edges their outer margins too (Molmo2 drops the overlapping margins, keeps the border ones)
     idx = g * g + np.arange(r * c * g * g).reshape(r, c, g, g)  # after the global crop's g*g patches
@@ -637,7 +651,7 @@ def visual_tokens(ex, tok, cfg, max_frames=128, fps=2.0, budget=None):
             n = max(1, len(keep) - max(1, (len(ids) - budget) * len(keep) // len(ids)))  # shrink about to fit
             keep = sorted({int(round(x)) for x in np.linspace(0, len(frames) - 1, n)})
             ids = layout(keep)
-        imgs = [preprocess_image(frames[i], cfg.image_size) for i in keep]
+        imgs = [image_bytes(frames[i], cfg.image_size) for i in keep]
         return ids, imgs, [idx] * len(keep), [float(times[i]) for i in keep]
     if ex.get("images"):
         if len(ex["images"]) > 5:
@@ -678,7 +692,7 @@ def image_block(img, tok, cfg):
         #   (Molmo2's 378 px, patch 14: 27 x 27, padded to 28 x 28 -> 14 x 14 = 196 + 14 + 2 = 212)
         g = cfg.image_size // cfg.patch_size
         idx, rows, cols = pooling_index(g, g, cfg.pool_h, cfg.pool_w)
-        return image_tokens(tok, rows, cols, cfg.col_tokens), [preprocess_image(img, cfg.image_size)], [idx]
+        return image_tokens(tok, rows, cols, cfg.col_tokens), [image_bytes(img, cfg.image_size)], [idx]
     if cfg.pool_h != cfg.pool_w:
         raise ValueError("multi-crop pools square windows: pool_h must equal pool_w")
     img = load_image(img)
@@ -692,7 +706,7 @@ def encode_example(ex, tok, cfg, task_weights, weighting="task", flat_weights=No
                    seq_len=None, first_token_mult=1.0):
     """ex: dict(task, turns [(user, assistant), ...], and one of image (PIL or path), images [up to 5],
     video (path or dict(frames, times)) with optional subtitles (.srt/.vtt path or [(s, e, text)])).
-    Returns dict(input_ids, labels, loss_weights (aligned with labels), images [(3,H,W)], pool_idx,
+    Returns dict(input_ids, labels, loss_weights (aligned with labels), images [(3,H,W) uint8], pool_idx,
     timestamps (one per image/frame)).
 
     Layout (Qwen3 chat turns, visual input right after BOS as Molmo2 does with no <|image|> placeholder):
@@ -838,8 +852,8 @@ def collate(rows, pad_id, seq_len, left_pad=False, fixed=False):
     loss_w = torch.zeros(B, T)
     doc_ids = torch.zeros(B, T, dtype=torch.long)
     position_ids = torch.zeros(B, T, dtype=torch.long)
-    shape = next((e["images"][0].shape for r in rows for e in r if e["images"]), (3, 1, 1))
-    pixel_values = torch.zeros(B, F, *shape)
+    first = next((e["images"][0] for r in rows for e in r if len(e["images"])), torch.zeros(3, 1, 1, dtype=torch.uint8))
+    pixel_values = torch.zeros(B, F, *first.shape, dtype=first.dtype)  # uint8 bytes: the model normalises them
     image_mask = torch.zeros(B, F, dtype=torch.bool)
     timestamps = torch.zeros(B, F)  # not a model input: the time text in input_ids is what the model sees
     # fill row by row, example by example; pool gathers each image's pooling rows, re-indexed into the batch's
@@ -864,7 +878,7 @@ def collate(rows, pad_id, seq_len, left_pad=False, fixed=False):
                 offset += n_patches
                 f += 1
     k = max((p.shape[1] for p in pool), default=1)  # 2x2 image windows and 3x3 frame windows: pad with -1
-    pool = [np.pad(p, ((0, 0), (0, k - p.shape[1])), constant_values=-1) for p in pool]
+    pool = [p if p.shape[1] == k else np.pad(p, ((0, 0), (0, k - p.shape[1])), constant_values=-1) for p in pool]
     pool_idx = torch.from_numpy(np.concatenate(pool)) if pool else torch.zeros(0, k, dtype=torch.long)
     return dict(input_ids=input_ids, attention_mask=doc_ids > 0, labels=labels, loss_weights=loss_w,
                 doc_ids=doc_ids, position_ids=position_ids, pixel_values=pixel_values, image_mask=image_mask,

@@ -19,6 +19,7 @@ from torch.nn.attention.flex_attention import BlockMask
 from torch.utils.checkpoint import checkpoint
 
 from cp_attention import FLEX_BLOCK, CPAttention, build_block_mask, flex_attention_fn, pad_to_multiple
+from data import normalize_pixels
 
 try:  # optional fast path: flash-attn on CUDA (detected, never required)
     from flash_attn import flash_attn_func
@@ -506,10 +507,14 @@ class Molmo2(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------------------
     def embed_inputs(self, input_ids, pixel_values=None, image_mask=None, pool_idx=None):
-        """Token embeddings (B, T, d) with pooled vision features added at the <im_patch> slots."""
+        """Token embeddings (B, T, d) with pooled vision features added at the <im_patch> slots. pixel_values
+        (B, F, 3, H, W): uint8 bytes (the batches data.collate makes), normalised here on the device, or float
+        pixels normalised already (data.preprocess_image)."""
         x = self.llm.embed_tokens(input_ids)
         if pixel_values is not None and image_mask is not None and image_mask.any():
             imgs = pixel_values[image_mask]                     # (N_img, 3, H, W): only real images run
+            if imgs.dtype == torch.uint8:
+                imgs = normalize_pixels(imgs)                   # fp32 in [-1, 1], as preprocess_image gives
             feats = self.vit(imgs if torch.is_autocast_enabled(x.device.type) else imgs.to(x.dtype))
             tok = self.connector(feats.flatten(0, 1), pool_idx)  # (N_tok, d)
             slots = input_ids == self.c.im_patch_id

@@ -14,7 +14,8 @@ ranks by DDP, or FSDP2 (fsdp=True) shards parameters, gradients and Adam state o
 What one optimizer step does, end to end (the shapes stage-1 config's numbers in brackets):
   1. the sampler (mixing.py) draws (dataset, index) keys by the mixture's weights; each key becomes an encoded
      example (data.encode_example: token ids, labels shifted by one, per-token loss weights, its images'
-     pixels and pooling indices) [~43 scenes a step, 3 questions each];
+     pixels and pooling indices) [~43 scenes a step, 3 questions each], in data_workers processes ahead of the
+     training thread (loader.py);
   2. the packer (data.Packer) fits whole examples into rows of seq_len tokens, and collate pads them into one
      batch dict: input_ids (B, T), doc_ids (B, T) (which example of the row a token belongs to), position_ids
      restarting at 0 for every example, loss_weights (B, T), pixel_values (B, F, 3, H, W) [B=8, T=512];
@@ -44,6 +45,7 @@ import torch.distributed as dist
 
 from checkpoint import (CheckpointError, load_checkpoint, non_finite, remove_stale_tmp, rng_state,
                         save_checkpoint, set_rng_state)
+from loader import TrainingStream
 from machine import peak_flops, resolve_dtype
 from metrics import MetricsLog, plot_curve, read_metrics, wandb_required
 
@@ -110,6 +112,9 @@ packing = False                 # pack several examples per row (doc ids + resta
 max_images_per_row = 8          # packing: vision budget per row (Molmo2: max crops per sequence)
 pack_buffer = 32                # packing: examples the best-fit packer chooses from
 grad_accum = 1                  # micro-batches per optimizer step
+data_workers = -1               # processes encoding examples ahead of training (loader.py); 0 = on the training
+                                # thread; -1 = 4 on CUDA, 0 on a CPU (a worker there takes cores from the matmuls)
+prefetch = 64                   # examples encoded ahead by the workers: about two shapes stage-2 micro-batches
 vit_pretrain_steps = 0          # shapes only: pretrain ViT + connector first (stand-in for SigLIP2; 0 = none)
 vit_pretrain_batch = 64         # images per ViT pretraining step
 vit_pretrain_lr = 1e-3          # its peak LR (warmup, then cosine to 10%)
@@ -520,92 +525,6 @@ def load_datasets(C, log):
         raise SystemExit(str(e)) from None
 
 
-def batch_source(C, tok, mconf, sampler, dev, real=None):
-    """The training stream: returns (get_batch, packer). get_batch() makes one micro-batch of C.batch_size
-    rows, each one example, or (C.packing) as many whole examples as fit seq_len and max_images_per_row.
-    Under torchrun the sampler is the dp rank's share of the one global stream (mixing.MixtureSampler), so the
-    cp ranks of a dp group build the same batch."""
-    import data
-    import shapes
-
-    # A key is (dataset, index). For the shapes world the dataset is a task name and the index a scene seed (offset
-    # into the training seed range, so held-out scenes are never trained on); for real data the index wraps around
-    # the local copy's examples (the sampler's indices run past its size once a dataset is repeated).
-    def encode(key):  # (dataset, index) -> encoded example dict (data.encode_example)
-        name, idx = key
-        if real is not None:  # a local copy: its examples carry their task
-            ex = real[name][idx % len(real[name])]
-        else:
-            ex = shapes.make_example(name, shapes.TRAIN_SEED_OFFSET + idx, mconf.image_size, C.turns_per_image,
-                                     C.absent_rate, video_frames=C.video_frames)
-        task = ex["task"]
-        return data.encode_example(ex, tok, mconf, C.task_weights, C.loss_weighting, C.root_flat_weights,
-                                   C.max_frames, C.video_fps, C.seq_len, C.first_token_mults.get(task, 1.0))
-
-    def encode_or_skip(key):  # None for an example that cannot be decoded or can never fit a row: counted, skipped
-        try:
-            e = encode(key)
-        except (data.MediaError, FileNotFoundError) as err:
-            media.skip(key[0], err)
-            return None
-        # text alone longer than seq_len (a long Tulu conversation, a grouped image with many questions), or more
-        # frames than a packed row's vision budget: no row can hold it, so it is skipped like a broken file
-        if len(e["input_ids"]) > C.seq_len or (C.packing and len(e["images"]) > C.max_images_per_row):
-            media.skip(key[0], f"{e['task']} example of {len(e['input_ids'])} tokens and {len(e['images'])} images "
-                               f"does not fit a row (seq_len={C.seq_len}, max_images_per_row={C.max_images_per_row})",
-                       what="more tokens or images than a row holds")
-            return None
-        media.seen[key[0]] += 1
-        return e
-
-    def draw_encoded():  # the next example that encodes
-        while True:
-            e = encode_or_skip(sampler.draw())
-            if e is not None:
-                return e
-
-    media = BrokenMedia(C.max_broken_frac, print)
-    packer = data.Packer(sampler.draw, encode_or_skip, C.seq_len, C.max_images_per_row, C.pack_buffer)
-
-    # One micro-batch: B rows. Packed, a row is a list of whole examples chosen best-fit from a buffer of pack_buffer
-    # encoded examples (their doc ids keep them apart in attention); unpacked, a row is one example. collate pads to
-    # the longest row (seq_len at most) and stacks: input_ids (B, T), labels (B, T), loss_weights (B, T), ...
-    def get_batch():
-        rows = packer.rows(C.batch_size) if C.packing else [draw_encoded() for _ in range(C.batch_size)]
-        b = data.collate(rows, tok.pad, C.seq_len, fixed=dev.type == "cuda")  # CUDA: one shape, one compile
-        b["n_examples"] = sum(len(r) if isinstance(r, list) else 1 for r in rows)
-        return {k: v.to(dev) if torch.is_tensor(v) else v for k, v in b.items()}
-    get_batch.media = media
-    return get_batch, packer
-
-
-class BrokenMedia:
-    """Examples skipped because their image or video cannot be decoded (a truncated PNG, an empty JPEG, a text file
-    named .mp4: at PixMo scale some files always are), counted per dataset. The skip is deterministic (the same
-    key fails again), so a resumed run replays the same stream. Too many is a data problem, not bad luck: past
-    max_frac of a dataset's examples (once MIN_JUDGED of them were tried) the run stops, naming an example."""
-    MIN_JUDGED = 20
-
-    def __init__(self, max_frac, print=print):
-        from collections import Counter
-        self.max_frac, self.print = max_frac, print
-        self.skipped, self.seen, self.last = Counter(), Counter(), {}
-
-    def skip(self, name, err, what="media that cannot be decoded"):
-        self.skipped[name] += 1
-        self.last[name] = str(err)
-        if self.skipped[name] <= 3:  # the first few by name; then only the counts (log lines, summary)
-            self.print(f"skipped an example of {name}: {err}")
-        tried = self.skipped[name] + self.seen[name]
-        if tried >= self.MIN_JUDGED and self.skipped[name] > self.max_frac * tried:
-            raise SystemExit(f"dataset {name}: {self.skipped[name]} of {tried} examples skipped (the latest has "
-                             f"{what}: {err}), more than max_broken_frac={self.max_frac:g}")
-
-    def summary(self):
-        """'name k of n, ...' for the datasets with skips (empty when none)."""
-        return ", ".join(f"{n} {k} of {k + self.seen[n]}" for n, k in sorted(self.skipped.items()))
-
-
 def pretrain_vit(model, C, dev, autocast, print=print):
     """Pretrain the ViT and the connector before stage 1: the shapes world's stand-in for the SigLIP2 checkpoint
     Molmo2 starts from. Returns the per-step losses and the held-out figures: centre_acc (the share of windows
@@ -782,7 +701,7 @@ def check_config(C):
             raise SystemExit(f"config key {key!r} must be one of {allowed}, got {getattr(C, key)!r}")
     for key, least in (("vit_pretrain_steps", 0), ("vit_pretrain_batch", 1), ("lr_vit_mult", 0),
                        ("lr_connector_mult", 0), ("max_minutes", 0), ("max_bad_steps", 1), ("max_broken_frac", 0),
-                       ("attn_tile", 0)):
+                       ("attn_tile", 0), ("data_workers", -1), ("prefetch", 1)):
         if getattr(C, key) < least:
             raise SystemExit(f"config key {key!r} must be >= {least}, got {getattr(C, key)!r}")
     if not 0.0 <= C.absent_rate <= 1.0:
@@ -988,8 +907,9 @@ class Trainer:
                                      lr=C.lr, betas=(C.beta1, C.beta2), eps=C.adam_eps, weight_decay=C.weight_decay,
                                      **adamw_kernel(dev))
         self.fwd = torch.compile(self.wrapped) if C.compile else self.wrapped
-        self.get_batch, self.packer = batch_source(C, tok, mconf, self.sampler, dev, data_src.real)
-        self.media = self.get_batch.media
+        # the data stream (loader.py): keys drawn here, examples encoded ahead in worker processes, packed here
+        self.stream = TrainingStream(C, tok, mconf, self.sampler, dev, data_src.real, D)
+        self.get_batch, self.packer, self.media = self.stream.get_batch, self.stream.packer, self.stream.media
         self.evals = data_src.real is None  # held-out evals are the shapes world's (real benchmarks: not yet)
         if resume:
             self.resume(ckpt)
@@ -1011,14 +931,14 @@ class Trainer:
         self.step, self.history = ckpt["step"], ckpt["history"]
         self.budget_steps = ckpt.get("budget_steps")  # a max_minutes run's fixed step count
         set_rng_state(ckpt["rng"])
-        # One stream state per rank: each dp rank draws its own share of the global sample stream, and the cp ranks
-        # of a dp group hold the same one. Resuming on another process count would change who draws what.
+        # One stream state per rank: each dp rank draws its own share of the global sample stream; the other
+        # cp ranks of a dp group receive its batches (their entry is None). Resuming on another process count
+        # would change who draws what.
         states = ckpt["streams"]
         if len(states) != D.world:
             raise SystemExit(f"resume: the checkpoint was written by {len(states)} process(es), this run has "
                              f"{D.world}; resume with the same number (or start a new run with init_from=PATH)")
-        self.sampler.load_state(states[D.rank]["sampler"])
-        self.packer.load_state(states[D.rank]["packer"])  # the examples it had buffered, re-made from their keys
+        self.stream.load_state(states[D.rank])  # the sampler's counters; the packer's keys, re-encoded first
         self.env.print(f"resumed from {C.out_dir} at step {self.step}")
 
     def last_checkpoint_note(self):
@@ -1033,7 +953,7 @@ class Trainer:
         Weights that are not finite are never written over a good checkpoint."""
         C, D = self.C, self.env.D
         msd, osd = full_state(self.model, self.opt, D)
-        streams = [dict(sampler=self.sampler.state(), packer=self.packer.state())]  # this rank's
+        streams = [self.stream.state()]  # this rank's, as consumed (not as prefetched); None on a cp rank > 0
         if D.world > 1:
             mine, streams = streams[0], [None] * D.world
             dist.all_gather_object(streams, mine)
@@ -1127,7 +1047,7 @@ class Trainer:
         peak = peak_flops(env.dev, env.dtype)
         self.t0, self.start_step = time.time(), self.step
         # running totals; a log line reports the change since the previous one, the last line the whole run
-        self.tot = tot = dict(tokens=0, cells=0, examples=0, flops=0, seconds=0.0)
+        self.tot = tot = dict(tokens=0, cells=0, examples=0, flops=0, seconds=0.0, data_wait=0.0)
         mark, eval_seconds = dict(tot), 0.0
         self.bad_in_a_row = self.bad_total = 0
         # the step count the schedule is laid over, and under max_minutes when it is decided (StepBudget)
@@ -1149,6 +1069,7 @@ class Trainer:
                 tot["examples"] += D.dp * b["n_examples"]
                 tot["flops"] += D.dp * self.model.flops(b)
             tot["seconds"] = time.time() - self.t0 - eval_seconds
+            tot["data_wait"] = self.stream.wait_s  # the seconds get_batch blocked the training thread
             if self.budget.due(step):
                 self.total = self.fix_budget(self.budget.probe_step_s())
             if step % C.log_interval == 0 or step == self.total:
@@ -1158,7 +1079,8 @@ class Trainer:
                 print(f"step {step:5d}/{self.total} | loss {loss:.4f} | gnorm {float(gnorm):.2f} | "
                       f"lr {self.opt.param_groups[-1]['lr']:.2e} | {d['tokens'] / d['seconds']:,.0f} tok/s | "
                       f"non-pad {100 * d['tokens'] / d['cells']:.0f}% | {d['examples'] / d['seconds']:.1f} ex/s | "
-                      f"MFU {100 * d['flops'] / d['seconds'] / (peak * D.world):.1f}% | elapsed {fmt_time(el)} | "
+                      f"MFU {100 * d['flops'] / d['seconds'] / (peak * D.world):.1f}% | "
+                      f"data wait {100 * d['data_wait'] / d['seconds']:.0f}% | elapsed {fmt_time(el)} | "
                       f"ETA {fmt_time(eta)}"
                       + (f" | skipped {sum(self.media.skipped.values())} broken" if self.media.skipped else "")
                       + (f" | {self.bad_total} non-finite steps skipped" if self.bad_total else ""), flush=True)
@@ -1169,7 +1091,8 @@ class Trainer:
                                       gnorm=float(gnorm), lr=self.opt.param_groups[-1]["lr"],
                                       tok_s=d["tokens"] / d["seconds"], ex_s=d["examples"] / d["seconds"],
                                       non_pad=d["tokens"] / d["cells"],
-                                      mfu=d["flops"] / d["seconds"] / (peak * D.world), elapsed_s=el, eta_s=eta))
+                                      mfu=d["flops"] / d["seconds"] / (peak * D.world),
+                                      data_wait=d["data_wait"] / d["seconds"], elapsed_s=el, eta_s=eta))
             if step % C.eval_interval == 0 and step < self.total:
                 t_eval = time.time()
                 self.checkpoint()  # saved before the eval, so an eval crash never loses the work (nanochat #446)
@@ -1192,12 +1115,14 @@ class Trainer:
         """The throughput summary, the final checkpoint, and after a complete run the final eval (500 prompts a
         task), its breakdown by question kind, the image-blind baseline and the learning curve."""
         C, print, tot, step = self.C, self.env.print, self.tot, self.step
+        self.stream.close()  # the data workers are done
         result = dict(losses=self.history["loss"], steps=self.history["step"])
         if tot["seconds"] > 0:
             print(f"training throughput over {step - self.start_step} steps (evals excluded): "
                   f"{tot['tokens'] / tot['seconds']:,.0f} tok/s, {tot['examples'] / tot['seconds']:.1f} examples/s, "
                   f"non-pad {100 * tot['tokens'] / tot['cells']:.1f}% of the rows, "
-                  f"{tot['examples'] / max(1, step - self.start_step) / C.grad_accum:.1f} examples per micro-batch")
+                  f"{tot['examples'] / max(1, step - self.start_step) / C.grad_accum:.1f} examples per micro-batch, "
+                  f"data wait {100 * tot['data_wait'] / tot['seconds']:.0f}% of the step time")
         if self.media.skipped:
             print(f"examples skipped for media that cannot be decoded (this rank): {self.media.summary()}")
         # The last state is always saved (a run stopped by stop_at resumes from exactly here), then the final eval

@@ -111,7 +111,7 @@ def test_evaluate_shapes_oracle_scores_one(tok, cfg):
     last = [tok.decode(row[am].tolist()) for row, am in zip(b["input_ids"], b["attention_mask"])]
     assert all(t.endswith("<|im_start|>assistant\n") for t in last)  # the prompt stops before the answer
     assert shapes.POINT_PROMPT.format(label=records[0][1].split("Point to the ")[1].split("\n")[0]) == records[0][1]
-    assert float(b["pixel_values"].std()) > 0.1  # real scenes
+    assert float(data.normalize_pixels(b["pixel_values"]).std()) > 0.1  # real scenes
     with pytest.raises(ValueError, match="max_objects"):  # 0 is an error, not the default 1..6
         ev.evaluate_shapes(m, tok, cfg, n_prompts=2, tasks=("point",), max_objects=0)
 
@@ -128,7 +128,7 @@ def test_evaluate_shapes_wrong_answers_and_blind(tok, cfg):
     assert metrics["pointing_f1"] == pytest.approx(empty_point) and metrics["count_acc"] == pytest.approx(empty_count)
     assert metrics["qa_acc"] == 0.0
     for b in m.batches:  # blind: every image is the blank background
-        pv = b["pixel_values"][b["image_mask"]]
+        pv = data.normalize_pixels(b["pixel_values"][b["image_mask"]])
         assert pv.shape[0] == n and torch.allclose(pv, torch.full_like(pv, 235 / 255 * 2 - 1))
 
 

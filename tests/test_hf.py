@@ -272,7 +272,8 @@ def test_trained_checkpoint_exports_to_transformers(tok, cfg, tmp_path, max_crop
     ids, n_tok = b["input_ids"], len(b["pool_idx"])
     with torch.no_grad():  # image_grids only splits the features per image, and they are joined again: one split
         got = hf.eval()(input_ids=ids, attention_mask=b["attention_mask"].long(),
-                        pixel_values=M.patchify(b["pixel_values"][b["image_mask"]], cfg.patch_size),
+                        pixel_values=M.patchify(data.normalize_pixels(b["pixel_values"][b["image_mask"]]),
+                                                cfg.patch_size),
                         image_token_pooling=b["pool_idx"], image_grids=torch.tensor([[n_tok, 1, 0, 0]]),
                         mm_token_type_ids=(ids >= cfg.base_vocab).long()).logits
     real = b["attention_mask"]
@@ -325,7 +326,7 @@ def test_multicrop_pixels_match_the_transformers_processor(hw):
     crops, pool = data.multicrop_pixels(Image.fromarray(rgb))
     grid, patches, pooling = molmo2_processor_code()(torch.from_numpy(rgb).permute(2, 0, 1)[None])
     assert torch.equal(torch.from_numpy(pool), pooling[0].long())
-    assert (M.patchify(crops, 14) - patches[0]).abs().max() < 1e-6
+    assert (M.patchify(data.normalize_pixels(crops), 14) - patches[0]).abs().max() < 1e-6
     import shapes
     tok = shapes.tokenizer()
     ids, _ = data.multicrop_tokens(tok, H, W)
@@ -429,7 +430,8 @@ def test_sample_loads_a_molmo2_directory(tmp_path):
                          tok.pad, 10 ** 6, left_pad=True)
     ours = model.generate(batch, 1, stop_id=-1)[0][0]
     with torch.no_grad():
-        ref = hf_logits(hf.eval(), prompt, torch.stack(e["images"]), torch.tensor(e["pool_idx"][0]),
+        px = data.normalize_pixels(torch.stack(e["images"]))
+        ref = hf_logits(hf.eval(), prompt, px, torch.tensor(e["pool_idx"][0]),
                         torch.tensor([[2, 2, 0, 0]]), False, vision_ids=[base + k for k in vis.values()])[-1]
     assert ours == int(ref.argmax()) and ref.std() > 0.5
     (d / "config.json").write_text((d / "config.json").read_text().replace(f'"image_patch_id": {base + 2}',

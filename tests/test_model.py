@@ -312,7 +312,8 @@ def test_image_feature_scale_at_init(tok, make_cfg, default_dims):
     m = make_model(c)
     b = train_batch(tok, c, (("caption", 1), ("point", 2)))
     with torch.no_grad():
-        feats = m.connector(m.vit(b["pixel_values"][b["image_mask"]]).flatten(0, 1), b["pool_idx"])
+        px = data.normalize_pixels(b["pixel_values"][b["image_mask"]])
+        feats = m.connector(m.vit(px).flatten(0, 1), b["pool_idx"])
         emb = m.llm.embed_tokens(torch.tensor([tok.im_patch]))[0]
     assert feats.shape == (int((b["input_ids"] == tok.im_patch).sum()), c.d_model)
     # The lower bound is the point (features ~1e-3 of the embedding leave the LLM blind for thousands of steps); with the

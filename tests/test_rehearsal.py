@@ -232,7 +232,8 @@ def check_export(ckpt, hf_dir, d):
     import model as M
     with torch.no_grad():
         got = hf.eval()(input_ids=ids, attention_mask=b["attention_mask"].long(),
-                        pixel_values=M.patchify(b["pixel_values"][b["image_mask"]], mc.patch_size),
+                        pixel_values=M.patchify(data.normalize_pixels(b["pixel_values"][b["image_mask"]]),
+                                                mc.patch_size),
                         image_token_pooling=b["pool_idx"], image_grids=torch.tensor([[n_tok, 1, 0, 0]]),
                         mm_token_type_ids=(ids >= mc.base_vocab).long()).logits[0]
     assert ref.shape == got.shape and ref.std() > 0 and (got - ref).abs().max() < 1e-4
