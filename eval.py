@@ -739,7 +739,7 @@ def main(argv=None):
     ap.add_argument("--trust_checkpoint", action="store_true",
                     help="read --ckpt with the full unpickler, which can run code: only for a file you made")
     ap.add_argument("--data", default="", help="real held-out sets, name=path,... (name: a readers.READERS or "
-                                               "readers.SOURCES name, e.g. pixmo_count=data/pixmo_count_val.jsonl)")
+                                               "readers.SOURCES name, e.g. pixmo_count_val=data/pixmo_count_val.jsonl)")
     ap.add_argument("--media_root", default="data/media", help="--data: where the images and videos are")
     ap.add_argument("--max_examples", type=int, default=0, help="--data: score the first N of each set (0: all)")
     ap.add_argument("--batch_size", type=int, default=16, help="--data: prompts answered at once")
@@ -751,7 +751,7 @@ def main(argv=None):
     for item in (x for x in a.data.split(",") if x):
         name, eq, path = item.partition("=")
         if not eq or not name or not path:
-            ap.error(f"--data {item!r}: give name=path, e.g. pixmo_count=data/pixmo_count_val.jsonl")
+            ap.error(f"--data {item!r}: give name=path, e.g. pixmo_count_val=data/pixmo_count_val.jsonl")
         sets_paths[name] = path
     if sets_paths and check_eval_data(sets_paths):
         ap.error(check_eval_data(sets_paths))
