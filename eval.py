@@ -729,7 +729,8 @@ def main(argv=None):
     ap.add_argument("--prompts", type=int, default=500)
     ap.add_argument("--blind", action="store_true", help="blank images: the image-blind baseline")
     ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
-                    help="auto: bf16 where this CPU runs it faster than fp32 (machine.resolve_dtype)")
+                    help="auto: bf16 on CUDA, and where this CPU runs it faster than fp32 (machine.resolve_dtype)")
+    ap.add_argument("--device", default="auto", help="auto: cuda when there is a GPU, else cpu")
     n_max = shapes.MAX_OBJECTS
     ap.add_argument("--max_objects", type=int, default=n_max, choices=range(1, n_max + 1), metavar=f"1..{n_max}",
                     help="image scenes of at most this many objects (1: the read-out alone, no choice to make)")
@@ -766,11 +767,12 @@ def main(argv=None):
     if not tasks or any(t not in SCORED_TASKS for t in tasks):
         ap.error(f"--tasks {a.tasks!r}: each must be one of {', '.join(SCORED_TASKS)}")
     # the checkpoint carries its tokenizer and model config, so the eval needs nothing else from the run
-    model, tok, mc = sample.load_model(a.ckpt, trust=a.trust_checkpoint)
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
+    model, tok, mc = sample.load_model(a.ckpt, device=dev, trust=a.trust_checkpoint)
     from machine import resolve_dtype
-    dt = resolve_dtype(a.dtype, torch.device("cpu"))
+    dt = resolve_dtype(a.dtype, dev)
     # a factory, not a context: evaluate_shapes enters a fresh autocast for every batch
-    ac = (lambda: torch.autocast("cpu", dtype=dt)) if dt != torch.float32 else None
+    ac = (lambda: torch.autocast(dev.type, dtype=dt)) if dt != torch.float32 else None
     if sets_paths:
         sets = load_eval_sets(sets_paths, a.media_root)
         metrics, records, counts = evaluate_data(model, tok, mc, sets, a.max_examples or None, a.batch_size, ac,

@@ -17,6 +17,7 @@ Every line is written and flushed at once, so a tool may follow the file while t
 appends to the file, first dropping the lines past its checkpoint's step (MetricsLog): the steps after the last
 checkpoint of a stopped run are trained again, and their lines are written again, so each step is in the file once.
 """
+import itertools
 import json
 import math
 import os
@@ -145,7 +146,7 @@ def plot_curve(records, path, title=""):
         names = list(dict.fromkeys(k for r in evals for k, v in r.items() if k not in ("step", "time", "prompts")
                                    and isinstance(v, float)))
         ax2 = ax.twinx()
-        cycle = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"][5:] * 2)
+        cycle = itertools.cycle(plt.rcParams["axes.prop_cycle"].by_key()["color"][5:])  # real eval sets: many metrics
         for name in names:
             col = METRIC_COLOURS.get(name) or next(cycle)
             seen = [r for r in evals if name in r and not r.get("blind")]  # periodic evals, then the final one

@@ -910,7 +910,7 @@ class Trainer:
         # the data stream (loader.py): keys drawn here, examples encoded ahead in worker processes, packed here
         self.stream = TrainingStream(C, tok, mconf, self.sampler, dev, data_src.real, D)
         self.get_batch, self.packer, self.media = self.stream.get_batch, self.stream.packer, self.stream.media
-        self.evals = data_src.real is None  # held-out evals are the shapes world's (real benchmarks: not yet)
+        self.evals = data_src.real is None or bool(C.eval_data)  # shapes tasks, or the real held-out sets
         if resume:
             self.resume(ckpt)
         self.saved_at = self.step if resume else None  # the step of the checkpoint now in out_dir, if any

@@ -20,7 +20,9 @@ packing = True             # several examples a row (Molmo2 packs its pretrainin
 max_images_per_row = 16    # the ViT's budget a row: 16 crops, Molmo2's pretraining budget a sequence (a caption
                            # example is ~300 tokens with its 58-token image, so ~13 fill a 4,096-token row)
 batch_size = 32            # rows per GPU
-grad_accum = 4             # 32 rows x 4 GPUs x 4 = 512 rows a step
+grad_accum = 2             # 32 rows x 8 GPUs x 2 = 512 rows a step (on 4 GPUs: --grad_accum=4)
+fsdp = True                # FSDP2: weights, gradients and Adam state sharded over the GPUs (bench.py --plan)
+act_ckpt = True            # recompute each block in backward: 32 packed rows of 4,096 need ~355 GB a GPU without
 max_steps = 100_000        # docs/molmo2.md, stage 1: ~100,000 steps
 lr = 1e-4                  # the LLM's peak; connector 10x, ViT 0.3x (Molmo2's ratios, the train.py defaults)
 warmup_steps = 2000        # linear warmup, then cosine to 10%

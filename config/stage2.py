@@ -48,7 +48,7 @@ max_frames = 128           # 2 fps, at most 128 frames a video (docs/molmo2.md, 
 max_images_per_row = 128   # the vision budget of a row: one video of max_frames frames (check_config holds it)
 seq_len = 4096             # docs/molmo2.md, Stages (a 128-frame video just overflows it: Token layout)
 batch_size = 16            # rows per GPU
-grad_accum = 8             # 16 rows x 4 GPUs x 8 = 512 rows a step
+grad_accum = 4             # 16 rows x 8 GPUs x 4 = 512 rows a step (fsdp and act_ckpt as stage 1)
 max_steps = 50_000         # docs/molmo2.md, stage 2: ~50,000 steps
 lr = 5e-5                  # the LLM's peak, below stage 1's 1e-4
 warmup_steps = 1000        # linear warmup, then cosine to 10%

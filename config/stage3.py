@@ -19,7 +19,7 @@ warmup_steps = 100         # linear warmup, then cosine to 10%
 eval_interval = 500
 # Context parallelism: a 36,864-token row does not fit one GPU's memory (the planning figure is ~84 GB a GPU
 # without CP; docs/molmo2.md, Stages). `python bench.py --plan config/stage3.py` measures this model: dp 4 x
-# cp 2 with FSDP2 and activation checkpointing needs ~76 GB a GPU (8 x 1 ~118 GB, 2 x 4 ~54 GB), with 4 rows
+# cp 2 with FSDP2 and activation checkpointing needs ~46 GB a GPU (8 x 1 ~61 GB, 2 x 4 ~39 GB), with 4 rows
 # of 384 frames per micro-batch.
 cp = 2                     # each 36,864-token row split over 2 GPUs (18,432 each); cp ranks hold the same rows
 cp_mode = "ulysses"        # Molmo2's choice: its masks (bidirectional frames, packed examples) apply unchanged;

@@ -45,7 +45,8 @@ MODEL = dict(image_size=48, vit_width=16, vit_depth=9, vit_heads=2, vit_mlp=32, 
 # point VideoPoint row up to ~470, and an example longer than a row is skipped, which the test forbids). The precision is the fp32
 # reference (dtype auto would time bf16 against fp32 in every process first); the device is the CPU, also where
 # a GPU is present.
-RUN = dict(batch_size=2, grad_accum=2, max_steps=3, warmup_steps=1, dtype="float32", device="cpu", log_interval=1)
+RUN = dict(batch_size=2, grad_accum=2, max_steps=3, warmup_steps=1, dtype="float32", device="cpu", log_interval=1,
+           final_eval_prompts=1, blind_baseline=False)  # the final eval on each eval set's first example
 LENGTHS = {1: dict(seq_len=256), 2: dict(seq_len=640), 3: dict(seq_len=768)}
 
 def config(n):
@@ -182,6 +183,8 @@ def test_real_configs_run_end_to_end_on_miniatures(layout, capsys):
         starts = (["LLM initialised from checkpoints/Qwen3-0.6B", "ViT initialised from checkpoints/siglip2-base"]
                   if n == 1 else [f"initialised weights from out/stage{n - 1}/ckpt.pt"])
         assert all(x in out for x in starts), (starts, out[-3000:])
+        # the run's own final eval scores the config's eval_data (each set's first example)
+        assert re.search(r"final eval @ 3 \(1 prompts/task\): pixmo_count_val/count_acc", out), out[-3000:]
         if n == 3:
             assert "torchrun: 4 processes = dp 2 x cp 2 (ulysses attention), FSDP2, gloo" in out, out[-3000:]
         ls, ck = losses(d, n)
@@ -190,7 +193,7 @@ def test_real_configs_run_end_to_end_on_miniatures(layout, capsys):
             c = ck["config"]
             assert (c["cp"], c["cp_mode"], c["fsdp"], c["act_ckpt"]) == (2, "ulysses", True, True), c
         report.append(f"stage {n}: loss {ls[0]:.4f} -> {ls[-1]:.4f} ({len(ls)} steps, {secs:.1f} s)"
-                      + evaluate(d, n))
+                      + (evaluate(d, n) if n == 3 else ""))  # eval.py --data on the last stage's checkpoint
     # the last checkpoint exported as a Hugging Face Molmo2 directory, loaded in transformers: the same logits
     ckpt, hf_dir = os.path.join(d, "out", "stage3", "ckpt.pt"), os.path.join(d, "out", "hf")
     run([sys.executable, os.path.join(ROOT, "hf.py"), ckpt, hf_dir], d, log)

@@ -1,6 +1,7 @@
 """train.py (configuration, short runs, exact resume, dry run) and sample.py, all in-process on the CPU."""
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -448,9 +449,10 @@ def test_eval_tasks_must_be_scorable(tmp_path):
         train.main(run_args(tmp_path, max_steps=1, eval_tasks=("track", "caption")))
 
 
-def test_training_on_local_dataset_copies(tmp_path):
+def test_training_on_local_dataset_copies(tmp_path, capsys):
     """dataset != 'shapes': the mixture's datasets come from local jsonl copies (readers.read_dataset) and train; the
-    sqrt rule takes their sizes from the copies; a dataset without a path is a clear error, naming it."""
+    sqrt rule takes their sizes from the copies; an example longer than a row is skipped and counted, not the end of
+    the run; a dataset without a path is a clear error, naming it."""
     import json
     from PIL import Image
     import readers
@@ -462,7 +464,8 @@ def test_training_on_local_dataset_copies(tmp_path):
     files = {"pixmo_cap": [dict(image_url=u, caption=f"A picture of shade {i}.") for i, u in enumerate(urls)],
              "pixmo_points": [dict(image_url=u, label="dot", points=[{"x": 4 * i, "y": 5}], collection_method="pointing")
                               for i, u in enumerate(urls)],
-             "tulu": [dict(messages=[dict(role="user", content="Hi?"), dict(role="assistant", content="Hello.")])] * 3}
+             "tulu": [dict(messages=[dict(role="user", content="Hi?"), dict(role="assistant", content="Hello.")])] * 3
+             + [dict(messages=[dict(role="user", content="Hi? " * 2000), dict(role="assistant", content="Hello.")])] * 3}
     paths = {}
     for name, rows in files.items():
         paths[name] = str(tmp_path / f"{name}.jsonl")
@@ -470,8 +473,10 @@ def test_training_on_local_dataset_copies(tmp_path):
     mix = {"captions": (0.6, {"pixmo_cap": 1.0}), "pointing": (0.3, {"pixmo_points": 1.0}), "text": (0.1, {"tulu": 1.0})}
     args = run_args(tmp_path / "run", max_steps=3, dataset="molmo2", mixture=mix, media_root=str(media),
                     mixing_rule="sqrt", eval_interval=2)
-    res = train.main(args + [f"--data_paths={paths!r}"])
+    res = train.main(args + [f"--data_paths={paths!r}", "--max_broken_frac=0.5", "--batch_size=8"])
     assert len(res["losses"]) == 3 and all(x == x and x < 20 for x in res["losses"]) and "final" not in res
+    assert re.search(r"skipped an example of tulu: text example of \d+ tokens and 0 images does not fit a row",
+                     capsys.readouterr().out)
     with pytest.raises(SystemExit, match=r"data_paths has no local copy for \['tulu'\]"):
         train.main(args + [f"--data_paths={ {k: v for k, v in paths.items() if k != 'tulu'}!r}"])
 
