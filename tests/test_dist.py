@@ -31,9 +31,10 @@ def _as_rank(rank, world, port):
     torch.set_num_threads(1)
 
 
-def _spawn(fn, world, *args):
+def _spawn(fn, world, *args, start_method="spawn"):
+    """fn(rank, world, port, *args) in `world` processes; a deadlock fails the test after TIMEOUT seconds."""
     ctx = torch.multiprocessing.start_processes(fn, args=(world, _free_port(), *args), nprocs=world, join=False,
-                                                start_method="spawn")
+                                                start_method=start_method)
     deadline = time.time() + TIMEOUT
     while not ctx.join(timeout=1):
         if time.time() > deadline:

@@ -1,11 +1,9 @@
 """loader.py, the training stream: worker processes give the in-thread stream's batches, a resumed run with workers
 repeats the uninterrupted one exactly (the checkpoint holds the stream as consumed, not as prefetched), pixels
 travel as bytes and the model's normalisation equals the fp32 reference, and a cp group's batch is broadcast."""
-import time
 import types
 
 import numpy as np
-import pytest
 import torch
 import torch.distributed as dist
 from PIL import Image
@@ -14,7 +12,7 @@ import data
 import loader
 import mixing
 import train
-from test_dist import TIMEOUT, _as_rank, _free_port
+from test_dist import _as_rank, _spawn
 from test_train import DEFAULTS, run_args
 
 
@@ -114,14 +112,7 @@ def test_a_cp_group_gets_its_first_rank_batch(tmp_path):
     """Two gloo processes: cp rank 0's batch (int64, bool, float, uint8 and empty tensors, a plain number) arrives
     whole on cp rank 1, which builds none (each video decoded once per dp group)."""
     out = tmp_path / "b.pt"
-    ctx = torch.multiprocessing.start_processes(_broadcast_worker, args=(2, _free_port(), str(out)), nprocs=2,
-                                                join=False, start_method="fork")  # fork: no re-import, fast
-    deadline = time.time() + TIMEOUT
-    while not ctx.join(timeout=1):
-        if time.time() > deadline:
-            for p in ctx.processes:
-                p.terminate()
-            pytest.fail(f"the broadcast did not finish in {TIMEOUT} s (deadlock?)")
+    _spawn(_broadcast_worker, 2, str(out), start_method="fork")  # fork: no re-import, fast
     r = torch.load(out)
     want, got = r["want"], r["got"]
     assert got.keys() == want.keys() and got["n_examples"] == 5
