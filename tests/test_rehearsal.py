@@ -114,7 +114,7 @@ def layout(tmp_path_factory):
         torch.manual_seed(0)  # the same checkpoints every run: the same losses
         tiny_hf.qwen3(dims, d / c1["init_llm"])
         tiny_hf.siglip(dims, d / c1["init_vit"], whole=True)
-        for n in (1, 2, 3):  # the copies, as a user makes them for each stage
+        for n in (1, 2):  # the copies, as a user makes them (stage 3 reads stage 2's data)
             copies(str(d), [f"--stage={n}"])
     finally:
         server.shutdown()
