@@ -100,25 +100,32 @@ def check(cfg, tok, mconf, model):
     difference, the largest gradient difference and the gradient's relative error (norm of the difference over
     the reference's norm). A bf16 path differs by bf16's rounding (8 bits of mantissa), an fp32 path only by the
     order its kernels sum in, so the two kinds of row are read against different scales.
-    Returns {(device, dtype, attn_impl): (loss diff, logits max diff, grad rel)}."""
+    Returns {(device, dtype, attn_impl[, "compiled"]): (loss diff, logits max diff, grad rel)}."""
     import copy
     batch = batch_stream(cfg, tok, mconf)()
     ref = run_once(model, batch, torch.device("cpu"), torch.float32)
-    paths = [("cpu", torch.bfloat16, "sdpa"), ("cpu", torch.float32, "flex")]
+    from model import compile_blocks
+    # (device, dtype, attention, compiled: model.compile_blocks through inductor, as training runs it on CUDA)
+    paths = [("cpu", torch.bfloat16, "sdpa", False), ("cpu", torch.float32, "flex", False),
+             ("cpu", torch.float32, "sdpa", True)]
     if torch.cuda.is_available():
-        paths += [("cuda", torch.float32, "sdpa"), ("cuda", torch.bfloat16, "sdpa"), ("cuda", torch.bfloat16, "flex")]
-    print(f"{'path':<22}{'loss diff':>12}{'logits max|d|':>16}{'grad max|d|':>14}{'grad rel':>10}")
+        paths += [("cuda", torch.float32, "sdpa", False), ("cuda", torch.bfloat16, "sdpa", False),
+                  ("cuda", torch.bfloat16, "flex", False), ("cuda", torch.bfloat16, "flex", True)]
+    print(f"{'path':<31}{'loss diff':>12}{'logits max|d|':>16}{'grad max|d|':>14}{'grad rel':>10}")
     out = {}
-    for d, dt, impl in paths:
+    for d, dt, impl, compiled in paths:
         m = copy.deepcopy(model).to(d)
+        if compiled:
+            compile_blocks(m)
         if d == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 for the comparison
         loss, logits, grads = run_once(m, batch, torch.device(d), dt, impl)
         gmax = (grads - ref[2]).abs().max().item() if grads is not None else float("nan")
         rel = ((grads - ref[2]).norm() / ref[2].norm()).item() if grads is not None else float("nan")
-        out[(d, str(dt), impl)] = (abs(loss - ref[0]), (logits - ref[1]).abs().max().item(), rel)
-        name = f"{d} {str(dt).split('.')[-1]} {impl}"
-        print(f"{name:<22}{abs(loss - ref[0]):>12.2e}{(logits - ref[1]).abs().max().item():>16.2e}"
+        out[(d, str(dt), impl) + (("compiled",) if compiled else ())] = (
+            abs(loss - ref[0]), (logits - ref[1]).abs().max().item(), rel)
+        name = f"{d} {str(dt).split('.')[-1]} {impl}" + (" compile_blocks" if compiled else "")
+        print(f"{name:<31}{abs(loss - ref[0]):>12.2e}{(logits - ref[1]).abs().max().item():>16.2e}"
               f"{gmax:>14.2e}{rel:>10.2e}")
     return out
 
@@ -202,7 +209,7 @@ def speed(cfg, tok, mconf, model, steps):
 def cpu_step(cfg, tok, mconf, model, steps, with_compile=False):
     """--step: where a training step's time goes on this CPU, and what the fast paths buy. Forward + backward of the
     training stream's batches, with the whole T x T attention (attn_tile=0) against the config's attn_tile
-    (model.TiledMask), and with with_compile also torch.compile'd (its compilation timed apart), interleaved step by
+    (model.TiledMask), and with with_compile also compiled (model.compile_blocks; its compilation timed apart), interleaved step by
     step (a shared machine slows every variant alike), best and median of `steps`; MFU = model.flops over the
     measured matmul rate of the dtype. Then torch.profiler's top operators over two steps of each attention."""
     from torch.profiler import ProfilerActivity, profile
@@ -214,16 +221,18 @@ def cpu_step(cfg, tok, mconf, model, steps, with_compile=False):
     variants = {"attn_tile=0": (model, 0), f"attn_tile={cfg['attn_tile']}": (model, cfg["attn_tile"])}
 
     def step(m, tile, b):
-        model.attn_tile = tile
+        m.attn_tile = tile
         with torch.autocast("cpu", dtype=dt, enabled=dt != torch.float32):
             ls, ws = m(b)
         (ls / ws).backward()
-        model.zero_grad(set_to_none=True)
-    if with_compile:
-        compiled, t = torch.compile(model), time.perf_counter()
+        m.zero_grad(set_to_none=True)
+    if with_compile:  # model.compile_blocks on a copy (the same weights): train.py's compile_blocks=1
+        import copy
+        from model import compile_blocks
+        compiled, t = compile_blocks(copy.deepcopy(model)), time.perf_counter()
         for b in batches[:3]:  # rows and image counts vary: a few shapes to compile for
             step(compiled, cfg["attn_tile"], b)
-        print(f"torch.compile: {time.perf_counter() - t:.0f} s for its first three steps")
+        print(f"compile_blocks: {time.perf_counter() - t:.0f} s for its first three steps")
         variants[f"attn_tile={cfg['attn_tile']}, compiled"] = (compiled, cfg["attn_tile"])
     times = {k: [] for k in variants}
     for m, tile in variants.values():
@@ -372,8 +381,8 @@ def plan(argv):
     three by every rank (dp x cp); context parallelism divides the LLM's tokens by cp; activation checkpointing
     keeps one block's input per layer (fp32, 4 bytes x d_model a token) plus one block's activations, recomputed,
     in the LLM and in the ViT (a frozen ViT keeps only its output features).
-    Every cp rank encodes all the micro-batch's images (model.py: the ViT is not split over the cp group), so the
-    visual share does not shrink with cp. Without a config: the three real configs over a few 8-GPU layouts.
+    Each cp rank encodes 1/cp of the micro-batch's images (ContextParallel.encode) and holds the features of all of
+    them, gathered; the connector runs on every pooled token on every cp rank. Without a config: the three real configs over a few 8-GPU layouts.
     Parameter counts come from the model built on the meta device (no memory); the activation rates from
     activation_rates, measured here on the CPU. Images per micro-batch are the worst case a config allows
     (max_images_per_row per row when packing). Nothing allocator-specific (fragmentation, NCCL buffers, the CUDA
@@ -470,17 +479,25 @@ def plan_parts(s, dp, cp, fsdp, ckpt, loss_frac=0.25):
     # LLM activations: every block's saved tensors, or under checkpointing each block's fp32 input plus one
     # block's saved tensors while it is recomputed
     act = (c.n_layer * 4 * c.d_model + s.per_tok) * t if ckpt else c.n_layer * s.per_tok * t
-    if cfg["lr_vit_mult"] == 0:  # frozen: no graph, only the output features (bf16) stay
-        vit_act = imgs * g * g * len(c.vit_layers) * c.vit_width * 2
+    mine = -(-imgs // cp)  # the images this rank encodes (ContextParallel.encode splits them over the cp ranks)
+    feats = imgs * g * g * len(c.vit_layers) * c.vit_width * 2  # the gathered output features (bf16), all images
+    if cfg["lr_vit_mult"] == 0:  # frozen: no graph, only the output features stay
+        vit_act = feats
     elif ckpt:  # each block's input (fp32), and one block's activations at a time, recomputed
-        vit_act = imgs * (g * g * c.vit_width * 4 * c.vit_built + s.per_img / c.vit_built)
+        vit_act = mine * (g * g * c.vit_width * 4 * c.vit_built + s.per_img / c.vit_built) + (cp > 1) * feats
     else:
-        vit_act = s.per_img * imgs
+        vit_act = s.per_img * mine + (cp > 1) * feats
     # the fp32 pixels, the ViT's activations, the connector's per pooled token
     visual = imgs * 3 * c.image_size ** 2 * 4 + vit_act + s.per_pool[s.k] * s.pooled
-    # the head computes logits for the loss tokens only (loss_frac of them), one loss_chunk at a time if set
-    n_logits = loss_frac * t if not cfg["loss_chunk"] else min(loss_frac * t, cfg["loss_chunk"])
-    logits = n_logits * (c.base_vocab + c.n_extra) * (2 + 4 + 4)  # bf16, fp32, its grad (one chunk's)
+    # the head (model.LinearCrossEntropy) computes logits for the loss tokens only (loss_frac of them), one
+    # loss_chunk at a time if set, in bf16, with their fp32 softmax a block of rows at a time; it keeps the gradient
+    # of the hidden states (bf16) and of the output embedding (fp32) from the forward to the backward
+    import model as model_module
+    n_loss = loss_frac * t
+    n_logits = n_loss if not cfg["loss_chunk"] else min(n_loss, cfg["loss_chunk"])
+    fp32_rows = min(n_logits, max(1, model_module.LOSS_FP32_ELEMENTS // c.base_vocab))
+    logits = n_logits * c.base_vocab * 2 + fp32_rows * c.base_vocab * 4 * 2 + n_loss * c.d_model * 2 \
+        + c.base_vocab * c.d_model * 4
     return [params, adam, grads, act, visual, logits]
 
 

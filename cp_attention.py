@@ -755,6 +755,27 @@ def ulysses_attention(q, k, v, group=None, causal=None, scale=None, impl="auto",
     return _AllToAll.apply(out.contiguous(), group, False)
 
 
+class _GatherRows(torch.autograd.Function):
+    """x (n, ...) on each of the W ranks -> (W * n, ...): every rank's rows, in rank order. Its gradient: each rank
+    holds a gradient for all W * n rows (its own tokens' part of it); they are summed over the ranks and each rank
+    keeps its own n rows (a reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.contiguous()
+        out = x.new_empty((dist.get_world_size(group) * x.shape[0], *x.shape[1:]))
+        dist.all_gather_single(out, x, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.contiguous()
+        out = g.new_empty((g.shape[0] // dist.get_world_size(ctx.group), *g.shape[1:]))
+        dist.reduce_scatter_single(out, g, group=ctx.group)
+        return out, None
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the model's side: what a cp group means for one forward (model.Molmo2.hidden uses it)
 
@@ -787,6 +808,17 @@ class ContextParallel:
     def shard(self, x, value=0, dim=1):
         """Pad x along dim, then keep this rank's tokens."""
         return shard_sequence(self.pad(x, value, dim), self.rank, self.world, dim, self.layout)
+
+    def encode(self, fn, x):
+        """fn over the rows of x (the micro-batch's images and frames, (N, ...)), the work split over the cp ranks:
+        each applies fn to its ceil(N / W) rows (zero rows pad N to a multiple of W), the outputs are all-gathered
+        in rank order and cut back to N, so every rank gets what fn(x) would give, W times faster. The gradient of
+        each rank's rows is summed over the ranks (_GatherRows), so the vision encoder's gradients, summed over
+        dp x cp as every gradient is, come out as one process's (LongVILA's multi-modal sequence parallelism,
+        here for the ViT only: the connector and the token embeddings run on the whole gathered output)."""
+        n = -(-len(x) // self.world)
+        mine = pad_to_multiple(x, self.world, dim=0)[self.rank * n:(self.rank + 1) * n]
+        return _GatherRows.apply(fn(mine), self.group)[:len(x)]
 
     def attention(self, mask, causal):
         """The attention of every layer of one forward, with the mask of the whole (padded) sequence: a dense

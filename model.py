@@ -237,17 +237,14 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(c.n_head * c.head_dim, c.d_model, bias=False)
         self.q_norm, self.k_norm = RMSNorm(c.head_dim, c.norm_eps), RMSNorm(c.head_dim, c.norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache=None):
+    def project(self, x, cos, sin):
+        """x (B, T, d), normed -> q (B, H, T, hd), k and v (B, Hkv, T, hd): one matmul, QK-norm, RoPE."""
         B, T, _ = x.shape
         q, k, v = self.qkv_proj(x).split([self.h * self.hd, self.kv * self.hd, self.kv * self.hd], dim=-1)
         q = self.q_norm(q.view(B, T, self.h, self.hd)).transpose(1, 2)   # per-head QK-norm -> (B, H, T, hd)
         k = self.k_norm(k.view(B, T, self.kv, self.hd)).transpose(1, 2)  # (B, Hkv, T, hd)
         v = v.view(B, T, self.kv, self.hd).transpose(1, 2)
-        q, k = rope(q, cos, sin), rope(k, cos, sin)
-        if cache is not None:  # KV cache: append this step's keys/values, attend over everything so far
-            k, v = cache.update(k, v)
-        y = attend(q, k, v, mask)                                # (B, H, T, hd)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return rope(q, cos, sin), rope(k, cos, sin), v
 
 
 class Block(nn.Module):
@@ -260,8 +257,21 @@ class Block(nn.Module):
         self.up_gate_proj = nn.Linear(c.d_model, 2 * c.d_ff, bias=False)
         self.down_proj = nn.Linear(c.d_ff, c.d_model, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache=None):
-        x = x + self.attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def forward(self, x, cos, sin, mask, cache=None):  # x (B, T, d) -> (B, T, d)
+        q, k, v = self.qkv(x, cos, sin)
+        if cache is not None:  # KV cache: append this step's keys/values, attend over everything so far
+            k, v = cache.update(k, v)
+        return self.out(x, attend(q, k, v, mask))
+
+    # The block's two halves around the attention kernel: everything in them is a matmul or elementwise, and
+    # compile_blocks compiles each into a few fused kernels; the kernel between them (flash / FlexAttention, or the
+    # collectives of context parallelism) stays as it is.
+    def qkv(self, x, cos, sin):  # the input norm, then q, k, v (Attention.project)
+        return self.attn.project(self.input_layernorm(x), cos, sin)
+
+    def out(self, x, y):  # y (B, H, T, hd): the attention's output -> output projection, residual, SwiGLU MLP
+        B, _, T, _ = y.shape
+        x = x + self.attn.o_proj(y.transpose(1, 2).reshape(B, T, -1))
         up, gate = self.up_gate_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)  # (B, T, d_ff) each
         return x + self.down_proj(F.silu(gate) * up)
 
@@ -327,6 +337,86 @@ class LLM(nn.Module):
 
     def head(self, h):
         return F.linear(h, self.embed.weight) if self.lm_head is None else self.lm_head(h)
+
+
+def compile_blocks(model, backend="inductor"):
+    """torch.compile each ViT block whole and each decoder block's two halves (Block.qkv, Block.out), in place. On
+    a GPU most of a step that is not matmul is elementwise traffic: RMSNorm in fp32 three times a layer, RoPE, SwiGLU,
+    the casts; compiled, each half becomes a few fused kernels. Blocks are compiled one by one, not the whole model,
+    so the parts that do not trace well stay eager (the attention kernel between the halves: FlexAttention compiled
+    on its own, or context parallelism's collectives; the data-dependent selection of images and loss tokens;
+    FSDP2's hooks, which run on each block's call, outside the compiled code). Every block shares one compiled graph
+    (its weights are inputs); a new shape compiles once more, with that dimension then dynamic (the ViT's image
+    count varies by micro-batch; training rows on CUDA are padded to seq_len: collate fixed=True). The eager
+    methods stay the reference: loss and every gradient are compared with them, by tests/test_model.py through
+    backend 'aot_eager' (the graphs dynamo captures and AOTAutograd differentiates, run by eager kernels: seconds)
+    and by bench.py's checks through inductor (its C++ kernels on a CPU: about 40 s to compile on two cores)."""
+    for blk in model.vit.blocks:
+        blk.forward = torch.compile(blk.forward, fullgraph=True, backend=backend)
+    for blk in model.llm.blocks:
+        blk.qkv = torch.compile(blk.qkv, fullgraph=True, backend=backend)
+        blk.out = torch.compile(blk.out, fullgraph=True, backend=backend)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loss head: next-token logits and weighted cross-entropy in one step, its gradient computed in the forward
+
+LOSS_FP32_ELEMENTS = 2 ** 26  # the fp32 softmax works on rows of logits up to this many elements (256 MB) at a time
+
+
+def linear_cross_entropy(h, weight, labels, w, chunk, need_h, need_w):
+    """-> (sum_i w_i * CE(h_i W^T, y_i), dL/dh or None, dL/dW or None): LinearCrossEntropy's work, which the model
+    calls directly when no gradient is wanted (evaluation)."""
+    loss = torch.zeros((), dtype=torch.float32, device=h.device)
+    dh = torch.empty_like(h) if need_h else None
+    dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+    n = chunk or max(len(h), 1)
+    rows = max(1, LOSS_FP32_ELEMENTS // weight.shape[0])
+    for i in range(0, len(h), n):
+        hc, yc, wc = h[i:i + n], labels[i:i + n], w[i:i + n]
+        logits = F.linear(hc, weight)                                 # (n, V), the compute dtype
+        for r in range(0, len(hc), rows):
+            z = logits[r:r + rows].float()                            # (rows, V) fp32: the same tensor if fp32
+            y, wr = yc[r:r + rows], wc[r:r + rows]
+            lse = torch.logsumexp(z, dim=-1)                          # (rows,)
+            loss += ((lse - z.gather(1, y[:, None])[:, 0]) * wr).sum()
+            if need_h or need_w:                                      # z becomes w * (softmax(z) - onehot(y))
+                z.sub_(lse[:, None]).exp_()
+                z[torch.arange(len(y), device=z.device), y] -= 1.0
+                z.mul_(wr[:, None])
+                if logits.dtype != torch.float32:
+                    logits[r:r + rows] = z                            # back into the logits' buffer (bf16)
+        if need_h:
+            dh[i:i + n] = logits @ weight                             # (n, V) @ (V, d)
+        if need_w:
+            dw += logits.t() @ hc                                     # (V, n) @ (n, d)
+    return loss, dh, dw
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum_i w_i * CE(h_i W^T, y_i), i over the N loss tokens; h (N, d), W (V, d) the output embedding, y (N,), w (N,)
+    fp32 loss weights. At Qwen3's vocabulary (V = 151,936) one token's logits are 0.6 MB in fp32, more than all of the
+    LLM's checkpointed activations of that token, so the logits are never kept for the backward: chunk rows at a time
+    (loss_chunk; 0 = all N at once), the forward computes the logits in the compute dtype (bf16 under autocast), their
+    fp32 log-softmax a block of rows at a time (LOSS_FP32_ELEMENTS: fp32 never holds a whole chunk's logits), and at
+    once the gradient, dCE/dlogits = w * (softmax - onehot(y)), written over the logits in place; two matmuls turn
+    it into dL/dh (N, d) and dL/dW (V, d, accumulated in fp32), and those are all that the backward keeps. One
+    chunk's logits in memory, and no recomputation (Liger-Kernel's fused linear cross-entropy does the same in
+    Triton). The reference it is tested against is F.cross_entropy on the whole (N, V) fp32 logits."""
+
+    @staticmethod
+    def forward(ctx, h, weight, labels, w, chunk):
+        loss, dh, dw = linear_cross_entropy(h, weight, labels, w, chunk, *ctx.needs_input_grad[:2])
+        ctx.save_for_backward(dh, dw)
+        ctx.weight_dtype = weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):  # grad: d(final loss)/d(this sum), a scalar (1 / the global weight sum)
+        dh, dw = ctx.saved_tensors
+        return (None if dh is None else dh * grad.to(dh.dtype),
+                None if dw is None else (dw * grad).to(ctx.weight_dtype), None, None, None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -506,16 +596,18 @@ class Molmo2(nn.Module):
         return {k: sum(p.numel() for p in v) for k, v in self.param_groups().items()}
 
     # -- forward -------------------------------------------------------------------------------------------
-    def embed_inputs(self, input_ids, pixel_values=None, image_mask=None, pool_idx=None):
+    def embed_inputs(self, input_ids, pixel_values=None, image_mask=None, pool_idx=None, cp=None):
         """Token embeddings (B, T, d) with pooled vision features added at the <im_patch> slots. pixel_values
         (B, F, 3, H, W): uint8 bytes (the batches data.collate makes), normalised here on the device, or float
-        pixels normalised already (data.preprocess_image)."""
+        pixels normalised already (data.preprocess_image). cp (a cp_attention.ContextParallel, training): the
+        images are split over the cp ranks for the ViT, and its features all-gathered (cp.encode)."""
         x = self.llm.embed_tokens(input_ids)
         if pixel_values is not None and image_mask is not None and image_mask.any():
             imgs = pixel_values[image_mask]                     # (N_img, 3, H, W): only real images run
             if imgs.dtype == torch.uint8:
                 imgs = normalize_pixels(imgs)                   # fp32 in [-1, 1], as preprocess_image gives
-            feats = self.vit(imgs if torch.is_autocast_enabled(x.device.type) else imgs.to(x.dtype))
+            imgs = imgs if torch.is_autocast_enabled(x.device.type) else imgs.to(x.dtype)
+            feats = self.vit(imgs) if cp is None else cp.encode(self.vit, imgs)  # (N_img, P, Cin)
             tok = self.connector(feats.flatten(0, 1), pool_idx)  # (N_tok, d)
             slots = input_ids == self.c.im_patch_id
             if int(slots.sum()) != tok.shape[0]:
@@ -536,24 +628,19 @@ class Molmo2(nn.Module):
         """Final hidden states (B, T, d); under context parallelism (self.cp, training) this rank's shard of
         them, (B, T_pad / W, d), in the order cp.shard gives every per-token tensor."""
         ids = batch["input_ids"]
-        x = self.embed_inputs(ids, batch.get("pixel_values"), batch.get("image_mask"), batch.get("pool_idx"))
+        cp = self.cp if caches is None else None
+        x = self.embed_inputs(ids, batch.get("pixel_values"), batch.get("image_mask"), batch.get("pool_idx"), cp)
         am = batch["attention_mask"]
         doc = batch["doc_ids"] if "doc_ids" in batch else am.long()  # one example per row unless packed
         if positions is None:  # collate's (restarting per packed example), else count only real tokens
             positions = batch["position_ids"] if "position_ids" in batch else (am.long().cumsum(1) - 1).clamp(min=0)
         is_vision = ids >= self.c.base_vocab
-        cp = self.cp if caches is None else None
         if cp is not None:
-            # Context parallelism (stage 3: one long sequence split across GPUs). The whole sequence
-            # was embedded above, vision features included, identically on every rank of the cp group; from here
-            # each rank keeps its shard (zigzag for the ring, contiguous for Ulysses) of the embeddings and the
-            # positions; the mask stays global, as a function of the padded doc ids and vision flags that each
-            # attention block evaluates at its own (query, key) positions.
-            # The vision encoder is not split across the cp ranks: each encodes every image of the batch, and the
-            # features of the other ranks' tokens get no gradient there (the gradient all-reduce over dp x cp sums
-            # the ranks' parts). Splitting the frames and all-gathering the features (LongVILA's MM-SP) would cut
-            # the ViT's time by W at the price of a differentiable all-gather; at stage 3 (384 frames a video) it
-            # is the next saving to make; here it would only complicate the one path that must be exact.
+            # Context parallelism (stage 3: one long sequence split across GPUs). The whole sequence was embedded
+            # above identically on every rank of the cp group (each rank encoding 1/W of the frames, the features
+            # all-gathered: cp.encode); from here each rank keeps its shard (zigzag for the ring, contiguous for
+            # Ulysses) of the embeddings and the positions; the mask stays global, as a function of the padded doc
+            # ids and vision flags that each attention block evaluates at its own (query, key) positions.
             doc, is_vision = cp.pad(doc, 0), cp.pad(is_vision, False)
             mask = cp.attention(MolmoMask(doc, is_vision, self.c.bidir_vision),
                                 causal=not self.c.bidir_vision)  # bidirectional vision opens future keys
@@ -587,19 +674,10 @@ class Molmo2(nn.Module):
             w, labels = self.cp.shard(w, 0.0), self.cp.shard(labels, -1)
         sel = w > 0                                  # logits only where there is loss (response_logits_only)
         h, labels, w = h[sel], labels[sel], w[sel]   # (N_loss, d), (N_loss,), (N_loss,)
-
-        def ce_sum(h, y, w):  # the head's logits (n, V), cross-entropy in fp32, weighted and summed
-            return (F.cross_entropy(self.llm.head(h).float(), y, reduction="none") * w).sum()
-        n = self.loss_chunk
-        if not n or len(h) <= n:
-            return ce_sum(h, labels, w), w.sum()
-        # Chunked: at 151,936 vocabulary rows the logits are 0.6 MB a token in fp32 (with their bf16 copy and
-        # gradient, ~1.5 MB), more than all the LLM's checkpointed activations; here only one chunk's exist at a
-        # time, and the backward recomputes each chunk's from its hidden states (non-reentrant checkpoint).
-        ckpt = torch.is_grad_enabled()
-        loss = sum(checkpoint(ce_sum, h[i:i + n], labels[i:i + n], w[i:i + n], use_reentrant=False) if ckpt
-                   else ce_sum(h[i:i + n], labels[i:i + n], w[i:i + n]) for i in range(0, len(h), n))
-        return loss, w.sum()
+        weight = self.llm.embed.weight if self.llm.lm_head is None else self.llm.lm_head.weight  # (V, d)
+        if torch.is_grad_enabled():
+            return LinearCrossEntropy.apply(h, weight, labels, w, self.loss_chunk), w.sum()
+        return linear_cross_entropy(h, weight, labels, w, self.loss_chunk, False, False)[0], w.sum()
 
     def logits(self, batch):
         return self.llm.head(self.hidden(batch)).float()  # (B, T, V)

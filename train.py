@@ -164,7 +164,8 @@ max_bad_steps = 5               # steps in a row whose gradient norm is not fini
 device = "auto"                 # 'auto' = cuda if present, else cpu
 dtype = "auto"                  # autocast dtype: 'auto' = bf16 on CUDA, on a CPU whichever is faster here
                                 # (machine.resolve_dtype); 'float32' turns autocast off (the reference path)
-compile = False                 # torch.compile the model (measured: no gain for the tiny CPU model)
+compile_blocks = -1             # torch.compile each ViT and decoder block (model.compile_blocks): fused norms, RoPE,
+                                # SwiGLU; -1 = on CUDA, off on a CPU (minutes of compiling for ~10%: docs/experiments.md)
 attn_impl = "auto"              # 'auto': flex on CUDA, sdpa on CPU | 'sdpa': dense bool mask (the reference) |
                                 # 'flex': FlexAttention BlockMask (compiled on CUDA: no T x T scores in memory)
 attn_tile = 64                  # sdpa on packed rows: query rows per call, keys cut to the span they may see
@@ -188,7 +189,7 @@ MODEL_KEYS = ["image_size", "patch_size", "vit_width", "vit_depth", "vit_heads",
 
 CHOICES = {"mixing_rule": ("fixed", "sqrt"), "loss_weighting": ("task", "root"),
            "attn_impl": ("auto", "sdpa", "flex"), "dtype": ("auto", "bfloat16", "float16", "float32"),
-           "cp_mode": ("ring", "ulysses")}
+           "cp_mode": ("ring", "ulysses"), "compile_blocks": (-1, 0, 1)}
 
 
 def configure(argv, defaults, given=None):
@@ -906,7 +907,9 @@ class Trainer:
         self.opt = torch.optim.AdamW([dict(params=groups[k], name=k, peak=C.lr * self.mults[k]) for k in groups],
                                      lr=C.lr, betas=(C.beta1, C.beta2), eps=C.adam_eps, weight_decay=C.weight_decay,
                                      **adamw_kernel(dev))
-        self.fwd = torch.compile(self.wrapped) if C.compile else self.wrapped
+        if C.compile_blocks == 1 or (C.compile_blocks == -1 and dev.type == "cuda"):
+            from model import compile_blocks
+            compile_blocks(model)  # in place, block by block: the FSDP2 / DDP wrapping above is unchanged
         # the data stream (loader.py): keys drawn here, examples encoded ahead in worker processes, packed here
         self.stream = TrainingStream(C, tok, mconf, self.sampler, dev, data_src.real, D)
         self.get_batch, self.packer, self.media = self.stream.get_batch, self.stream.packer, self.stream.media
@@ -1015,7 +1018,7 @@ class Trainer:
         for g in opt.param_groups:
             g["lr"] = lr_at(self.step, g["peak"], C.warmup_steps, self.total, C.min_lr_frac)
         batches = [self.get_batch() for _ in range(C.grad_accum)]
-        loss = accumulate(self.fwd, batches, env.autocast, env.D, self.no_sync, env.dev)
+        loss = accumulate(self.wrapped, batches, env.autocast, env.D, self.no_sync, env.dev)
         # the ranks' parts -> the global batch loss (the gradients are reduced already)
         loss = all_reduce_scalar(loss, env.D, env.dev)
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), C.grad_clip)  # over DTensors too (FSDP2)

@@ -98,21 +98,73 @@ def test_loss_matches_hand_computed_weighted_ce(model, batch):
     assert set(w[w > 0].tolist()) == {1.0, 2.0}  # the point example's answer weighs 2x
 
 
-def test_chunked_loss_head_equals_whole(tok, cfg, batch):
-    """loss_chunk: the loss head in chunks of 7 rows, each recomputed in the backward, gives the whole head's
-    loss and gradients (fp32, up to summation order), and does not change the weight sum."""
-    grads = {}
-    for chunk in (0, 7):
-        model = make_model(cfg)
-        model.loss_chunk = chunk
-        ls, ws = model(batch)
-        (ls / ws).backward()
-        grads[chunk] = (ls.item(), ws.item(), torch.cat([p.grad.flatten() for p in model.parameters()]))
+def reference_loss(model, batch):
+    """The loss head as plainly as it can be written: the (N_loss, V) logits in fp32, F.cross_entropy, weighted."""
+    h = model.hidden(batch)
+    w = batch["loss_weights"]
+    sel = w > 0
+    logits = model.llm.head(h[sel]).float()
+    return (F.cross_entropy(logits, batch["labels"][sel], reduction="none") * w[sel]).sum()
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_fused_loss_head_equals_cross_entropy(tok, make_cfg, batch, monkeypatch, tie):
+    """model.LinearCrossEntropy (gradient computed in the forward, chunk rows at a time, the fp32 softmax a block of
+    rows at a time) against F.cross_entropy on the whole fp32 logits: loss and every gradient (fp32, 1e-5), with the
+    whole N at once (loss_chunk 0) and in chunks of 7 rows with 3-row fp32 blocks (both partial at the end); the
+    output embedding tied to the input one or not. Under no_grad it gives the same loss and keeps no gradient."""
+    import model as model_module
+    cfg = make_cfg(tie_embeddings=tie)
+    ref = make_model(cfg)
+    (ref_loss := reference_loss(ref, batch)).backward()
+    want = {n: p.grad for n, p in ref.named_parameters()}
     n_loss = int((batch["loss_weights"] > 0).sum())
-    assert n_loss > 3 * 7  # several chunks, the last one partial
-    (l0, w0, g0), (l7, w7, g7) = grads[0], grads[7]
-    assert w0 == w7 and l7 == pytest.approx(l0, rel=1e-6)
-    assert ((g7 - g0).norm() / g0.norm()).item() < 1e-6
+    assert n_loss > 3 * 7 and n_loss % 7 and n_loss % 3  # several chunks and blocks, the last ones partial
+    for chunk, block_rows in ((0, None), (7, 3)):
+        if block_rows:
+            monkeypatch.setattr(model_module, "LOSS_FP32_ELEMENTS", block_rows * cfg.base_vocab)
+        m = make_model(cfg)
+        m.loss_chunk = chunk
+        loss, wsum = m(batch)
+        assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-6) and wsum.item() == batch["loss_weights"].sum()
+        loss.backward()
+        for n, p in m.named_parameters():
+            assert (p.grad - want[n]).abs().max().item() < 1e-5, (chunk, n)
+        with torch.no_grad():
+            assert m(batch)[0].item() == pytest.approx(ref_loss.item(), rel=1e-6)
+    h, weight = torch.randn(5, cfg.d_model), torch.randn(cfg.base_vocab, cfg.d_model)
+    loss, dh, dw = model_module.linear_cross_entropy(h, weight, torch.arange(5), torch.ones(5), 0, False, False)
+    assert dh is None and dw is None  # what no_grad runs: the loss alone
+    assert loss.item() == pytest.approx(F.cross_entropy(h @ weight.t(), torch.arange(5), reduction="sum").item(),
+                                        rel=1e-6)
+
+
+def test_compiled_blocks_equal_eager(tok, cfg, batch):
+    """model.compile_blocks (each ViT block, each decoder block's halves around the attention kernel) against the
+    eager model: loss and every gradient (fp32, 1e-5), with and without activation checkpointing (the compiled
+    halves then run again in the backward), and on a second batch of another shape (one more compile, dynamic).
+    Through backend 'aot_eager': the graphs dynamo captures whole (fullgraph: a graph break is an error) and
+    AOTAutograd differentiates, on eager kernels; bench.py's checks run the same through inductor."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    from model import compile_blocks
+    torch._dynamo.reset()
+    other = train_batch(tok, cfg, specs=(("count", 4), ("caption", 5)))  # other rows, tokens and images
+    for ckpt, b in ((False, batch), (False, other), (True, batch)):
+        runs = []
+        for compiled in (False, True):
+            m = make_model(cfg)
+            m.act_ckpt = m.vit.act_ckpt = ckpt
+            if compiled:
+                compile_blocks(m, backend="aot_eager")
+            ls, ws = m(b)
+            (ls / ws).backward()
+            runs.append((ls.item(), {n: p.grad for n, p in m.named_parameters()}))
+        (l0, g0), (l1, g1) = runs
+        assert l1 == pytest.approx(l0, abs=1e-5)
+        for n, g in g0.items():
+            assert (g1[n] - g).abs().max().item() < 1e-5, (ckpt, n)
+    assert counters["stats"]["unique_graphs"] >= 3  # the ViT block and both halves were compiled, not skipped
 
 
 def unfused_block_forward(blk, x, cos, sin, mask, cache=None):
