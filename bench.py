@@ -163,7 +163,8 @@ def speed(cfg, tok, mconf, model, steps):
     loop's own stream (batch_stream), plain AdamW, each step = fetch + move the batch, forward, backward, step.
     Unlike --real (best of n), the figures are totals over all the timed steps, so data time is included and
     shown as its share: tok/s counts real (non-pad) tokens, MFU = model.flops of every timed batch over the
-    timed seconds, divided by machine.peak_flops in the step's dtype. Prints one line."""
+    timed seconds, divided by machine.peak_flops in the step's dtype. Prints one line, then the step's parts (data,
+    forward, backward, optimizer: each timed to its end, the GPU synchronised between them)."""
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dt = train_dtype(cfg, dev)  # 'auto' (the default): bf16 on CUDA, the faster of bf16 and fp32 on a CPU
     model = model.to(dev)
@@ -173,25 +174,31 @@ def speed(cfg, tok, mconf, model, steps):
     model.attn_tile = cfg["attn_tile"]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     peak = machine.peak_flops(dev, dt)  # the peak of the dtype the matmuls run in: MFU is against what it can do
-    t_data = t_all = 0.0
+    t_all = 0.0
+    parts = dict(data=0.0, forward=0.0, backward=0.0, optimizer=0.0)  # seconds, summed over the timed steps
     tokens = flops = cells = examples = 0
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     get_batch = batch_stream(cfg, tok, mconf)
     for i in range(steps + 3):  # the first 3: allocator, kernel choice, compilation where FlexAttention runs
-        t0 = time.perf_counter()
+        t = [time.perf_counter()]  # the step's part boundaries; each waits for its kernels (sync) on a GPU
         b = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in get_batch().items()}
-        t1 = time.perf_counter()
+        t.append(time.perf_counter())
         with torch.autocast(dev.type, dtype=dt, enabled=dt != torch.float32):
             ls, ws = model(b)
+        sync(dev)
+        t.append(time.perf_counter())
         (ls / ws).backward()
+        sync(dev)
+        t.append(time.perf_counter())
         opt.step()
         opt.zero_grad(set_to_none=True)
-        sync(dev)  # the step's kernels are done before t2: the interval is the work, not its queueing
-        t2 = time.perf_counter()
+        sync(dev)
+        t.append(time.perf_counter())
         if i >= 3:  # warm-up steps excluded
-            t_data += t1 - t0
-            t_all += t2 - t0
+            for k, a, z in zip(parts, t, t[1:]):
+                parts[k] += z - a
+            t_all += t[-1] - t[0]
             tokens += int(b["attention_mask"].sum())
             cells += b["attention_mask"].numel()
             examples += b["n_examples"]
@@ -203,7 +210,9 @@ def speed(cfg, tok, mconf, model, steps):
           f"batch {cfg['batch_size']}: {steps / t_all:.2f} steps/s, "
           f"{tokens / t_all:,.0f} tok/s ({100 * tokens / cells:.0f}% non-pad), {examples / t_all:.1f} examples/s, "
           f"MFU {100 * flops / t_all / peak:.1f}% of {peak / 1e12:.2f} TFLOP/s ({dname}), "
-          f"data {100 * t_data / t_all:.0f}% of step time{mem}")
+          f"data {100 * parts['data'] / t_all:.0f}% of step time{mem}")
+    print("  the step's parts, mean of the timed steps: " + ", ".join(
+        f"{k} {1e3 * v / steps:.0f} ms ({100 * v / t_all:.0f}%)" for k, v in parts.items()))
 
 
 def cpu_step(cfg, tok, mconf, model, steps, with_compile=False):

@@ -252,3 +252,15 @@ def test_step_mode_times_both_attentions_and_profiles(capsys):
     out = capsys.readouterr().out
     assert "attn_tile=0 " in out and "attn_tile=32 " in out and out.count("MFU") == 2
     assert out.count("top operators by self CPU time") == 2
+
+
+def test_default_mode_times_the_steps_parts(capsys):
+    """The default mode's timing (speed) on a tiny model: one line of rates, then the step's parts, whose shares of
+    the step time add up to the whole (the parts tile the step)."""
+    cfg, tok, mconf, model = bench.build(["config/shapes_stage1.py", "--batch_size=2", "--seq_len=128",
+                                          "--dtype=float32", "--vit_pretrain_steps=0"] + tiny_overrides())
+    bench.speed(cfg, tok, mconf, model, steps=2)
+    out = capsys.readouterr().out
+    shares = dict(re.findall(r"(data|forward|backward|optimizer) \d+ ms \((\d+)%\)", out))
+    assert set(shares) == {"data", "forward", "backward", "optimizer"}, out
+    assert abs(sum(map(int, shares.values())) - 100) <= 2 and "tok/s" in out
