@@ -19,7 +19,7 @@ from conftest import tiny_overrides
 
 # the collectives of torch.distributed that take tensors (or, *_object*, pickle objects into tensors on a device)
 COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",
-               "all_to_all_single", "all_to_all", "batch_isend_irecv", "send", "recv", "isend", "irecv",
+               "all_gather_single", "reduce_scatter_single", "all_to_all_single", "all_to_all", "batch_isend_irecv", "send", "recv", "isend", "irecv",
                "broadcast_object_list", "all_gather_object", "gather_object", "scatter_object_list")
 
 
