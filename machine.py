@@ -49,6 +49,20 @@ def peak_flops(dev, dt):
     return matmul_rate(dt)
 
 
+def fastest(candidates, run, rounds=3):
+    """The candidate whose run(candidate) takes least time: each run `rounds` times, interleaved (a shared machine
+    slows every candidate alike), the first round untimed (allocation, kernel choice); the best time of each
+    counts, for the reason matmul_rate gives. Returns (the fastest, {candidate: best seconds})."""
+    best = {c: float("inf") for c in candidates}
+    for r in range(rounds):
+        for c in candidates:
+            t = time.perf_counter()
+            run(c)
+            if r:
+                best[c] = min(best[c], time.perf_counter() - t)
+    return min(candidates, key=best.get), best
+
+
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 BF16_MIN_SPEEDUP = 1.25  # 'auto' on a CPU takes bf16 only when its matmuls beat fp32's by this much (noise margin)
 
@@ -58,7 +72,8 @@ def resolve_dtype(name, dev, print=print):
     only where bf16 matmuls run faster than fp32 ones on this very CPU, else fp32. CPUs with bf16 matrix units
     (Intel AMX, AMD Zen 4/5's AVX-512 BF16) run bf16 several times faster than fp32; without them (AVX2 only, most
     laptops and many cloud CPUs) bf16 autocast falls back to a conversion path 10-100x slower than fp32. Both rates
-    are measured at start (matmul_rate) and printed with the choice."""
+    are measured at start (matmul_rate) and printed with the choice. Where bf16 wins here, the training step itself
+    then decides between the two (train.Trainer.choose_step): a large matmul's rate is not the step's."""
     if name != "auto":
         if name not in DTYPES:
             raise ValueError(f"dtype must be 'auto' or one of {', '.join(DTYPES)}, got {name!r}")

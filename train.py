@@ -46,7 +46,7 @@ import torch.distributed as dist
 from checkpoint import (CheckpointError, load_checkpoint, non_finite, remove_stale_tmp, rng_state,
                         save_checkpoint, set_rng_state)
 from loader import TrainingStream
-from machine import peak_flops, resolve_dtype
+from machine import DTYPES, fastest, peak_flops, resolve_dtype
 from metrics import MetricsLog, plot_curve, read_metrics, wandb_required
 
 # ---------------------------------------------------------------------------------------------------------
@@ -884,15 +884,16 @@ class Trainer:
             model.load_state_dict(ckpt["model"])
             if not resume:
                 print(f"initialised weights from {C.init_from}")
+        model.attn_impl = C.attn_impl
+        model.act_ckpt = model.vit.act_ckpt = C.act_ckpt  # the LLM's blocks and the ViT's
+        model.loss_chunk = C.loss_chunk
+        model.attn_tile = C.attn_tile
+        self.step_choice = self.choose_step(data_src, ckpt.get("step_choice") if ckpt and resume else None)
         if C.vit_pretrain_steps and C.init_from == "scratch" and not C.init_vit:  # other runs have a ViT already
             pretrain_vit(model, C, dev, env.autocast, print)
         if C.lr_vit_mult == 0:  # a frozen ViT: no gradients through it at all, not just a zero LR (stage 2: its
             for p in model.vit.parameters():  # backward would be a third of the step, ~150 frames a batch)
                 p.requires_grad_(False)
-        model.attn_impl = C.attn_impl
-        model.act_ckpt = model.vit.act_ckpt = C.act_ckpt  # the LLM's blocks and the ViT's
-        model.loss_chunk = C.loss_chunk
-        model.attn_tile = C.attn_tile
         if D.cp > 1:
             from cp_attention import ContextParallel
             if C.cp_mode == "ulysses" and mconf.n_head % D.cp:
@@ -922,6 +923,50 @@ class Trainer:
                                   resume_step=self.step if resume else None,
                                   wandb=dict(project=C.wandb_project, name=C.wandb_run_name, config=vars(C))
                                   if C.wandb_log else None)
+
+    def choose_step(self, data_src, saved):
+        """dtype 'auto' on a CPU whose bf16 matmuls beat fp32's (machine.resolve_dtype chose bf16): the precision and
+        attn_tile this run trains with, by timing the training step itself, forward + backward on two batches of
+        its own mixture (a stream of its own: the run's is not touched), for bf16 and fp32 each with the config's
+        attn_tile and with 0 (machine.fastest). A large matmul's rate does not decide it: on an AMX Xeon bf16
+        multiplies 4.5x faster than fp32 while its step was only 4-21% faster, and attn_tile=64 was slower than 0 in
+        bf16 and faster in fp32. Elsewhere (CUDA, fp32-only CPUs, a set dtype, torchrun) nothing is timed. The choice
+        is kept in the checkpoint and a resumed run takes it from there (saved), so that it computes as the run it
+        continues. Returns {"dtype", "attn_tile"}, or None when nothing was chosen."""
+        C, env, model = self.C, self.env, self.model
+        if saved is None and (env.dev.type != "cpu" or C.dtype != "auto" or env.dtype != torch.bfloat16
+                              or env.D.world > 1):
+            return None
+        if saved is None:
+            import mixing
+            stream = TrainingStream(C, self.tok, self.mconf, mixing.MixtureSampler(
+                data_src.weights, data_src.sizes, seed=C.seed + 1), env.dev, data_src.real)
+            batches = [stream.get_batch() for _ in range(2)]
+            stream.close()
+            runs = []
+
+            def run(c):
+                model.attn_tile, dt = c[1], DTYPES[c[0]]
+                with torch.autocast("cpu", dtype=dt, enabled=dt != torch.float32):
+                    ls, ws = model(batches[len(runs) % 2])
+                (ls / ws).backward()
+                model.zero_grad(set_to_none=True)
+                runs.append(c)
+            candidates = list(dict.fromkeys((d, t) for d in ("bfloat16", "float32") for t in (C.attn_tile, 0)))
+            vit = [p for p in model.vit.parameters() if p.requires_grad and C.lr_vit_mult == 0]
+            for p in vit:  # timed as it will train: a frozen ViT has no backward (frozen for good further on)
+                p.requires_grad_(False)
+            (dtype, tile), times = fastest(candidates, run)
+            for p in vit:
+                p.requires_grad_(True)
+            env.print("step probe (forward + backward of one batch, best of 2): " + ", ".join(
+                f"{d} attn_tile={t} {1e3 * s:.0f} ms" for (d, t), s in times.items())
+                + f" -> dtype {dtype}, attn_tile={tile}")
+            saved = dict(dtype=dtype, attn_tile=tile)
+        model.attn_tile = saved["attn_tile"]
+        env.dtype = DTYPES[saved["dtype"]]
+        env.autocast = (lambda: torch.autocast("cpu", dtype=env.dtype)) if env.dtype != torch.float32 else nullcontext
+        return saved
 
     def resume(self, ckpt):
         """The whole state of the run that wrote ckpt: optimizer (this run's hyperparameters), step, the budget's
@@ -969,7 +1014,8 @@ class Trainer:
                 save_checkpoint(os.path.join(C.out_dir, "ckpt.pt"), dict(
                     model=msd, optimizer=osd, step=self.step, config=vars(C),
                     model_config=dataclasses.asdict(self.mconf), tokenizer=self.tok.state(), streams=streams,
-                    history=self.history, budget_steps=self.budget_steps, rng=rng_state()))
+                    history=self.history, budget_steps=self.budget_steps, step_choice=self.step_choice,
+                    rng=rng_state()))
             except CheckpointError as e:
                 raise SystemExit(str(e)) from None
         self.saved_at = self.step

@@ -95,3 +95,41 @@ def test_step_budget_lifecycle():
         assert b.fix(42) == 42 and b.total == 42 and not any(b.due(s) for s in range(start + n, 100))
     kept = train.StepBudget(5.0, 100, 23, 15)  # resumed after the decision: its count, no second probe
     assert kept.total == 23 and kept.decide_at is None and not any(kept.due(s) for s in range(16, 24))
+
+
+def test_fastest_times_interleaved_rounds_after_an_untimed_one():
+    """machine.fastest: every candidate once per round, in turn; the first round (allocation, kernel choice) is not
+    timed, so a slow first call does not decide; the fastest best time wins."""
+    import time
+    calls, cost = [], {"a": 0.02, "b": 0.002, "c": 0.01}
+
+    def run(c):
+        time.sleep(0.1 if c == "b" and c not in calls else cost[c])  # b's first call is the slowest of all
+        calls.append(c)
+    pick, best = machine.fastest(list(cost), run)
+    assert pick == "b" and calls == list(cost) * 3 and best["b"] < 0.02 <= best["a"]
+
+
+def test_step_probe_on_a_bf16_cpu_is_what_the_run_trains_with(rates, tmp_path, capsys, monkeypatch):
+    """dtype 'auto' on a CPU whose bf16 matmuls are faster (rates faked): the training step is timed for bf16 and
+    fp32, each with the config's attn_tile and 0 (machine.fastest, here pinned to pick fp32 at attn_tile=0 after
+    running every candidate once). The run then trains exactly as one told dtype=float32, attn_tile=0 (the probe
+    touches neither its weights nor its data). The choice is in the checkpoint: resumed, the run does not probe
+    again and repeats the uninterrupted losses."""
+    rates(100e9, 500e9)
+    tried = []
+
+    def pinned(candidates, run):
+        for c in candidates:
+            run(c)
+            tried.append(c)
+        return ("float32", 0), {c: 1.0 for c in candidates}
+    monkeypatch.setattr(train, "fastest", pinned)
+    a = train.main(run_args(tmp_path / "a", max_steps=2, dtype="auto", attn_tile=64))["losses"]
+    assert "-> dtype float32, attn_tile=0" in capsys.readouterr().out
+    assert tried == [("bfloat16", 64), ("bfloat16", 0), ("float32", 64), ("float32", 0)]
+    assert a == train.main(run_args(tmp_path / "b", max_steps=2, dtype="float32", attn_tile=0))["losses"]
+    train.main(run_args(tmp_path / "c", max_steps=2, dtype="auto", attn_tile=64, stop_at=1))
+    monkeypatch.setattr(train, "fastest", lambda *a: pytest.fail("a resumed run probed again"))
+    c = train.main(run_args(tmp_path / "c", max_steps=2, dtype="auto", attn_tile=64, init_from="resume"))["losses"]
+    assert c == a
