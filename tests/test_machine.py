@@ -1,4 +1,6 @@
 """machine.py (the precision chosen by measurement) and train.py's wall-clock budget (max_minutes)."""
+import types
+
 import pytest
 import torch
 
@@ -52,6 +54,7 @@ def test_max_minutes_fixes_the_steps_once_and_resume_keeps_them(tmp_path, monkey
     lays the schedule over it: its losses are those of a run told max_steps=23. The periodic-eval probe leaves the
     training stream alone. Stopped after the decision and resumed, it keeps the decision and repeats the losses."""
     seen = []
+    monkeypatch.setattr(train, "REFIT_BAND", float("inf"))  # the decision alone (the re-fits: the test below)
 
     def pinned(*args):
         seen.append(args)
@@ -93,5 +96,39 @@ def test_step_budget_lifecycle():
         due = [s for s in range(start + 1, start + 30) if b.due(s)]
         assert due == [start + n] and b.t_probe is not None
         assert b.fix(42) == 42 and b.total == 42 and not any(b.due(s) for s in range(start + n, 100))
-    kept = train.StepBudget(5.0, 100, 23, 15)  # resumed after the decision: its count, no second probe
+        assert b.refits and b.observe(20, 10.0) is None  # the first re-fit check: nothing measured yet
+        assert b.observe(30, 25.0) == 1.5 and b.observe(70, 45.0) == 0.7  # 35 s over 50 steps
+        assert b.observe(80, 55.0) == 0.6 and b.marks[0] == (30, 25.0)  # the last REFIT_WINDOW steps only
+    kept = train.StepBudget(5.0, 100, 23, 15)  # resumed after the decision: its count, no second probe, no re-fit
     assert kept.total == 23 and kept.decide_at is None and not any(kept.due(s) for s in range(16, 24))
+    assert not kept.refits
+
+
+def test_budget_refits_when_the_step_time_drifts_and_resume_keeps_the_count(tmp_path, monkeypatch, capsys):
+    """On a fake clock (1 s a step, then 2 s from step 11), a 30-second budget fixes 28 steps at step 10 (10 s spent,
+    18 more fit 28.5 s, 95% of the budget); at 2 s a step that would end at 46 s (20 + 13 x 2), so the first re-fit
+    check after the drift (step 15: 20 s spent) fits 19 (20 + 4 x 2 = 28 s <= 28.5) and says so, once. The re-fitted
+    count is in the checkpoint: a run stopped after the re-fit and resumed repeats the uninterrupted run's losses
+    and stops at 19."""
+    clock = [0.0]
+    real_step = train.Trainer.train_step
+
+    def timed_step(self):
+        out = real_step(self)
+        clock[0] += 1.0 if self.step <= train.BUDGET_PROBE_STEPS else 2.0
+        return out
+    monkeypatch.setattr(train.Trainer, "train_step", timed_step)
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(time=lambda: clock[0]))
+    monkeypatch.setattr(train, "REFIT_WINDOW", 5)
+    kw = dict(max_minutes=0.5, max_steps=100, log_interval=5, eval_prompts=0, warmup_steps=5, batch_size=4)
+    a = train.main(run_args(tmp_path / "a", **kw))["losses"]
+    out = capsys.readouterr().out
+    assert "-> 28 steps fit" in out and "step    10/28 | loss" in out
+    assert "re-fit at step 15: 2.00 s a step over the last 5 steps heads for 0:00:46 of 0:00:30 -> 28 -> 19 steps" \
+        in out and out.count("re-fit") == 1
+    assert len(a) == 19 and "step    19/19 | loss" in out  # the schedule ends at the new count
+    clock[0] = 0.0
+    train.main(run_args(tmp_path / "b", stop_at=17, **kw))
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["budget_steps"] == 19
+    b = train.main(run_args(tmp_path / "b", init_from="resume", **kw))["losses"]
+    assert b == a
