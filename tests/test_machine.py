@@ -132,3 +132,31 @@ def test_budget_refits_when_the_step_time_drifts_and_resume_keeps_the_count(tmp_
     assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["budget_steps"] == 19
     b = train.main(run_args(tmp_path / "b", init_from="resume", **kw))["losses"]
     assert b == a
+
+
+def test_refit_band_both_ways_and_its_bounds(monkeypatch):
+    """Trainer.refit_budget's arithmetic alone, hand-worked: a 60 s budget plans for 57 s and re-fits outside 57 +- 3
+    s. At step 20, 30 s spent, a count of 47 at the last 10 steps' time: 1.0 s a step ends at 57 and 1.1 s at 59.7
+    (inside the band: kept, nothing said); 1.2 s ends at 62.4: 42 fit (30 + 22 x 1.2 = 56.4); 0.5 s ends at 43.5:
+    74 fit (30 + 54 x 0.5 = 57), or max_steps=60; at 70 s spent, past the budget, it stops at the next step, 21."""
+    clock, said = [30.0], []
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(time=lambda: clock[0]))
+
+    def refit(step_s, max_steps=100):
+        b = train.StepBudget(1.0, max_steps, None, 0)
+        b.fix(47, 0.0, 0.0)
+        b.observe(10, 0.0)
+        run = types.SimpleNamespace(C=types.SimpleNamespace(max_minutes=1.0, max_steps=max_steps, eval_interval=1000),
+                                    budget=b, total=47, t_start=0.0, budget_steps=47,
+                                    env=types.SimpleNamespace(D=types.SimpleNamespace(world=1), dev=None,
+                                                              print=lambda s, **kw: said.append(s)))
+        total = train.Trainer.refit_budget(run, 20, 10 * step_s)
+        assert run.budget_steps == total == b.total  # the checkpoint's count and the schedule's follow
+        return total
+    assert refit(1.0) == 47 and refit(1.1) == 47 and not said
+    assert refit(1.2) == 42 and said[-1] == ("max_minutes=1: re-fit at step 20: 1.20 s a step over the last 10 steps "
+                                             "heads for 0:01:02 of 0:01:00 -> 47 -> 42 steps (max_steps 100), "
+                                             "cosine to step 42")
+    assert refit(0.5) == 74 and refit(0.5, max_steps=60) == 60
+    clock[0] = 70.0
+    assert refit(1.0) == 21 and len(said) == 4
