@@ -75,7 +75,8 @@ log_interval = 10               # steps between log lines
 dry_run = False                 # build model + mixture, print them, stop before the first step
 stop_at = 0                     # stop (checkpointed) after this step, schedule unchanged; 0 = run to max_steps
 max_minutes = 0.0               # wall-clock budget of the whole run (0 = off): after BUDGET_PROBE_STEPS the run fixes
-                                # its step count to fit (max_steps the upper bound) and lays the schedule over it
+                                # its step count to fit (max_steps the upper bound) and lays the schedule over it;
+                                # re-fitted should the step time drift (StepBudget)
 blind_baseline = True           # after the final eval, evaluate again with blank images (what the image adds)
 # logging: out_dir/metrics.jsonl always holds every log line and eval (metrics.py); Weights & Biases is optional
 wandb_log = False               # also send them to Weights & Biases (off: wandb is never imported; pip install wandb)
@@ -250,18 +251,24 @@ def lr_at(step, peak, warmup, total, min_frac):
 
 BUDGET_PROBE_STEPS = 10  # max_minutes: steps timed before the step count is fixed (the first 2 are warm-up)
 BUDGET_MARGIN = 0.95     # plan for 95% of the budget: step times drift a little over a run
+REFIT_BAND = 0.05        # re-fit the count when the run heads for an end off that plan by more than 5% of the budget
+REFIT_WINDOW = 50        # steps the re-fit's step time is the mean of (one 10-step log line is noisy: 2,525-4,067
+                         # tok/s within one stage-1 run, docs/experiments.md)
+
+
+def run_cost(n, spent_s, done, step_s, eval_s, final_s, eval_interval):
+    """Seconds a run of n steps takes in all: spent_s have gone by with `done` steps made; each further step costs
+    step_s, every periodic eval eval_s (at each multiple of eval_interval below n, the ones after `done`), the end
+    final_s (final eval, baseline, checkpoint)."""
+    evals = (n - 1) // eval_interval - done // eval_interval if n > done else 0
+    return spent_s + max(0, n - done) * step_s + max(0, evals) * eval_s + final_s
 
 
 def steps_in_budget(budget_s, spent_s, done, step_s, eval_s, final_s, eval_interval, max_steps):
-    """The largest total step count N <= max_steps whose run fits budget_s seconds ("Cramming", Geiping and
-    Goldstein 2022: train for a fixed time, not a fixed number of steps). spent_s have gone by with `done` steps
-    made; each further step costs step_s, every periodic eval eval_s (at each multiple of eval_interval below N, the
-    ones after `done`), the end final_s (final eval, baseline, checkpoint). At least `done` (stop now)."""
-    def cost(n):
-        evals = (n - 1) // eval_interval - done // eval_interval if n > done else 0
-        return spent_s + (n - done) * step_s + max(0, evals) * eval_s + final_s
+    """The largest total step count N <= max_steps whose run fits budget_s seconds (run_cost; "Cramming", Geiping
+    and Goldstein 2022: train for a fixed time, not a fixed number of steps). At least `done` (stop now)."""
     n = max_steps
-    while n > done and cost(n) > budget_s:
+    while n > done and run_cost(n, spent_s, done, step_s, eval_s, final_s, eval_interval) > budget_s:
         n -= 1
     return max(n, done)
 
@@ -607,12 +614,12 @@ def pretrain_vit(model, C, dev, autocast, print=print):
 
 
 def fit_budget(C, step, step_s, t_start, evals, run_eval, print=print):
-    """max_minutes: the run's total step count, decided once at `step` from the measured step time step_s and the
-    time spent since t_start. The evals' cost is measured too: one periodic eval now, every answer generated to its
+    """max_minutes: the run's total step count, decided at `step` from the measured step time step_s and the time
+    spent since t_start. The evals' cost is measured too: one periodic eval now, every answer generated to its
     token limit (full_length: a trained model's answers stop earlier, an untrained one's may stop at once, so this is
     the most an eval can cost; its figures are not kept), scaled to the final eval's prompts, twice with the blind
     baseline. So the run ends a little early, never late. Every rank calls it (run_eval is collective) and gets the
-    same answer (rank 0's figures are broadcast)."""
+    same answer (rank 0's figures are broadcast). Returns (steps, eval_s, final_s): the re-fits reuse the costs."""
     eval_s = final_s = 0.0
     if evals and C.eval_prompts:
         t = time.time()
@@ -626,7 +633,7 @@ def fit_budget(C, step, step_s, t_start, evals, run_eval, print=print):
           f"{eval_s:.1f} s a periodic eval, {final_s:.1f} s for the final one -> {n:,} steps fit "
           f"{BUDGET_MARGIN:.0%} of the budget (max_steps {C.max_steps:,}); warmup {C.warmup_steps}, cosine to step {n:,}",
           flush=True)
-    return n
+    return n, eval_s, final_s
 
 
 class StepBudget:
@@ -636,17 +643,26 @@ class StepBudget:
          decision) lays its schedule over max_steps for now, and times its steps start+3 .. start+10 (start: the
          step it began at; the first two steps, memory allocation and kernel choice, are not timed);
       3. at step start+10 (decide_at, BUDGET_PROBE_STEPS after start; `due` says when) Trainer.fix_budget decides
-         the count once (fit_budget: the measured step and eval times against what is left of the budget, at most
-         max_steps) and `fix` records it. The probe ends inside the warmup, whose LR does not depend on the count;
-      4. the count is saved in every checkpoint (budget_steps), so a resumed run keeps it and neither probes nor
-         decides again (a changed max_minutes or max_steps then has no effect, and is noted as such:
-         check_against_checkpoint)."""
+         the count (fit_budget: the measured step and eval times against what is left of the budget, at most
+         max_steps) and `fix` records it with the eval costs. The probe ends inside the warmup, whose LR does not
+         depend on the count;
+      4. from then on, at every log or eval point, Trainer.refit_budget checks the end the run heads for at its
+         recent step time (`observe`: the mean over the last REFIT_WINDOW steps, evals excluded): off the plan by
+         more than REFIT_BAND of the budget (a step time that drifted), the count is fitted again to what is left
+         of the budget (at least the next step, at most max_steps) and `fix` records it; the cosine is laid over
+         the new count from there;
+      5. the count is saved in every checkpoint (budget_steps), so a resumed run keeps it and neither probes nor
+         fits again (its clock is not the budget's: a changed max_minutes or max_steps then has no effect, and is
+         noted as such: check_against_checkpoint)."""
 
     def __init__(self, max_minutes, max_steps, fixed, start):
         """fixed: the checkpoint's count (budget_steps), or None; start: the step the run begins at."""
         self.total = fixed or max_steps  # what the schedule is laid over now
         self.decide_at = start + BUDGET_PROBE_STEPS if max_minutes and not fixed else None  # None: nothing to decide
         self.t_probe = None
+        self.refits = False           # True once this run fixed the count: it re-fits from then on
+        self.eval_s = self.final_s = 0.0  # a periodic eval's cost and the end's, measured at the decision
+        self.marks = []               # [(step, training seconds)] at the re-fit checks of the last REFIT_WINDOW steps
 
     def due(self, step):
         """Called after every applied step: starts the probe's clock once its two untimed steps are done; True at
@@ -661,10 +677,19 @@ class StepBudget:
         """The mean time of the probe's timed steps, in seconds."""
         return (time.time() - self.t_probe) / (BUDGET_PROBE_STEPS - 2)
 
-    def fix(self, total):
-        """The decision: total steps from now on, nothing more to decide. Returns total."""
-        self.total, self.decide_at = total, None
+    def fix(self, total, eval_s=None, final_s=None):
+        """The decision or a re-fit: total steps from now on, the eval costs when measured. Returns total."""
+        self.total, self.decide_at, self.refits = total, None, True
+        if eval_s is not None:
+            self.eval_s, self.final_s = eval_s, final_s
         return total
+
+    def observe(self, step, seconds):
+        """A re-fit check at `step`, `seconds` of training so far (evals excluded): the mean step time since the
+        oldest check of the last REFIT_WINDOW steps, or None at the first check (nothing to measure yet)."""
+        self.marks = [m for m in self.marks if m[0] >= step - REFIT_WINDOW] + [(step, seconds)]
+        (s0, t0), (s1, t1) = self.marks[0], self.marks[-1]
+        return (t1 - t0) / (s1 - s0) if s1 > s0 else None
 
 
 def fmt_time(s):
@@ -1120,7 +1145,9 @@ class Trainer:
             tot["seconds"] = time.time() - self.t0 - eval_seconds
             tot["data_wait"] = self.stream.wait_s  # the seconds get_batch blocked the training thread
             if self.budget.due(step):
+                t_fix = time.time()
                 self.total = self.fix_budget(self.budget.probe_step_s())
+                eval_seconds += time.time() - t_fix  # its eval probe is no training time
             if step % C.log_interval == 0 or step == self.total:
                 d = {k: tot[k] - mark[k] for k in tot}  # since the previous log line
                 el = time.time() - self.t0
@@ -1151,13 +1178,38 @@ class Trainer:
                     self.metrics.log(dict(kind="eval", step=step, prompts=C.eval_prompts, **m))
                     print(f"eval @ {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in m.items()), flush=True)
                 eval_seconds += time.time() - t_eval
+            if self.budget.refits and (step % C.log_interval == 0 or step % C.eval_interval == 0) and step < self.total:
+                self.total = self.refit_budget(step, tot["seconds"])
 
     def fix_budget(self, step_s):
         """max_minutes: the total step count from the measured step time (fit_budget), the same on every rank
         (rank 0's: their clocks differ a little, their loops must not), kept in the checkpoint."""
-        total = fit_budget(self.C, self.step, step_s, self.t_start, self.evals, self.run_eval, self.env.print)
+        total, eval_s, final_s = fit_budget(self.C, self.step, step_s, self.t_start, self.evals, self.run_eval,
+                                            self.env.print)
         total = int(broadcast_scalar(total, self.env.D, self.env.dev))
-        self.budget_steps = self.budget.fix(total)
+        self.budget_steps = self.budget.fix(total, eval_s, final_s)
+        return total
+
+    def refit_budget(self, step, seconds):
+        """max_minutes, after the decision (StepBudget, 4.): the end this run heads for, at the step time of the last
+        REFIT_WINDOW steps; off the plan (BUDGET_MARGIN of the budget) by more than REFIT_BAND of the budget, the
+        count is fitted again to what is left of it (at least step + 1). Rank 0's count on every rank (a collective
+        at every check, so the ranks never disagree on whether to call it). Returns the count."""
+        C, b = self.C, self.budget
+        step_s, total = b.observe(step, seconds), self.total
+        if step_s is not None:
+            budget, spent = 60 * C.max_minutes, time.time() - self.t_start
+            end = run_cost(total, spent, step, step_s, b.eval_s, b.final_s, C.eval_interval)
+            if abs(end - BUDGET_MARGIN * budget) > REFIT_BAND * budget:
+                total = max(step + 1, steps_in_budget(BUDGET_MARGIN * budget, spent, step, step_s, b.eval_s,
+                                                      b.final_s, C.eval_interval, C.max_steps))
+        total = int(broadcast_scalar(total, self.env.D, self.env.dev))
+        if total != self.total:
+            self.env.print(f"max_minutes={C.max_minutes:g}: re-fit at step {step}: {step_s:.2f} s a step over the "
+                           f"last {step - b.marks[0][0]} steps heads for {fmt_time(end)} of {fmt_time(budget)} -> "
+                           f"{self.total:,} -> {total:,} steps (max_steps {C.max_steps:,}), cosine to step {total:,}",
+                           flush=True)
+            self.budget_steps = b.fix(total)
         return total
 
     def finish(self):

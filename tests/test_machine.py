@@ -1,4 +1,6 @@
 """machine.py (the precision chosen by measurement) and train.py's wall-clock budget (max_minutes)."""
+import types
+
 import pytest
 import torch
 
@@ -52,6 +54,7 @@ def test_max_minutes_fixes_the_steps_once_and_resume_keeps_them(tmp_path, monkey
     lays the schedule over it: its losses are those of a run told max_steps=23. The periodic-eval probe leaves the
     training stream alone. Stopped after the decision and resumed, it keeps the decision and repeats the losses."""
     seen = []
+    monkeypatch.setattr(train, "REFIT_BAND", float("inf"))  # the decision alone (the re-fits: the test below)
 
     def pinned(*args):
         seen.append(args)
@@ -93,8 +96,12 @@ def test_step_budget_lifecycle():
         due = [s for s in range(start + 1, start + 30) if b.due(s)]
         assert due == [start + n] and b.t_probe is not None
         assert b.fix(42) == 42 and b.total == 42 and not any(b.due(s) for s in range(start + n, 100))
-    kept = train.StepBudget(5.0, 100, 23, 15)  # resumed after the decision: its count, no second probe
+        assert b.refits and b.observe(20, 10.0) is None  # the first re-fit check: nothing measured yet
+        assert b.observe(30, 25.0) == 1.5 and b.observe(70, 45.0) == 0.7  # 35 s over 50 steps
+        assert b.observe(80, 55.0) == 0.6 and b.marks[0] == (30, 25.0)  # the last REFIT_WINDOW steps only
+    kept = train.StepBudget(5.0, 100, 23, 15)  # resumed after the decision: its count, no second probe, no re-fit
     assert kept.total == 23 and kept.decide_at is None and not any(kept.due(s) for s in range(16, 24))
+    assert not kept.refits
 
 
 def test_fastest_times_interleaved_rounds_after_an_untimed_one():
@@ -133,3 +140,61 @@ def test_step_probe_on_a_bf16_cpu_is_what_the_run_trains_with(rates, tmp_path, c
     monkeypatch.setattr(train, "fastest", lambda *a: pytest.fail("a resumed run probed again"))
     c = train.main(run_args(tmp_path / "c", max_steps=2, dtype="auto", attn_tile=64, init_from="resume"))["losses"]
     assert c == a
+
+
+def test_budget_refits_when_the_step_time_drifts_and_resume_keeps_the_count(tmp_path, monkeypatch, capsys):
+    """On a fake clock (1 s a step, then 2 s from step 11), a 30-second budget fixes 28 steps at step 10 (10 s spent,
+    18 more fit 28.5 s, 95% of the budget); at 2 s a step that would end at 46 s (20 + 13 x 2), so the first re-fit
+    check after the drift (step 15: 20 s spent) fits 19 (20 + 4 x 2 = 28 s <= 28.5) and says so, once. The re-fitted
+    count is in the checkpoint: a run stopped after the re-fit and resumed repeats the uninterrupted run's losses
+    and stops at 19."""
+    clock = [0.0]
+    real_step = train.Trainer.train_step
+
+    def timed_step(self):
+        out = real_step(self)
+        clock[0] += 1.0 if self.step <= train.BUDGET_PROBE_STEPS else 2.0
+        return out
+    monkeypatch.setattr(train.Trainer, "train_step", timed_step)
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(time=lambda: clock[0]))
+    monkeypatch.setattr(train, "REFIT_WINDOW", 5)
+    kw = dict(max_minutes=0.5, max_steps=100, log_interval=5, eval_prompts=0, warmup_steps=5, batch_size=4)
+    a = train.main(run_args(tmp_path / "a", **kw))["losses"]
+    out = capsys.readouterr().out
+    assert "-> 28 steps fit" in out and "step    10/28 | loss" in out
+    assert "re-fit at step 15: 2.00 s a step over the last 5 steps heads for 0:00:46 of 0:00:30 -> 28 -> 19 steps" \
+        in out and out.count("re-fit") == 1
+    assert len(a) == 19 and "step    19/19 | loss" in out  # the schedule ends at the new count
+    clock[0] = 0.0
+    train.main(run_args(tmp_path / "b", stop_at=17, **kw))
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["budget_steps"] == 19
+    b = train.main(run_args(tmp_path / "b", init_from="resume", **kw))["losses"]
+    assert b == a
+
+
+def test_refit_band_both_ways_and_its_bounds(monkeypatch):
+    """Trainer.refit_budget's arithmetic alone, hand-worked: a 60 s budget plans for 57 s and re-fits outside 57 +- 3
+    s. At step 20, 30 s spent, a count of 47 at the last 10 steps' time: 1.0 s a step ends at 57 and 1.1 s at 59.7
+    (inside the band: kept, nothing said); 1.2 s ends at 62.4: 42 fit (30 + 22 x 1.2 = 56.4); 0.5 s ends at 43.5:
+    74 fit (30 + 54 x 0.5 = 57), or max_steps=60; at 70 s spent, past the budget, it stops at the next step, 21."""
+    clock, said = [30.0], []
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(time=lambda: clock[0]))
+
+    def refit(step_s, max_steps=100):
+        b = train.StepBudget(1.0, max_steps, None, 0)
+        b.fix(47, 0.0, 0.0)
+        b.observe(10, 0.0)
+        run = types.SimpleNamespace(C=types.SimpleNamespace(max_minutes=1.0, max_steps=max_steps, eval_interval=1000),
+                                    budget=b, total=47, t_start=0.0, budget_steps=47,
+                                    env=types.SimpleNamespace(D=types.SimpleNamespace(world=1), dev=None,
+                                                              print=lambda s, **kw: said.append(s)))
+        total = train.Trainer.refit_budget(run, 20, 10 * step_s)
+        assert run.budget_steps == total == b.total  # the checkpoint's count and the schedule's follow
+        return total
+    assert refit(1.0) == 47 and refit(1.1) == 47 and not said
+    assert refit(1.2) == 42 and said[-1] == ("max_minutes=1: re-fit at step 20: 1.20 s a step over the last 10 steps "
+                                             "heads for 0:01:02 of 0:01:00 -> 47 -> 42 steps (max_steps 100), "
+                                             "cosine to step 42")
+    assert refit(0.5) == 74 and refit(0.5, max_steps=60) == 60
+    clock[0] = 70.0
+    assert refit(1.0) == 21 and len(said) == 4
