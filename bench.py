@@ -695,8 +695,7 @@ def real(argv, steps=3, media="auto"):
     import resource
     from model import Molmo2
     cfg = train.configure(argv, {k: getattr(train, k) for k in train.CONFIG_KEYS})
-    dev = torch.device("cuda" if cfg["device"] == "auto" and torch.cuda.is_available() else
-                       ("cpu" if cfg["device"] == "auto" else cfg["device"]))
+    dev = machine.resolve_device(cfg["device"])
     if cfg["threads"]:  # as train.py: CPU threads for torch
         torch.set_num_threads(cfg["threads"])
     dt = train_dtype(cfg, dev)

@@ -767,9 +767,9 @@ def main(argv=None):
     if not tasks or any(t not in SCORED_TASKS for t in tasks):
         ap.error(f"--tasks {a.tasks!r}: each must be one of {', '.join(SCORED_TASKS)}")
     # the checkpoint carries its tokenizer and model config, so the eval needs nothing else from the run
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
+    from machine import resolve_device, resolve_dtype
+    dev = resolve_device(a.device, "--device")
     model, tok, mc = sample.load_model(a.ckpt, device=dev, trust=a.trust_checkpoint)
-    from machine import resolve_dtype
     dt = resolve_dtype(a.dtype, dev)
     # a factory, not a context: evaluate_shapes enters a fresh autocast for every batch
     ac = (lambda: torch.autocast(dev.type, dtype=dt)) if dt != torch.float32 else None

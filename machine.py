@@ -36,6 +36,21 @@ def matmul_rate(dt, n=1024, runs=5, slow_s=0.25):
     return 2 * n ** 3 / best
 
 
+def resolve_device(name, what="device"):
+    """Config key / flag `device`: 'auto' = cuda when torch sees a GPU, else cpu; or a torch device name ('cpu',
+    'cuda', 'cuda:1'). A name torch does not know, or a GPU this torch cannot reach, is a one-line SystemExit naming
+    the key, not a traceback at the first tensor moved."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"{what}={name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"{what}={name!r}: this torch sees no CUDA device (torch {torch.__version__}); use cpu")
+    return dev
+
+
 def peak_flops(dev, dt):
     """Peak FLOP/s in dtype dt, the denominator of MFU. GPUs: the datasheet's dense bf16 figure (fp32 without TF32 is
     ~1/16 of it); an unknown GPU gives inf (MFU 0, not a guess). CPU: measured here (matmul_rate), in the dtype the

@@ -46,7 +46,7 @@ import torch.distributed as dist
 from checkpoint import (CheckpointError, load_checkpoint, non_finite, remove_stale_tmp, rng_state,
                         save_checkpoint, set_rng_state)
 from loader import TrainingStream
-from machine import DTYPES, fastest, peak_flops, resolve_dtype
+from machine import DTYPES, fastest, peak_flops, resolve_device, resolve_dtype
 from metrics import MetricsLog, plot_curve, read_metrics, wandb_required
 
 # ---------------------------------------------------------------------------------------------------------
@@ -763,8 +763,7 @@ def check_config(C):
 def setup_run(C):
     """The device (one GPU per process under torchrun), the process layout (Dist), seeds, the training dtype and
     its autocast, and `print`: rank 0 speaks for the run. Checks out_dir is writable before anything is built."""
-    dev = torch.device("cuda" if C.device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if C.device == "auto" else C.device))
+    dev = resolve_device(C.device)
     D = setup_distributed(C, dev.type)
     if dev.type == "cuda" and D.world > 1:
         dev = torch.device("cuda", D.local_rank)

@@ -198,3 +198,15 @@ def test_refit_band_both_ways_and_its_bounds(monkeypatch):
     assert refit(0.5) == 74 and refit(0.5, max_steps=60) == 60
     clock[0] = 70.0
     assert refit(1.0) == 21 and len(said) == 4
+
+
+def test_device_names_are_checked_in_one_line():
+    """The device key / flag: 'auto' picks what torch sees; a name torch does not know, or CUDA where this torch has
+    none, is a one-line error naming the key (train.py, eval.py and bench.py all resolve it here)."""
+    assert machine.resolve_device("cpu") == torch.device("cpu")
+    assert machine.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(SystemExit, match=r"^--device='gpu' is not a device: use auto, cpu, cuda or cuda:N$"):
+        machine.resolve_device("gpu", "--device")
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match=r"^device='cuda:1': this torch sees no CUDA device"):
+            machine.resolve_device("cuda:1")
