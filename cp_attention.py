@@ -125,15 +125,23 @@ class FlexRecompileLimit(RuntimeError):
     """The compiled FlexAttention met more call signatures than FLEX_RECOMPILE_LIMIT."""
 
 
-def compile_flex(backend="inductor"):
-    """flex_attention under torch.compile (static shapes), with dynamo's recompile limit set to
-    FLEX_RECOMPILE_LIMIT and an eager fallback past it turned into FlexRecompileLimit (fail_on_recompile_limit_hit:
-    a process-wide dynamo setting, so a compiled model (train.py compile) that hits its limit fails too rather than
-    running eagerly). backend: 'inductor' (the fused kernel); the tests use 'eager' on a CPU."""
+def strict_recompile_limit():
+    """dynamo's recompile limit (per compiled function) raised to FLEX_RECOMPILE_LIMIT, and an eager fallback past
+    it made an error (fail_on_recompile_limit_hit): process-wide settings, so they hold for every compiled piece,
+    FlexAttention and model.compile_blocks' blocks alike. An eager fallback would be silent, slow, and for
+    FlexAttention a dense T x T in memory."""
     cfg = torch._dynamo.config
-    cfg.recompile_limit = FLEX_RECOMPILE_LIMIT
+    cfg.recompile_limit = max(cfg.recompile_limit, FLEX_RECOMPILE_LIMIT)
     cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, FLEX_RECOMPILE_LIMIT)
     cfg.fail_on_recompile_limit_hit = True
+
+
+def compile_flex(backend="inductor"):
+    """flex_attention under torch.compile (static shapes), with the recompile limit raised and an eager fallback
+    past it turned into FlexRecompileLimit (strict_recompile_limit). backend: 'inductor' (the fused kernel); the
+    tests use 'eager' on a CPU."""
+    strict_recompile_limit()
+    cfg = torch._dynamo.config
     compiled = torch.compile(flex_attention, dynamic=False, backend=backend)
 
     def run(*args, **kw):
@@ -755,6 +763,11 @@ def ulysses_attention(q, k, v, group=None, causal=None, scale=None, impl="auto",
     return _AllToAll.apply(out.contiguous(), group, False)
 
 
+# the one-tensor all-gather and reduce-scatter: their names since torch 2.13, the older ones before
+ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 class _GatherRows(torch.autograd.Function):
     """x (n, ...) on each of the W ranks -> (W * n, ...): every rank's rows, in rank order. Its gradient: each rank
     holds a gradient for all W * n rows (its own tokens' part of it); they are summed over the ranks and each rank
@@ -765,14 +778,14 @@ class _GatherRows(torch.autograd.Function):
         ctx.group = group
         x = x.contiguous()
         out = x.new_empty((dist.get_world_size(group) * x.shape[0], *x.shape[1:]))
-        dist.all_gather_single(out, x, group=group)
+        ALL_GATHER(out, x, group=group)
         return out
 
     @staticmethod
     def backward(ctx, g):
         g = g.contiguous()
         out = g.new_empty((g.shape[0] // dist.get_world_size(ctx.group), *g.shape[1:]))
-        dist.reduce_scatter_single(out, g, group=ctx.group)
+        REDUCE_SCATTER(out, g, group=ctx.group)
         return out, None
 
 
@@ -810,9 +823,10 @@ class ContextParallel:
         return shard_sequence(self.pad(x, value, dim), self.rank, self.world, dim, self.layout)
 
     def encode(self, fn, x):
-        """fn over the rows of x (the micro-batch's images and frames, (N, ...)), the work split over the cp ranks:
-        each applies fn to its ceil(N / W) rows (zero rows pad N to a multiple of W), the outputs are all-gathered
-        in rank order and cut back to N, so every rank gets what fn(x) would give, W times faster. The gradient of
+        """fn over the rows of x (the micro-batch's images and frames, (N, 3, H, W)), the work split over the cp
+        ranks: each applies fn to its n = ceil(N / W) rows (zero rows pad N to a multiple of W): (n, 3, H, W) -> (n, P,
+        C); the outputs are all-gathered in rank order, (W n, P, C), and cut back to N, so every rank gets what fn(x)
+        would give, for 1/W of the work (the connector then runs on all N on every rank). The gradient of
         each rank's rows is summed over the ranks (_GatherRows), so the vision encoder's gradients, summed over
         dp x cp as every gradient is, come out as one process's (LongVILA's multi-modal sequence parallelism,
         here for the ViT only: the connector and the token embeddings run on the whole gathered output)."""

@@ -48,6 +48,10 @@ def resolve_device(name, what="device"):
         raise SystemExit(f"{what}={name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"{what}={name!r}: this torch sees no CUDA device (torch {torch.__version__}); use cpu")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise SystemExit(f"{what}={name!r}: this machine has {torch.cuda.device_count()} CUDA device(s), 0-based")
+    if dev.type not in ("cpu", "cuda"):
+        raise SystemExit(f"{what}={name!r}: this code trains on cpu or cuda only")
     return dev
 
 

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 from torch.utils.checkpoint import checkpoint
 
-from cp_attention import FLEX_BLOCK, CPAttention, build_block_mask, flex_attention_fn, pad_to_multiple
+from cp_attention import (FLEX_BLOCK, CPAttention, build_block_mask, flex_attention_fn, pad_to_multiple,
+                          strict_recompile_limit)
 from data import normalize_pixels
 
 try:  # optional fast path: flash-attn on CUDA (detected, never required)
@@ -351,6 +352,7 @@ def compile_blocks(model, backend="inductor"):
     methods stay the reference: loss and every gradient are compared with them, by tests/test_model.py through
     backend 'aot_eager' (the graphs dynamo captures and AOTAutograd differentiates, run by eager kernels: seconds)
     and by bench.py's checks through inductor (its C++ kernels on a CPU: about 40 s to compile on two cores)."""
+    strict_recompile_limit()  # a shape past the limit is an error, not a silent eager fallback
     for blk in model.vit.blocks:
         blk.forward = torch.compile(blk.forward, fullgraph=True, backend=backend)
     for blk in model.llm.blocks:
@@ -377,7 +379,8 @@ def linear_cross_entropy(h, weight, labels, w, chunk, need_h, need_w):
         hc, yc, wc = h[i:i + n], labels[i:i + n], w[i:i + n]
         logits = F.linear(hc, weight)                                 # (n, V), the compute dtype
         for r in range(0, len(hc), rows):
-            z = logits[r:r + rows].float()                            # (rows, V) fp32: the same tensor if fp32
+            # z (rows, V) fp32 (the logits' own rows if fp32), made w * (softmax(z) - onehot(y)) in place below
+            z = logits[r:r + rows].float()
             y, wr = yc[r:r + rows], wc[r:r + rows]
             lse = torch.logsumexp(z, dim=-1)                          # (rows,)
             loss += ((lse - z.gather(1, y[:, None])[:, 0]) * wr).sum()
@@ -402,7 +405,8 @@ class LinearCrossEntropy(torch.autograd.Function):
     fp32 log-softmax a block of rows at a time (LOSS_FP32_ELEMENTS: fp32 never holds a whole chunk's logits), and at
     once the gradient, dCE/dlogits = w * (softmax - onehot(y)), written over the logits in place; two matmuls turn
     it into dL/dh (N, d) and dL/dW (V, d, accumulated in fp32), and those are all that the backward keeps. One
-    chunk's logits in memory, and no recomputation (Liger-Kernel's fused linear cross-entropy does the same in
+    chunk's logits in memory, and no recomputation; the price is dL/dW's fp32 (V, d) buffer, held from the forward
+    to the backward (0.6 GB at Qwen3-0.6B's 151,936 x 1,024) (Liger-Kernel's fused linear cross-entropy does the same in
     Triton). The reference it is tested against is F.cross_entropy on the whole (N, V) fp32 logits."""
 
     @staticmethod
@@ -413,10 +417,10 @@ class LinearCrossEntropy(torch.autograd.Function):
         return loss
 
     @staticmethod
-    def backward(ctx, grad):  # grad: d(final loss)/d(this sum), a scalar (1 / the global weight sum)
-        dh, dw = ctx.saved_tensors
-        return (None if dh is None else dh * grad.to(dh.dtype),
-                None if dw is None else (dw * grad).to(ctx.weight_dtype), None, None, None)
+    def backward(ctx, grad):  # grad: d(final loss)/d(this sum), a scalar (world size / weight sum: train.accumulate)
+        dh, dw = ctx.saved_tensors  # scaled in place: no second (V, d) buffer at the backward's memory peak
+        return (None if dh is None else dh.mul_(grad),
+                None if dw is None else dw.mul_(grad).to(ctx.weight_dtype), None, None, None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -674,9 +678,12 @@ class Molmo2(nn.Module):
             w, labels = self.cp.shard(w, 0.0), self.cp.shard(labels, -1)
         sel = w > 0                                  # logits only where there is loss (response_logits_only)
         h, labels, w = h[sel], labels[sel], w[sel]   # (N_loss, d), (N_loss,), (N_loss,)
-        weight = self.llm.embed.weight if self.llm.lm_head is None else self.llm.lm_head.weight  # (V, d)
+        # (V, d), read directly: under FSDP2 the embedding and lm_head belong to the root's group, whose parameters
+        # are whole (all-gathered) throughout the root's forward
+        weight = self.llm.embed.weight if self.llm.lm_head is None else self.llm.lm_head.weight
         if torch.is_grad_enabled():
             return LinearCrossEntropy.apply(h, weight, labels, w, self.loss_chunk), w.sum()
+        # no backward coming (evaluation): the loss alone, without the gradient's two matmuls and (V, d) buffer
         return linear_cross_entropy(h, weight, labels, w, self.loss_chunk, False, False)[0], w.sum()
 
     def logits(self, batch):

@@ -267,10 +267,14 @@ def run_cost(n, spent_s, done, step_s, eval_s, final_s, eval_interval):
 def steps_in_budget(budget_s, spent_s, done, step_s, eval_s, final_s, eval_interval, max_steps):
     """The largest total step count N <= max_steps whose run fits budget_s seconds (run_cost; "Cramming", Geiping
     and Goldstein 2022: train for a fixed time, not a fixed number of steps). At least `done` (stop now)."""
-    n = max_steps
-    while n > done and run_cost(n, spent_s, done, step_s, eval_s, final_s, eval_interval) > budget_s:
-        n -= 1
-    return max(n, done)
+    lo, hi = done, max(max_steps, done)  # run_cost grows with n: the last n that fits, by bisection
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if run_cost(mid, spent_s, done, step_s, eval_s, final_s, eval_interval) <= budget_s:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def accumulate(fwd, batches, autocast=nullcontext, D=None, no_sync=None, dev=None):
@@ -650,7 +654,7 @@ class StepBudget:
          recent step time (`observe`: the mean over the last REFIT_WINDOW steps, evals excluded): off the plan by
          more than REFIT_BAND of the budget (a step time that drifted), the count is fitted again to what is left
          of the budget (at least the next step, at most max_steps) and `fix` records it; the cosine is laid over
-         the new count from there;
+         the new count from there (the LR steps down, or up if the count grew, by the change of its position);
       5. the count is saved in every checkpoint (budget_steps), so a resumed run keeps it and neither probes nor
          fits again (its clock is not the budget's: a changed max_minutes or max_steps then has no effect, and is
          noted as such: check_against_checkpoint)."""
@@ -686,10 +690,10 @@ class StepBudget:
 
     def observe(self, step, seconds):
         """A re-fit check at `step`, `seconds` of training so far (evals excluded): the mean step time since the
-        oldest check of the last REFIT_WINDOW steps, or None at the first check (nothing to measure yet)."""
+        oldest check of the last REFIT_WINDOW steps, or None until REFIT_WINDOW steps have been measured."""
         self.marks = [m for m in self.marks if m[0] >= step - REFIT_WINDOW] + [(step, seconds)]
         (s0, t0), (s1, t1) = self.marks[0], self.marks[-1]
-        return (t1 - t0) / (s1 - s0) if s1 > s0 else None
+        return (t1 - t0) / (s1 - s0) if s1 - s0 >= REFIT_WINDOW else None  # fewer steps: too noisy to act on
 
 
 def fmt_time(s):
@@ -775,6 +779,8 @@ def setup_run(C):
     random.seed(C.seed)
     np.random.seed(C.seed)
     dtype = resolve_dtype(C.dtype, dev, say)
+    if D.world > 1 and C.dtype == "auto":  # each rank measured its own CPU: they must compute alike, rank 0 decides
+        dtype = list(DTYPES.values())[int(broadcast_scalar(list(DTYPES.values()).index(dtype), D, dev))]
     autocast = (lambda: torch.autocast(dev.type, dtype=dtype)) if dtype != torch.float32 else nullcontext
     if not C.dry_run:
         check_out_dir(C.out_dir)  # now, not at the first checkpoint after hours of training
@@ -956,12 +962,20 @@ class Trainer:
         multiplies 4.5x faster than fp32 while its step was only 4-21% faster, and attn_tile=64 was slower than 0 in
         bf16 and faster in fp32. Elsewhere (CUDA, fp32-only CPUs, a set dtype, torchrun) nothing is timed. The choice
         is kept in the checkpoint and a resumed run takes it from there (saved), so that it computes as the run it
-        continues. Returns {"dtype", "attn_tile"}, or None when nothing was chosen."""
+        continues, unless this CPU has no fast bf16 (resumed elsewhere: fp32, said). Returns {"dtype",
+        "attn_tile"}, or None when nothing was chosen."""
         C, env, model = self.C, self.env, self.model
-        if saved is None and (env.dev.type != "cpu" or C.dtype != "auto" or env.dtype != torch.bfloat16
-                              or env.D.world > 1):
+        if env.dev.type != "cpu" or C.dtype != "auto" or env.D.world > 1:
             return None
-        if saved is None:
+        if saved is not None and saved["dtype"] == "bfloat16" and env.dtype != torch.bfloat16:
+            env.print("step probe: the checkpoint's run chose bfloat16, which this CPU runs slowly: float32 (the "
+                      "resumed steps compute in another precision than the run's first part)")
+            return None
+        if saved is None and env.dtype != torch.bfloat16:
+            return None
+        if saved is not None:
+            env.print(f"step probe: the checkpoint's choice, dtype {saved['dtype']}, attn_tile={saved['attn_tile']}")
+        else:
             import mixing
             stream = TrainingStream(C, self.tok, self.mconf, mixing.MixtureSampler(
                 data_src.weights, data_src.sizes, seed=C.seed + 1), env.dev, data_src.real)
@@ -969,10 +983,10 @@ class Trainer:
             stream.close()
             runs = []
 
-            def run(c):
+            def run(c):  # round r gives every candidate batches[r % 2]: each is timed on the same batches
                 model.attn_tile, dt = c[1], DTYPES[c[0]]
                 with torch.autocast("cpu", dtype=dt, enabled=dt != torch.float32):
-                    ls, ws = model(batches[len(runs) % 2])
+                    ls, ws = model(batches[len(runs) // len(candidates) % 2])
                 (ls / ws).backward()
                 model.zero_grad(set_to_none=True)
                 runs.append(c)
@@ -983,13 +997,14 @@ class Trainer:
             (dtype, tile), times = fastest(candidates, run)
             for p in vit:
                 p.requires_grad_(True)
-            env.print("step probe (forward + backward of one batch, best of 2): " + ", ".join(
+            env.print("step probe (forward + backward, best of 2 rounds, every candidate on the same 2 batches): " + ", ".join(
                 f"{d} attn_tile={t} {1e3 * s:.0f} ms" for (d, t), s in times.items())
                 + f" -> dtype {dtype}, attn_tile={tile}")
             saved = dict(dtype=dtype, attn_tile=tile)
         model.attn_tile = saved["attn_tile"]
         env.dtype = DTYPES[saved["dtype"]]
-        env.autocast = (lambda: torch.autocast("cpu", dtype=env.dtype)) if env.dtype != torch.float32 else nullcontext
+        env.autocast = (lambda: torch.autocast(env.dev.type, dtype=env.dtype)) if env.dtype != torch.float32 \
+            else nullcontext
         return saved
 
     def resume(self, ckpt):

@@ -97,7 +97,8 @@ def test_step_budget_lifecycle():
         assert due == [start + n] and b.t_probe is not None
         assert b.fix(42) == 42 and b.total == 42 and not any(b.due(s) for s in range(start + n, 100))
         assert b.refits and b.observe(20, 10.0) is None  # the first re-fit check: nothing measured yet
-        assert b.observe(30, 25.0) == 1.5 and b.observe(70, 45.0) == 0.7  # 35 s over 50 steps
+        assert b.observe(30, 25.0) is None  # 10 steps: fewer than REFIT_WINDOW, too noisy to act on
+        assert b.observe(70, 45.0) == 0.7  # 35 s over the 50 steps 20..70
         assert b.observe(80, 55.0) == 0.6 and b.marks[0] == (30, 25.0)  # the last REFIT_WINDOW steps only
     kept = train.StepBudget(5.0, 100, 23, 15)  # resumed after the decision: its count, no second probe, no re-fit
     assert kept.total == 23 and kept.decide_at is None and not any(kept.due(s) for s in range(16, 24))
@@ -179,6 +180,7 @@ def test_refit_band_both_ways_and_its_bounds(monkeypatch):
     74 fit (30 + 54 x 0.5 = 57), or max_steps=60; at 70 s spent, past the budget, it stops at the next step, 21."""
     clock, said = [30.0], []
     monkeypatch.setattr(train, "time", types.SimpleNamespace(time=lambda: clock[0]))
+    monkeypatch.setattr(train, "REFIT_WINDOW", 10)  # the 10 steps measured here are the whole window
 
     def refit(step_s, max_steps=100):
         b = train.StepBudget(1.0, max_steps, None, 0)
