@@ -13,7 +13,9 @@ Benchmarks and fast-path checks. Timing targets live here, never in tests.
                                               # equal losses, then training steps timed side by side
     python bench.py --step config/shapes_stage1.py [--steps=6 --with_compile=True --dtype=float32]
                                               # a CPU step: the full T x T attention against attn_tile's, (and
-                                              # compiled), interleaved, MFU, and the profiler's top operators
+                                              # compiled), interleaved, MFU, and the profiler's top operators;
+                                              # then whole training steps in parts: data, forward, backward,
+                                              # optimizer
     python bench.py --video                   # the video frame sampler vs decoding every frame (3-minute mp4)
     python bench.py --plan                    # per-GPU memory of stages 1-3 (real configs) over GPU layouts
     python bench.py --plan config/stage3.py --dp=2 --cp=4 --fsdp=True --act_ckpt=True   # one layout
@@ -1382,6 +1384,7 @@ def main(argv):
     elif mode == "--step":
         cfg, tok, mconf, model = build(rest)
         cpu_step(cfg, tok, mconf, model, int_flag(own, "steps", 6), own.get("with_compile") == "True")
+        speed(cfg, tok, mconf, model, int_flag(own, "steps", 6))  # then the whole step, data to optimizer, in parts
     elif mode == "--gpu":
         if rest:
             raise SystemExit(f"bench.py --gpu takes --L= --plan_only --card= only, got {' '.join(rest)}")

@@ -246,21 +246,14 @@ def test_losses_names_a_missing_or_corrupt_checkpoint(tmp_path):
 
 
 def test_step_mode_times_both_attentions_and_profiles(capsys):
-    """--step on a tiny model: both attention variants timed with an MFU, and a profiler line for each."""
+    """--step on a tiny model: both attention variants timed with an MFU, a profiler line for each, then whole
+    training steps in parts (data, forward, backward, optimizer) whose shares add up to the step."""
     bench.main(["--step", "--steps=1", "--batch_size=2", "--seq_len=128", "--attn_tile=32", "--dtype=float32",
                 "--vit_pretrain_steps=0"] + tiny_overrides())
     out = capsys.readouterr().out
-    assert "attn_tile=0 " in out and "attn_tile=32 " in out and out.count("MFU") == 2
+    assert "attn_tile=0 " in out and "attn_tile=32 " in out and out.count("MFU") == 3  # 2 variants, whole steps
     assert out.count("top operators by self CPU time") == 2
+    shares = dict(re.findall(r"(data|forward|backward|optimizer) \d+ ms \((\d+)%\)", out))  # the parts tile the step
+    assert set(shares) == {"data", "forward", "backward", "optimizer"}
+    assert abs(sum(map(int, shares.values())) - 100) <= 2
 
-
-def test_default_mode_times_the_steps_parts(capsys):
-    """The default mode's timing (speed) on a tiny model: one line of rates, then the step's parts, whose shares of
-    the step time add up to the whole (the parts tile the step)."""
-    cfg, tok, mconf, model = bench.build(["config/shapes_stage1.py", "--batch_size=2", "--seq_len=128",
-                                          "--dtype=float32", "--vit_pretrain_steps=0"] + tiny_overrides())
-    bench.speed(cfg, tok, mconf, model, steps=2)
-    out = capsys.readouterr().out
-    shares = dict(re.findall(r"(data|forward|backward|optimizer) \d+ ms \((\d+)%\)", out))
-    assert set(shares) == {"data", "forward", "backward", "optimizer"}, out
-    assert abs(sum(map(int, shares.values())) - 100) <= 2 and "tok/s" in out
