@@ -166,7 +166,7 @@ device = "auto"                 # 'auto' = cuda if present, else cpu
 dtype = "auto"                  # autocast dtype: 'auto' = bf16 on CUDA, on a CPU whichever is faster here
                                 # (machine.resolve_dtype); 'float32' turns autocast off (the reference path)
 compile_blocks = -1             # torch.compile each ViT and decoder block (model.compile_blocks): fused norms, RoPE,
-                                # SwiGLU; -1 = on CUDA, off on a CPU (minutes of compiling for ~10%: docs/experiments.md)
+                                # SwiGLU; -1 = on CUDA, off on a CPU (~45 s of compiling for 6-8%: docs/experiments.md)
 attn_impl = "auto"              # 'auto': flex on CUDA, sdpa on CPU | 'sdpa': dense bool mask (the reference) |
                                 # 'flex': FlexAttention BlockMask (compiled on CUDA: no T x T scores in memory)
 attn_tile = 64                  # sdpa on packed rows: query rows per call, keys cut to the span they may see
