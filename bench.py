@@ -221,9 +221,9 @@ def cpu_step(cfg, tok, mconf, model, steps, with_compile=False):
     """--step: where a training step's time goes on this CPU, and what the fast paths buy. Forward + backward of the
     training stream's batches, with the whole T x T attention (attn_tile=0) against the config's attn_tile
     (model.TiledMask), and with with_compile also compiled (model.compile_blocks; its compilation timed apart),
-    interleaved step by
-    step (a shared machine slows every variant alike), best and median of `steps`; MFU = model.flops over the
-    measured matmul rate of the dtype. Then torch.profiler's top operators over two steps of each attention."""
+    interleaved step by step (a shared machine slows every variant alike), best and median of `steps`; MFU =
+    model.flops over the measured matmul rate of the dtype. Then torch.profiler's top operators over two steps of
+    each attention."""
     from torch.profiler import ProfilerActivity, profile
     dev = torch.device("cpu")
     dt = train_dtype(cfg, dev)
