@@ -252,8 +252,8 @@ def lr_at(step, peak, warmup, total, min_frac):
 BUDGET_PROBE_STEPS = 10  # max_minutes: steps timed before the step count is fixed (the first 2 are warm-up)
 BUDGET_MARGIN = 0.95     # plan for 95% of the budget: step times drift a little over a run
 REFIT_BAND = 0.05        # re-fit the count when the run heads for an end off that plan by more than 5% of the budget
-REFIT_WINDOW = 50        # steps the re-fit's step time is the mean of (one 10-step log line is noisy: 2,525-4,067
-                         # tok/s within one stage-1 run, docs/experiments.md)
+REFIT_WINDOW = 100       # steps the re-fit's step time is the mean of: 10-step log lines vary 2,700-4,200 tok/s in
+                         # one run, and 50-step means by +-10%, enough to re-fit both ways (docs/experiments.md)
 
 
 def run_cost(n, spent_s, done, step_s, eval_s, final_s, eval_interval):

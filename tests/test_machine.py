@@ -83,11 +83,12 @@ def test_an_unknown_dtype_is_a_clear_error():
         machine.resolve_dtype("bf16", torch.device("cpu"))
 
 
-def test_step_budget_lifecycle():
+def test_step_budget_lifecycle(monkeypatch):
     """train.StepBudget in each case: no budget (max_steps, nothing decided), a fresh run (probe clock started after
     two untimed steps, due once at BUDGET_PROBE_STEPS), a run resumed before the decision (the probe counted from
     the resumed step), and a run resumed after it (the saved count, nothing to decide)."""
     n = train.BUDGET_PROBE_STEPS
+    monkeypatch.setattr(train, "REFIT_WINDOW", 50)  # the window the figures below are worked for
     off = train.StepBudget(0.0, 100, None, 0)
     assert off.total == 100 and not any(off.due(s) for s in range(1, 101))
     for start in (0, 7):
