@@ -8,7 +8,8 @@ Benchmarks and fast-path checks. Timing targets live here, never in tests.
                                               # a stage's real-width model on synthetic batches of its shape:
                                               # step time, tok/s, MFU, peak memory, and the step's parts
     python bench.py --real config/stage1.py --steps=1 --batch_size=1 --seq_len=512   # reduced, for a CPU
-    python bench.py --vs_transformers [--steps=3 --warmup=1 --batch_size=8 --seq_len=512 --d_model=384 ...]
+    python bench.py --vs_transformers [--steps=3 --warmup=1 --batch_size=8 --seq_len=512 --d_model=384 ...
+                                       --precision=both|fp32|bf16]
                                               # the same weights and batch through transformers' Molmo2 and ours:
                                               # equal losses, then training steps timed side by side
     python bench.py --step config/shapes_stage1.py [--steps=6 --with_compile=True --dtype=float32]
@@ -867,7 +868,8 @@ def cpu_name():
 VS_DEFAULTS = dict(image_size=224, patch_size=14, vit_width=192, vit_depth=6, vit_heads=3, vit_mlp=768,
                    d_model=384, n_layer=6, n_head=6, n_kv_head=2, head_dim=64, d_ff=1024,
                    base_vocab=0,  # 0 = the shapes tokenizer's
-                   n_extra=16, batch_size=8, seq_len=512, steps=3, warmup=1, lr=1e-4)
+                   n_extra=16, batch_size=8, seq_len=512, steps=3, warmup=1, lr=1e-4,
+                   precision="both")  # 'both', 'fp32' or 'bf16': an AVX2-only CPU runs bf16 at ~1 GFLOP/s
 
 
 def randomise(model, key=1):
@@ -966,7 +968,10 @@ def vs_transformers(argv):
           f"(transformers {sum(p.numel() for p in hf.parameters()) / 1e6:.1f}M); batch {B} x {T} tokens, one image "
           f"a row ({rows_ * cols_} pooled tokens), {int((w > 0).sum())} loss tokens")
 
-    precisions = [("fp32", torch.float32), ("bf16 autocast", torch.bfloat16)]
+    if cfg["precision"] not in ("both", "fp32", "bf16"):
+        raise SystemExit(f"--vs_transformers: --precision must be both, fp32 or bf16, got {cfg['precision']!r}")
+    precisions = [(n, dt) for n, dt, key in (("fp32", torch.float32, "fp32"), ("bf16 autocast", torch.bfloat16, "bf16"))
+                  if cfg["precision"] in ("both", key)]
     ac = lambda dt: torch.autocast(dev.type, dtype=dt, enabled=dt != torch.float32)  # noqa: E731
     # 1. the losses, in eval mode and without gradients: the same function must give the same number
     ours.eval()
