@@ -131,7 +131,7 @@ def strict_recompile_limit():
     FlexAttention and model.compile_blocks' blocks alike. An eager fallback would be silent, slow, and for
     FlexAttention a dense T x T in memory."""
     cfg = torch._dynamo.config
-    cfg.recompile_limit = max(cfg.recompile_limit, FLEX_RECOMPILE_LIMIT)
+    cfg.recompile_limit = FLEX_RECOMPILE_LIMIT
     cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, FLEX_RECOMPILE_LIMIT)
     cfg.fail_on_recompile_limit_hit = True
 
