@@ -764,6 +764,11 @@ def check_config(C):
                          + "\n  ".join(missing))
 
 
+def autocast_for(dev, dtype):
+    """The context every forward of the run enters: autocast to dtype on dev, or nothing for fp32 (the reference)."""
+    return (lambda: torch.autocast(dev.type, dtype=dtype)) if dtype != torch.float32 else nullcontext
+
+
 def setup_run(C):
     """The device (one GPU per process under torchrun), the process layout (Dist), seeds, the training dtype and
     its autocast, and `print`: rank 0 speaks for the run. Checks out_dir is writable before anything is built."""
@@ -780,8 +785,9 @@ def setup_run(C):
     np.random.seed(C.seed)
     dtype = resolve_dtype(C.dtype, dev, say)
     if D.world > 1 and C.dtype == "auto":  # each rank measured its own CPU: they must compute alike, rank 0 decides
-        dtype = list(DTYPES.values())[int(broadcast_scalar(list(DTYPES.values()).index(dtype), D, dev))]
-    autocast = (lambda: torch.autocast(dev.type, dtype=dtype)) if dtype != torch.float32 else nullcontext
+        dtypes = list(DTYPES.values())
+        dtype = dtypes[int(broadcast_scalar(dtypes.index(dtype), D, dev))]
+    autocast = autocast_for(dev, dtype)
     if not C.dry_run:
         check_out_dir(C.out_dir)  # now, not at the first checkpoint after hours of training
         if remove_stale_tmp(os.path.join(C.out_dir, "ckpt.pt")):
@@ -985,7 +991,7 @@ class Trainer:
 
             def run(c):  # round r gives every candidate batches[r % 2]: each is timed on the same batches
                 model.attn_tile, dt = c[1], DTYPES[c[0]]
-                with torch.autocast("cpu", dtype=dt, enabled=dt != torch.float32):
+                with autocast_for(env.dev, dt)():
                     ls, ws = model(batches[len(runs) // len(candidates) % 2])
                 (ls / ws).backward()
                 model.zero_grad(set_to_none=True)
@@ -1003,8 +1009,7 @@ class Trainer:
             saved = dict(dtype=dtype, attn_tile=tile)
         model.attn_tile = saved["attn_tile"]
         env.dtype = DTYPES[saved["dtype"]]
-        env.autocast = (lambda: torch.autocast(env.dev.type, dtype=env.dtype)) if env.dtype != torch.float32 \
-            else nullcontext
+        env.autocast = autocast_for(env.dev, env.dtype)
         return saved
 
     def resume(self, ckpt):
