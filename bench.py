@@ -912,6 +912,8 @@ def vs_transformers(argv):
     import model as M
     transformers.utils.logging.disable_progress_bar()  # from_pretrained's loading bar
     cfg = train.configure(argv, VS_DEFAULTS)
+    if cfg["precision"] not in ("both", "fp32", "bf16"):
+        raise SystemExit(f"--vs_transformers: --precision must be both, fp32 or bf16, got {cfg['precision']!r}")
     base = cfg["base_vocab"] or train.make_tokenizer("shapes-bpe").base_vocab
     mconf = M.ModelConfig(image_size=cfg["image_size"], patch_size=cfg["patch_size"], vit_width=cfg["vit_width"],
                           vit_depth=cfg["vit_depth"], vit_heads=cfg["vit_heads"], vit_mlp=cfg["vit_mlp"],
@@ -968,8 +970,6 @@ def vs_transformers(argv):
           f"(transformers {sum(p.numel() for p in hf.parameters()) / 1e6:.1f}M); batch {B} x {T} tokens, one image "
           f"a row ({rows_ * cols_} pooled tokens), {int((w > 0).sum())} loss tokens")
 
-    if cfg["precision"] not in ("both", "fp32", "bf16"):
-        raise SystemExit(f"--vs_transformers: --precision must be both, fp32 or bf16, got {cfg['precision']!r}")
     precisions = [(n, dt) for n, dt, key in (("fp32", torch.float32, "fp32"), ("bf16 autocast", torch.bfloat16, "bf16"))
                   if cfg["precision"] in ("both", key)]
     ac = lambda dt: torch.autocast(dev.type, dtype=dt, enabled=dt != torch.float32)  # noqa: E731

@@ -35,6 +35,7 @@ def test_help_prints_usage_and_exits_0():
 @pytest.mark.parametrize("argv, says", [
     (["--real", "config/stage1.py", "--bogus=1"], "bench.py --real: unknown flag --bogus"),
     (["--vs_transformers", "--dtype=float32"], "bench.py --vs_transformers: unknown flag --dtype"),
+    (["--vs_transformers", "--precision=fp16"], "--vs_transformers: --precision must be both, fp32 or bf16"),
     (["--steps"], "bench.py: flag '--steps' must look like --key=value"),
     (["--video", "--steps=3"], "bench.py --video: unknown flag --steps; it takes no flags"),
     (["--real", "--vs_transformers"], "one mode at a time"),

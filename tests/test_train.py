@@ -411,7 +411,7 @@ def test_packed_training_resume_is_exact(tmp_path):
 
 
 @pytest.mark.parametrize("key,bad", [("mixing_rule", "sqrtt"), ("loss_weighting", "rooot"), ("attn_impl", "flash"),
-                                     ("dtype", "bf16")])
+                                     ("dtype", "bf16"), ("compile_blocks", 2)])
 def test_choice_keys_fail_early_naming_the_key(tmp_path, key, bad):
     with pytest.raises(SystemExit, match=rf"'{key}' must be one of .*{bad}"):
         train.main(run_args(tmp_path, max_steps=1, **{key: bad}))
