@@ -1,7 +1,8 @@
 """
 Metrics, as Molmo2 computes them (Molmo2 code: olmo/eval/evaluators.py, vqa.py, object_tracking_utils.py;
 docs/molmo2.md, Evaluation metrics, lists each one and every remaining difference), the held-out shapes
-evaluation that train.py runs, and the evaluation of real held-out sets (eval.py --data, train.py eval_data).
+evaluation that train.py runs, the evaluation of real held-out sets (eval.py --data, train.py eval_data), and a
+diagnostic of where the answer looks (eval.py --attention).
 
   pointing   points Hungarian-matched (L2) to the true points; a match is a hit if it lies on that object's
              mask (the pixel at round(x), round(y)); P = hits / #pred, R = hits / #true, F1 per example.
@@ -486,6 +487,80 @@ def evaluate_shapes(model, tok, cfg, n_prompts=500, tasks=("point", "count", "qa
     return metrics, records
 
 
+@torch.no_grad()
+def attention_maps(model, batch):
+    """model.hidden's forward with every attention written out: softmax(q.k / sqrt(hd)) under the model's mask,
+    each block's own q, k, v (Block.qkv) and output half (Block.out), so what it shows is the forward the model runs
+    (tests: its hidden states equal model.hidden's). One image per example, no cache. Returns (final hidden states
+    (B, T, d), [per layer: attention probabilities (B, H, T, T)])."""
+    from model import attention_mask_4d
+    ids = batch["input_ids"]
+    x = model.embed_inputs(ids, batch["pixel_values"], batch["image_mask"], batch["pool_idx"])
+    mask = attention_mask_4d(batch["doc_ids"], ids >= model.c.base_vocab, model.c.bidir_vision)  # (B, 1, T, T)
+    cos, sin = model.llm.rope_tables(batch["position_ids"], x.dtype)
+    probs = []
+    for blk in model.llm.blocks:
+        q, k, v = blk.qkv(x, cos, sin)  # q (B, H, T, hd); k, v (B, Hkv, T, hd)
+        rep = q.shape[1] // k.shape[1]  # GQA: each kv head serves rep query heads
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        p = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).masked_fill(~mask, float("-inf")).softmax(-1)
+        probs.append(p)
+        x = blk.out(x, p @ v)
+    return model.llm.norm(x), probs
+
+
+@torch.no_grad()
+def attention_on_target(model, tok, cfg, n_prompts=200):
+    """Where the answer looks when it must choose an object: a diagnostic (eval.py --attention). For held-out scenes
+    of two or more objects whose question picks one (pointing at one present target; "What colour is the <shape>?"),
+    the answer is teacher-forced (attention_maps) and, at the positions where a choice is made, every head's
+    attention weight on the pooled image token holding the target's centre is set against its mean weight on each
+    other object's token (the 2x2 windows of the <im_patch> grid, row-major). The positions (CHOICE_POSITIONS):
+    pointing's first answer token ('<points' or 'There are none.': is the object there?), the x coordinate's first
+    digit (after '<points coords="1 1 ': where is it?), and QA's answer word. A head that reads the named object
+    puts more on the target; one that looks at every object alike puts the same. Returns {position name: (n scenes,
+    array (layers, heads, 2))}: the mean (target, other) weights."""
+    import shapes
+    from data import collate, encode_example
+    dev = next(model.parameters()).device
+    cell = cfg.patch_size * cfg.pool_h, cfg.patch_size * cfg.pool_w  # pixels a pooled token covers (y, x)
+    cols = cfg.image_size // cell[1]
+    window = lambda o: int(o["cy"] // cell[0]) * cols + int(o["cx"] // cell[1])  # the pooled token of a centre
+    model.eval()
+    sums, counts = {}, {}
+    for task in ("point", "qa"):
+        for seed in range(n_prompts):
+            ex = shapes.make_example(task, seed, cfg.image_size)
+            q, a = ex["turns"][0]
+            objs = ex["objects"]
+            if task == "point":
+                tgt = [o for o in objs if (o["cx"], o["cy"]) in ex["gt"]["points"]]
+            else:  # a colour question names a shape that is unique in the scene (shapes._qa)
+                tgt = [o for o in objs if q.startswith("What colour is") and o["shape"] == q.split()[-1][:-1]]
+            others = {window(o) for o in objs} - {window(t) for t in tgt}
+            if len(tgt) != 1 or not others:
+                continue
+            b = collate([encode_example(dict(ex, turns=[(q, a)]), tok, cfg, {task: 1.0})], tok.pad, 10 ** 9)
+            b = {k: v.to(dev) for k, v in b.items()}
+            first = int((b["loss_weights"][0] > 0).nonzero()[0])  # the input position predicting the answer's 1st token
+            slots = (b["input_ids"][0] == tok.im_patch).nonzero().flatten()  # the pooled image tokens, row-major
+            _, probs = attention_maps(model, b)
+            for name, offset in CHOICE_POSITIONS[task].items():
+                at = [p[0, :, first + offset] for p in probs]  # per layer (H, T): where that position looks
+                w = torch.stack([torch.stack([a_[:, slots[window(tgt[0])]],  # (H,) on the target's token
+                                              torch.stack([a_[:, slots[k]] for k in others]).mean(0)], -1)
+                                 for a_ in at]).float().cpu().numpy()  # (layers, H, 2)
+                sums[name], counts[name] = sums.get(name, 0.0) + w, counts.get(name, 0) + 1
+    model.train()
+    return {name: (counts[name], sums[name] / counts[name]) for name in sums}
+
+
+# attention_on_target's positions, as offsets from the one predicting the answer's first token: pointing's answer
+# tokens are '<points', ' coords', '="', '1', ' ', '1', ' ', then the x coordinate's digits
+CHOICE_POSITIONS = {"point": {"point, 1st answer token (there?)": 0, "point, x's 1st digit (where?)": 7},
+                    "qa": {"qa 'What colour is the <shape>?', the answer": 0}}
+
+
 # the tasks evaluate_shapes can score: F1 for points and tracks, exact count, exact answer for short-answer QA
 SCORED_TASKS = ("point", "count", "qa", "video_point", "video_count", "track", "video_qa", "subtitle_qa", "multi_qa")
 # the name each task's score is reported under; a task not listed is reported as "<task>_acc" (exact match)
@@ -720,7 +795,8 @@ def main(argv=None):
     """python eval.py --ckpt out/shapes_stage1/ckpt.pt [--prompts 500] [--blind] [--tasks point,track,...]:
     held-out shapes metrics of a checkpoint, then the same scores broken down by question kind (what the model
     can and cannot do yet). With --data name=path,...: real held-out sets instead, one line per set (its
-    metrics and n). Returns (metrics, records)."""
+    metrics and n). With --attention: no scores, but where the answer looks when it must choose an object, per
+    layer and head (attention_on_target). Returns (metrics, records)."""
     import argparse
     import sample
     import shapes
@@ -737,6 +813,8 @@ def main(argv=None):
     ap.add_argument("--tasks", default="point,count,qa", help="comma-separated, of: " + ",".join(SCORED_TASKS))
     ap.add_argument("--video_frames", default="", help="lo,hi: frames per video scene (default: shapes.VIDEO_FRAMES, "
                                                         "6,11; config/shapes_stage3.py trains on 12,20)")
+    ap.add_argument("--attention", action="store_true",
+                    help="instead of scores: where the choosing answer token looks (attention_on_target), per head")
     ap.add_argument("--trust_checkpoint", action="store_true",
                     help="read --ckpt with the full unpickler, which can run code: only for a file you made")
     ap.add_argument("--data", default="", help="real held-out sets, name=path,... (name: a readers.READERS or "
@@ -773,6 +851,13 @@ def main(argv=None):
     dt = resolve_dtype(a.dtype, dev)
     # a factory, not a context: evaluate_shapes enters a fresh autocast for every batch
     ac = (lambda: torch.autocast(dev.type, dtype=dt)) if dt != torch.float32 else None
+    if a.attention:  # per layer, per head: the weight on the named object's token against another object's
+        print("attention on the named object's image token / on another object's, per head (mean over scenes)")
+        for name, (n, w) in attention_on_target(model, tok, mc, a.prompts).items():
+            print(f"{name}, {n} scenes:")
+            for layer, heads in enumerate(w):
+                print(f"  layer {layer}: " + "  ".join(f"{t:.3f}/{o:.3f}" for t, o in heads))
+        return None, None
     if sets_paths:
         sets = load_eval_sets(sets_paths, a.media_root)
         metrics, records, counts = evaluate_data(model, tok, mc, sets, a.max_examples or None, a.batch_size, ac,

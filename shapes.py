@@ -170,7 +170,8 @@ IMAGE_TASKS = ["caption", "qa", "point", "count", "text"]  # stage 1 (text has n
 
 def make_example(task, seed, size=64, n_turns=1, absent_rate=ABSENT_RATE, max_objects=MAX_OBJECTS,
                  video_frames=VIDEO_FRAMES):
-    """Returns dict(task, image (PIL or None), turns [(user, assistant)], gt (ground truth of the first turn)).
+    """Returns dict(task, image (PIL or None), turns [(user, assistant)], gt (ground truth of the first turn)), and
+    for questions about an image, objects (the scene's objects: colour, shape, centre cx, cy, radius r, mask).
     absent_rate: the share of pointing/counting questions whose answer is "There are none." (training may ask
     more of them, train.absent_rate; evaluation keeps the default). A smaller max_objects draws smaller image
     scenes (eval.py --max_objects: with one object pointing needs no choice, so it measures the coordinate
@@ -219,7 +220,8 @@ def make_example(task, seed, size=64, n_turns=1, absent_rate=ABSENT_RATE, max_ob
         if len(turns) == n_turns:
             break
     # the ground truth scored by eval.py is the first turn's: evaluation asks one question per scene
-    return dict(task=task, image=scene.image, turns=turns, gt=gts[0])
+    # objects: the whole scene (colour, shape, centre, mask of each), for diagnostics (eval.attention_on_target)
+    return dict(task=task, image=scene.image, turns=turns, gt=gts[0], objects=scene.objects)
 
 
 # Labels for the vision pretraining phase (train.py pretrain_vit). Dense, one set per pooled image token, because

@@ -445,3 +445,40 @@ def test_train_scores_eval_data_at_each_eval(tmp_path, eval_sets, capsys):
     assert "eval @ 1: vqa_v2/vqa_score" in out and "final eval @ 2" in out
     with pytest.raises(SystemExit, match=r"eval_data: \['nope'\] have no metric"):
         train.main(args + ["--eval_data={'nope': 'x.jsonl'}"])
+
+
+def test_attention_maps_is_the_models_forward(tok, cfg):
+    """eval.attention_maps writes every attention out; its hidden states must be model.hidden's (the probe shows the
+    forward the model runs), each row a distribution over the keys the mask allows, and attention_on_target's
+    weights come from it."""
+    from data import collate, encode_example
+    from model import Molmo2
+    torch.manual_seed(0)
+    m = Molmo2(cfg).eval()
+    exs = [shapes.make_example(t, s, cfg.image_size) for t, s in (("point", 3), ("qa", 5))]
+    b = collate([encode_example(ex, tok, cfg, {ex["task"]: 1.0}) for ex in exs], tok.pad, 10 ** 9)
+    h, probs = ev.attention_maps(m, b)
+    with torch.no_grad():
+        ref = m.hidden(b)
+    assert torch.allclose(h, ref, atol=1e-5), (h - ref).abs().max()
+    T = b["input_ids"].shape[1]
+    assert len(probs) == cfg.n_layer and probs[0].shape == (2, cfg.n_head, T, T)
+    real = b["attention_mask"].bool()  # (B, T)
+    text = b["input_ids"] < cfg.base_vocab
+    future = torch.ones(T, T, dtype=torch.bool).triu(1)[None, None] & text[:, None, :, None]  # (B, 1, Tq, Tk)
+    for p in probs:
+        assert torch.allclose(p.sum(-1).transpose(1, 2)[real], torch.ones(()))
+        assert (p.masked_select(future) == 0).all()  # a text token never sees a later token
+    # the probe's "x's 1st digit" offset: that position predicts the first digit of the answer's x coordinate
+    ex = exs[0]
+    assert ex["gt"]["count"] > 0, "seed 3 must point at something"
+    e = encode_example(ex, tok, cfg, {"point": 1.0})
+    first = int((torch.as_tensor(e["loss_weights"]) > 0).nonzero()[0])
+    x = data.parse_points(ex["turns"][0][1])[0][2]
+    assert tok.decode([int(e["input_ids"][first + ev.CHOICE_POSITIONS["point"]["point, x's 1st digit (where?)"] + 1])]) \
+        == str(int(x))[0]
+    out = ev.attention_on_target(m, tok, cfg, n_prompts=30)
+    assert set(out) == {k for v in ev.CHOICE_POSITIONS.values() for k in v}
+    n, w = out["point, x's 1st digit (where?)"]
+    assert n > 0
+    assert w.shape == (cfg.n_layer, cfg.n_head, 2) and (w >= 0).all() and (w <= 1).all() and m.training
