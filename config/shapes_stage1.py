@@ -32,7 +32,8 @@ first_token_mults = {"point": 10.0}
 # The LLM (random at the start) at 6e-4; the connector, pretrained by the vision phase, at 3e-4 (0.5x); the ViT frozen
 # after its phase (Molmo2 slows its pretrained ViT to 0.3x). A ViT at 1x lets the random LLM's first gradients wear
 # away what the vision phase taught (QA 0.70 -> 0.89 at 0.1x), and frozen it learns as well per step and skips its
-# backward: ~14% faster steps. With the ViT frozen, 6e-4 beat 3e-4 and 1e-3 (docs/experiments.md)
+# backward: 6-14% faster steps. With it frozen, 6e-4 did as well as 3e-4 per step or better (two seeds), 1e-3 worse
+# (docs/experiments.md)
 lr = 6e-4
 lr_connector_mult = 0.5
 lr_vit_mult = 0.0
