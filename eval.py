@@ -522,6 +522,9 @@ def attention_on_target(model, tok, cfg, n_prompts=200):
     array (layers, heads, 2))}: the mean (target, other) weights."""
     import shapes
     from data import collate, encode_example
+    if cfg.max_crops:  # the window arithmetic below reads one crop's grid of pooled tokens
+        raise ValueError(f"attention_on_target reads one crop an image (max_crops=0); this model has max_crops="
+                         f"{cfg.max_crops}")
     dev = next(model.parameters()).device
     cell = cfg.patch_size * cfg.pool_h, cfg.patch_size * cfg.pool_w  # pixels a pooled token covers (y, x)
     cols = cfg.image_size // cell[1]
@@ -533,10 +536,12 @@ def attention_on_target(model, tok, cfg, n_prompts=200):
             ex = shapes.make_example(task, seed, cfg.image_size)
             q, a = ex["turns"][0]
             objs = ex["objects"]
+            if task == "qa" and not q.startswith("What colour is"):
+                continue
             if task == "point":
                 tgt = [o for o in objs if (o["cx"], o["cy"]) in ex["gt"]["points"]]
-            else:  # a colour question names a shape that is unique in the scene (shapes._qa)
-                tgt = [o for o in objs if q.startswith("What colour is") and o["shape"] == q.split()[-1][:-1]]
+            else:  # "What colour is the <shape>?" names a shape that is unique in the scene (shapes._qa)
+                tgt = [o for o in objs if o["shape"] == q.split()[-1][:-1]]
             others = {window(o) for o in objs} - {window(t) for t in tgt}
             if len(tgt) != 1 or not others:
                 continue
@@ -832,6 +837,12 @@ def main(argv=None):
         if not eq or not name or not path:
             ap.error(f"--data {item!r}: give name=path, e.g. pixmo_count_val=data/pixmo_count_val.jsonl")
         sets_paths[name] = path
+    # --attention probes the shapes prompts of --prompts seeds, nothing else: a setting it would ignore is an error
+    ignored = [f for f, on in (("--data", sets_paths), ("--blind", a.blind), ("--tasks", a.tasks != "point,count,qa"),
+                               ("--max_objects", a.max_objects != n_max), ("--video_frames", a.video_frames)) if on]
+    if a.attention and ignored:
+        ap.error(f"--attention probes held-out shapes scenes of 1-{n_max} objects only; "
+                 f"it cannot take {', '.join(ignored)}")
     if sets_paths and check_eval_data(sets_paths):
         ap.error(check_eval_data(sets_paths))
     if a.max_examples < 0 or a.max_new_tokens < 0 or a.batch_size < 1:

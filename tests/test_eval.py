@@ -1,4 +1,5 @@
 """Metrics and the held-out shapes evaluation (eval.py)."""
+import dataclasses
 import itertools
 
 import numpy as np
@@ -169,6 +170,10 @@ def test_eval_cli_rejects_unscorable_tasks_and_missing_checkpoints(capsys, tmp_p
         with pytest.raises(SystemExit):
             ev.main(["--tasks", "track", "--video_frames", bad])
         assert f"--video_frames {bad!r}: give lo,hi" in capsys.readouterr().err
+    for extra in (["--blind"], ["--max_objects", "2"], ["--tasks", "qa"], ["--data", "vqa_v2=x.jsonl"]):
+        with pytest.raises(SystemExit):  # settings --attention would ignore are refused, before any loading
+            ev.main(["--attention", "--ckpt", str(tmp_path / "nope.pt")] + extra)
+        assert f"it cannot take {extra[0]}" in capsys.readouterr().err
 
 
 # ---- Molmo2's metrics, worked by hand (olmo/eval/evaluators.py, object_tracking_utils.py, vqa.py) ----
@@ -373,7 +378,6 @@ def eval_sets(tmp_path, monkeypatch):
 
 
 def test_eval_data_end_to_end(tok, cfg, tmp_path, eval_sets, monkeypatch, capsys):
-    import dataclasses
     import sample
     from checkpoint import save_checkpoint
     from model import Molmo2
@@ -482,3 +486,5 @@ def test_attention_maps_is_the_models_forward(tok, cfg):
     n, w = out["point, x's 1st digit (where?)"]
     assert n > 0
     assert w.shape == (cfg.n_layer, cfg.n_head, 2) and (w >= 0).all() and (w <= 1).all() and m.training
+    with pytest.raises(ValueError, match="max_crops=2"):  # multi-crop token grids are not what it reads
+        ev.attention_on_target(m, tok, dataclasses.replace(cfg, max_crops=2), n_prompts=1)
