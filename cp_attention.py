@@ -77,15 +77,20 @@ def _scores(q, k, causal, scale, mask=None):
     return s
 
 
-def reference_attn_fwd(q, k, v, causal=False, scale=None, mask=None):
-    """Pure PyTorch, explicit scores: the fp64 reference for every test. Returns (out, lse)."""
-    _check(q, k, v)
+def reference_attn_probs(q, k, causal=False, scale=None, mask=None):
+    """The softmax of the explicit scores, P [B, H, Lq, Lk], and its lse [B, H, Lq]: what every kernel computes
+    without writing it out (eval.attention_maps shows it)."""
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     s = _scores(q, k, causal, scale, mask)
     lse = torch.logsumexp(s, dim=-1)                                    # [B, H, Lq]
-    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)                   # a fully masked row: p = 0, out = 0
-    out = torch.matmul(p, _expand_kv(v, q.shape[1]))
-    return out, lse
+    return torch.exp(s - lse[..., None]).nan_to_num(0.0), lse          # a fully masked row: p = 0, out = 0
+
+
+def reference_attn_fwd(q, k, v, causal=False, scale=None, mask=None):
+    """Pure PyTorch, explicit scores: the fp64 reference for every test. Returns (out, lse)."""
+    _check(q, k, v)
+    p, lse = reference_attn_probs(q, k, causal, scale, mask)
+    return torch.matmul(p, _expand_kv(v, q.shape[1])), lse
 
 
 def reference_attn_bwd(dout, q, k, v, out, lse, causal=False, scale=None, mask=None):

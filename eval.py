@@ -489,10 +489,12 @@ def evaluate_shapes(model, tok, cfg, n_prompts=500, tasks=("point", "count", "qa
 
 @torch.no_grad()
 def attention_maps(model, batch):
-    """model.hidden's forward with every attention written out: softmax(q.k / sqrt(hd)) under the model's mask,
-    each block's own q, k, v (Block.qkv) and output half (Block.out), so what it shows is the forward the model runs
-    (tests: its hidden states equal model.hidden's). One image per example, no cache. Returns (final hidden states
-    (B, T, d), [per layer: attention probabilities (B, H, T, T)])."""
+    """model.hidden's forward with every attention written out: softmax(q.k / sqrt(hd)) under the model's mask (the
+    reference kernel's, cp_attention.reference_attn_probs), each block's own q, k, v (Block.qkv) and output half
+    (Block.out), so what it shows is the forward the model runs (tests: its hidden states equal model.hidden's). One
+    image per example, no cache. Returns (final hidden states (B, T, d), [per layer: attention probabilities
+    (B, H, T, T)])."""
+    from cp_attention import reference_attn_probs
     from model import attention_mask_4d
     ids = batch["input_ids"]
     x = model.embed_inputs(ids, batch["pixel_values"], batch["image_mask"], batch["pool_idx"])
@@ -501,11 +503,9 @@ def attention_maps(model, batch):
     probs = []
     for blk in model.llm.blocks:
         q, k, v = blk.qkv(x, cos, sin)  # q (B, H, T, hd); k, v (B, Hkv, T, hd)
-        rep = q.shape[1] // k.shape[1]  # GQA: each kv head serves rep query heads
-        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-        p = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).masked_fill(~mask, float("-inf")).softmax(-1)
+        p, _ = reference_attn_probs(q, k, mask=mask)  # (B, H, T, T)
         probs.append(p)
-        x = blk.out(x, p @ v)
+        x = blk.out(x, p @ v.repeat_interleave(q.shape[1] // v.shape[1], 1))  # GQA: a kv head serves a group of q heads
     return model.llm.norm(x), probs
 
 

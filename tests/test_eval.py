@@ -479,8 +479,8 @@ def test_attention_maps_is_the_models_forward(tok, cfg):
     e = encode_example(ex, tok, cfg, {"point": 1.0})
     first = int((torch.as_tensor(e["loss_weights"]) > 0).nonzero()[0])
     x = data.parse_points(ex["turns"][0][1])[0][2]
-    assert tok.decode([int(e["input_ids"][first + ev.CHOICE_POSITIONS["point"]["point, x's 1st digit (where?)"] + 1])]) \
-        == str(int(x))[0]
+    at = first + ev.CHOICE_POSITIONS["point"]["point, x's 1st digit (where?)"]
+    assert tok.decode([int(e["input_ids"][at + 1])]) == f"{int(x):03d}"[0]  # written zero-padded (data.format_groups)
     out = ev.attention_on_target(m, tok, cfg, n_prompts=30)
     assert set(out) == {k for v in ev.CHOICE_POSITIONS.values() for k in v}
     n, w = out["point, x's 1st digit (where?)"]
