@@ -163,7 +163,8 @@ def sync(dev):
 
 def speed(cfg, tok, mconf, model, steps):
     """The default mode's timing: `steps` optimizer steps (after 3 warm-up steps, not counted) on the training
-    loop's own stream (batch_stream), plain AdamW, each step = fetch + move the batch, forward, backward, step.
+    loop's own stream (batch_stream), the run's optimizer (train.make_optimizer), each step = fetch + move the batch,
+    forward, backward, step.
     Unlike --real (best of n), the figures are totals over all the timed steps, so data time is included and
     shown as its share: tok/s counts real (non-pad) tokens, MFU = model.flops of every timed batch over the
     timed seconds, divided by machine.peak_flops in the step's dtype. Prints one line, then the step's parts (data,
@@ -175,7 +176,10 @@ def speed(cfg, tok, mconf, model, steps):
     model.act_ckpt = model.vit.act_ckpt = cfg["act_ckpt"]
     model.loss_chunk = cfg["loss_chunk"]
     model.attn_tile = cfg["attn_tile"]
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    if cfg["lr_vit_mult"] == 0:  # a frozen ViT, as train.py freezes it: no gradients through it
+        for p in model.vit.parameters():
+            p.requires_grad_(False)
+    opt, _ = train.make_optimizer(model, type("Config", (), cfg), dev)  # the run's optimizer (AdamW or Muon)
     peak = machine.peak_flops(dev, dt)  # the peak of the dtype the matmuls run in: MFU is against what it can do
     t_all = 0.0
     parts = dict(data=0.0, forward=0.0, backward=0.0, optimizer=0.0)  # seconds, summed over the timed steps
@@ -719,12 +723,7 @@ def real(argv, steps=3, media="auto"):
     model.attn_impl = impl
     model.act_ckpt = model.vit.act_ckpt = cfg["act_ckpt"]
     model.loss_chunk = cfg["loss_chunk"]
-    groups = model.param_groups()
-    mults = {"llm": 1.0, "connector": cfg["lr_connector_mult"], "vit": cfg["lr_vit_mult"]}
-    trained = {k: [p for p in ps if p.requires_grad] for k, ps in groups.items()}  # train.py's three LR groups
-    opt = torch.optim.AdamW([dict(params=ps, lr=cfg["lr"] * mults[k]) for k, ps in trained.items() if ps],
-                            lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]), eps=cfg["adam_eps"],
-                            weight_decay=cfg["weight_decay"], **train.adamw_kernel(dev))
+    opt, _ = train.make_optimizer(model, type("Config", (), cfg), dev)  # train.py's groups, each at its peak LR
     B, T = cfg["batch_size"], cfg["seq_len"]
     b = synthetic_batch(mconf, B, T, cfg["max_images_per_row"], video, cfg["loss_weighting"], cfg["seed"])
     n_examples = b.pop("n_examples")

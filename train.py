@@ -148,6 +148,8 @@ rope_theta = 1e6
 tie_embeddings = False
 bidir_vision = True
 # optimizer: AdamW as Molmo2 (betas 0.9/0.95, eps 1e-6, no weight decay, clip 1.0)
+optimizer = "adamw"             # 'adamw' (Molmo2's) | 'muon': Muon on the LLM's hidden matrices, AdamW on the rest
+                                # (muon.py), for an LLM that starts random (the shapes configs: docs/experiments.md)
 lr = 1e-3                       # the LLM's peak LR; the other two groups are multiples of it
 lr_connector_mult = 10.0        # Molmo2 pretraining: connector 2e-4 / LLM 2e-5 = 10x
 lr_vit_mult = 0.3               # Molmo2 pretraining: ViT 6e-6 / LLM 2e-5 = 0.3x; 0 freezes the ViT (no grads)
@@ -190,7 +192,7 @@ MODEL_KEYS = ["image_size", "patch_size", "vit_width", "vit_depth", "vit_heads",
 
 CHOICES = {"mixing_rule": ("fixed", "sqrt"), "loss_weighting": ("task", "root"),
            "attn_impl": ("auto", "sdpa", "flex"), "dtype": ("auto", "bfloat16", "float16", "float32"),
-           "cp_mode": ("ring", "ulysses"), "compile_blocks": (-1, 0, 1)}
+           "cp_mode": ("ring", "ulysses"), "compile_blocks": (-1, 0, 1), "optimizer": ("adamw", "muon")}
 
 
 def configure(argv, defaults, given=None):
@@ -416,6 +418,24 @@ def no_sync_of(wrapped):
     return no_sync
 
 
+def make_optimizer(model, C, dev):
+    """(optimizer, LR multiple per component): AdamW with one group per component at its multiple of lr (Molmo2:
+    connector 10x, ViT 0.3x in pretraining), each group's `peak` the LR its schedule climbs to (lr_at). With
+    optimizer='muon' the LLM's hidden matrices leave the llm group for a Muon group at the LLM's lr (muon.py). A
+    frozen ViT's parameters stay in their group: they have no gradients, so nothing updates them."""
+    groups = model.param_groups()
+    mults = {"llm": 1.0, "connector": C.lr_connector_mult, "vit": C.lr_vit_mult}
+    pgroups = [dict(params=groups[k], name=k, peak=C.lr * mults[k], lr=C.lr * mults[k]) for k in groups]
+    adamw = dict(lr=C.lr, betas=(C.beta1, C.beta2), eps=C.adam_eps, weight_decay=C.weight_decay, **adamw_kernel(dev))
+    if C.optimizer == "adamw":
+        return torch.optim.AdamW(pgroups, **adamw), mults
+    from muon import MuonAdamW, muon_matrices
+    hidden = {id(p) for p in muon_matrices(model)}
+    pgroups = [dict(g, params=[p for p in g["params"] if id(p) not in hidden]) for g in pgroups]
+    pgroups.append(dict(params=muon_matrices(model), name="llm", peak=C.lr, lr=C.lr, muon=True))
+    return MuonAdamW(pgroups, **adamw), mults
+
+
 def adamw_kernel(dev):
     """AdamW's implementation on dev, as torch.optim.AdamW keyword arguments: fused on CUDA (one kernel updates
     every parameter of a group: no per-tensor launches), foreach on a CPU (the fp32 reference path: the plain
@@ -473,7 +493,7 @@ def check_against_checkpoint(cfg, given, mc, saved_cfg, source, print=print, fix
       - on resume, every other key that differs from the checkpoint's run takes effect from the resumed step, and
         is printed as a note (lr, schedule, batch...; the session keys of SESSION_KEYS are not compared), except
         max_minutes and max_steps once a budget fixed the step count (fixed_steps): that count stands, and the note
-        says so.
+        says so; and `optimizer`, whose saved state fits only the optimizer that wrote it, is an error.
     cfg is updated to the architecture that runs, so the checkpoint saves the configuration that ran."""
     def same(a, b):
         return (tuple(a) if isinstance(a, (list, tuple)) else a) == (tuple(b) if isinstance(b, (list, tuple)) else b)
@@ -486,6 +506,10 @@ def check_against_checkpoint(cfg, given, mc, saved_cfg, source, print=print, fix
         cfg[k] = mc[k]
     if saved_cfg is None:
         return
+    was = saved_cfg.get("optimizer", "adamw")  # its state (Adam's moments, Muon's momentum) fits that optimizer only
+    if cfg.get("optimizer", "adamw") != was:
+        raise SystemExit(f"{source}: resume continues the optimizer that saved its state, optimizer={was!r}; the "
+                         f"config sets {cfg['optimizer']!r}")
     for k, v in cfg.items():
         if k not in MODEL_KEYS and k not in SESSION_KEYS and k in saved_cfg and not same(saved_cfg[k], v):
             effect = ("no effect: the step count the budget fixed, " + f"{fixed_steps:,}, stands"
@@ -751,6 +775,9 @@ def check_config(C):
     for key in ("init_llm", "init_vit"):
         if getattr(C, key) and C.init_from != "scratch":
             raise SystemExit(f"{key} initialises a model built from scratch; init_from={C.init_from!r} loads one")
+    if C.optimizer == "muon" and C.fsdp:  # Newton-Schulz needs each matrix whole; FSDP2 holds a shard per rank
+        raise SystemExit("optimizer='muon' orthogonalises whole matrices: it runs under DDP or one process, not "
+                         "fsdp=True")
     if C.packing and C.dataset != "shapes":  # an example that can never fit a packed row stops the run mid-way
         names = [n for spec in C.mixture.values() for n in (spec[1] if isinstance(spec, tuple) else ())]
         videos = any(n in readers.SOURCES and readers.SOURCES[n].video for n in names)
@@ -938,12 +965,11 @@ class Trainer:
             model.cp = ContextParallel(D.cp_group, C.cp_mode)
         self.wrapped = wrap_model(model, C, D, dev, env.dtype)  # FSDP2 swaps in sharded parameters: the optimizer
         self.no_sync = no_sync_of(self.wrapped)                   # comes after
-        # AdamW, one group per component at its multiple of lr (Molmo2: connector 10x, ViT 0.3x in pretraining)
-        groups = model.param_groups()
-        self.mults = {"llm": 1.0, "connector": C.lr_connector_mult, "vit": C.lr_vit_mult}
-        self.opt = torch.optim.AdamW([dict(params=groups[k], name=k, peak=C.lr * self.mults[k]) for k in groups],
-                                     lr=C.lr, betas=(C.beta1, C.beta2), eps=C.adam_eps, weight_decay=C.weight_decay,
-                                     **adamw_kernel(dev))
+        self.opt, self.mults = make_optimizer(model, C, dev)
+        hidden = [p for g in self.opt.param_groups if g.get("muon") for p in g["params"]]
+        if hidden:
+            env.print(f"optimizer: Muon on the LLM's {len(hidden)} hidden matrices ({sum(p.numel() for p in hidden) / 1e6:.2f}M "
+                      f"parameters; muon.py), AdamW on the rest")
         if C.compile_blocks == 1 or (C.compile_blocks == -1 and dev.type == "cuda"):
             from model import compile_blocks
             compile_blocks(model)  # in place, block by block: the FSDP2 / DDP wrapping above is unchanged

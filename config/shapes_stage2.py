@@ -20,6 +20,7 @@ first_token_mults = {"point": 10.0}   # as stage 1: the x10 on pointing's first 
 max_minutes = 20.0         # the step count that fits 20 minutes here (train.fit_budget), at most max_steps
 max_steps = 1000
 warmup_steps = 50
+optimizer = "muon"         # as stage 1 (muon.py): the LLM is still learning to look things up, now across frames
 lr = 3e-4                  # SFT: below stage 1's peak, as the real stages go 1e-4 -> 5e-5
 lr_connector_mult = 1.0
 lr_vit_mult = 0.0          # the ViT frozen, for the CPU budget (Molmo2's SFT trains it: config/stage2.py 0.5x):

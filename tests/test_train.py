@@ -208,7 +208,9 @@ def test_sample_video_writes_an_animation(trained, tmp_path, capsys):
 
 
 def test_resume_is_exact(tmp_path):
-    pre = dict(vit_pretrain_steps=3, vit_pretrain_batch=4)  # the ViT phase runs once, before step 1
+    # with the shapes configs' optimizer (Muon + AdamW): its momentum travels in the checkpoint as Adam's m and v do
+    # (plain AdamW's resume: test_packed_training_resume_is_exact, test_safety, test_loader)
+    pre = dict(vit_pretrain_steps=3, vit_pretrain_batch=4, optimizer="muon")  # the ViT phase runs once, before step 1
     a = train.main(run_args(tmp_path / "A", max_steps=12, **pre))["losses"]
     assert len(a) == 12
     b1 = train.main(run_args(tmp_path / "B", max_steps=12, stop_at=6, **pre))
@@ -221,6 +223,58 @@ def test_resume_is_exact(tmp_path):
     cb = torch.load(tmp_path / "B" / "ckpt.pt", map_location="cpu", weights_only=False)
     assert ca["step"] == cb["step"] == 12
     assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
+    with pytest.raises(SystemExit, match="optimizer='muon'; the config sets 'adamw'"):  # its state fits Muon only
+        train.main(run_args(tmp_path / "B", max_steps=14, init_from="resume", **dict(pre, optimizer="adamw")))
+
+
+def test_orthogonalize_is_the_polar_factor():
+    # Newton-Schulz's five steps: U S' V^T of g = U S V^T, every S' near 1 (Jordan's quintic: ~[0.7, 1.2]); a tall
+    # matrix runs transposed
+    from muon import orthogonalize
+    torch.manual_seed(0)
+    # singular values over two decades: five steps lift the smallest ~480x (a^5), enough from 1e-2 of the largest
+    g = torch.randn(48, 160) * torch.logspace(-2, 0, 48)[:, None]
+    o = orthogonalize(g)
+    U, S, Vh = torch.linalg.svd(g, full_matrices=False)
+    s = torch.linalg.svdvals(o)
+    assert 0.6 < s.min() and s.max() < 1.25, s
+    polar = U @ Vh
+    assert torch.nn.functional.cosine_similarity(o.flatten(), polar.flatten(), dim=0) > 0.95
+    assert torch.allclose(orthogonalize(g.T), o.T, atol=1e-5)
+    assert S[0] / S[-1] > 30 and s.max() / s.min() < 2  # an ill-conditioned g, a near-orthogonal step
+
+
+def test_muon_groups_and_update(make_cfg):
+    # optimizer='muon': the LLM's block matrices take Muon's step (RMS ~0.2 lr, whatever the gradient's size);
+    # every other parameter the step plain torch.optim.AdamW gives it, bit for bit
+    from model import Molmo2
+    torch.manual_seed(0)
+    model = Molmo2(make_cfg())
+    C = type("C", (), dict(DEFAULTS, optimizer="muon", lr=1e-2, weight_decay=0.1))
+    opt, _ = train.make_optimizer(model, C, torch.device("cpu"))
+    muon_ps = [p for g in opt.param_groups if g["muon"] for p in g["params"]]
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(p)] for p in muon_ps) == sorted(
+        n for n, p in model.named_parameters() if n.startswith("llm.blocks.") and p.ndim == 2)
+    assert {g["name"] for g in opt.param_groups} == {"llm", "connector", "vit"}
+    ref_model = Molmo2(make_cfg())
+    ref_model.load_state_dict(model.state_dict())
+    ref, _ = train.make_optimizer(ref_model, type("C", (), dict(vars(C), optimizer="adamw")), torch.device("cpu"))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        p.grad = torch.randn_like(p) * 1e-3
+        q.grad = p.grad.clone()
+    opt.step()
+    ref.step()
+    for (n, p), q in zip(model.named_parameters(), ref_model.parameters()):
+        if any(p is m for m in muon_ps):
+            step = (p - before[n] * (1 - 1e-2 * 0.1)).detach()  # minus the decoupled weight decay
+            rms = step.pow(2).mean().sqrt().item()
+            assert 0.1 * 1e-2 < rms < 0.3 * 1e-2, (n, rms)  # AdamW's first step would be lr = 1e-2 per entry
+        else:
+            assert torch.equal(p, q), n
+    with pytest.raises(SystemExit, match="fsdp"):
+        train.check_config(type("C", (), dict(DEFAULTS, optimizer="muon", fsdp=True)))
 
 
 def test_vision_pretraining_learns_what_and_where(make_cfg):
@@ -411,7 +465,7 @@ def test_packed_training_resume_is_exact(tmp_path):
 
 
 @pytest.mark.parametrize("key,bad", [("mixing_rule", "sqrtt"), ("loss_weighting", "rooot"), ("attn_impl", "flash"),
-                                     ("dtype", "bf16"), ("compile_blocks", 2)])
+                                     ("dtype", "bf16"), ("compile_blocks", 2), ("optimizer", "sgd")])
 def test_choice_keys_fail_early_naming_the_key(tmp_path, key, bad):
     with pytest.raises(SystemExit, match=rf"'{key}' must be one of .*{bad}"):
         train.main(run_args(tmp_path, max_steps=1, **{key: bad}))
