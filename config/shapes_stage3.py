@@ -18,6 +18,7 @@ max_minutes = 20.0         # the step count that fits 20 minutes here (train.fit
 max_steps = 500            # fewer steps at a higher LR cost image pointing (docs/experiments.md)
 warmup_steps = 20
 lr = 1.5e-4                # half stage 2's 3e-4 (the real stages: 5e-5 -> 3e-5)
+# optimizer: AdamW, the default, as its figures were measured; stages 1 and 2 of the demo run Muon (muon.py)
 threads = 1                # one thread per rank: 2 ranks on 2 cores
 eval_tasks = ("track", "video_point", "video_count", "point")
 eval_interval = 250
