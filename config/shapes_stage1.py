@@ -11,8 +11,8 @@ seq_len = 512              # per row; the longest shapes example (3 pointing tur
 batch_size = 8             # rows per step
 max_images_per_row = 8
 # Molmo2 starts from a pretrained SigLIP2 ViT. The shapes world has none, and a ViT taught only through a random
-# LLM learns shapes too slowly for this budget, so the run first pretrains the ViT and connector (about 2 minutes
-# on 2 cores: 1:32 and 1:54 in the README's runs, docs/experiments.md) to say, for every pooled token, which
+# LLM learns shapes too slowly for this budget, so the run first pretrains the ViT and connector (2-3 minutes on
+# 2 cores: 1:32-1:54 on a Zen 5, 2:51-3:13 on a Zen 3, docs/experiments.md) to say, for every pooled token, which
 # (colour, shape) is there and where its centre is (train.pretrain_vit)
 vit_pretrain_steps = 500
 vit_pretrain_batch = 64
