@@ -176,10 +176,9 @@ def speed(cfg, tok, mconf, model, steps):
     model.act_ckpt = model.vit.act_ckpt = cfg["act_ckpt"]
     model.loss_chunk = cfg["loss_chunk"]
     model.attn_tile = cfg["attn_tile"]
-    if cfg["lr_vit_mult"] == 0:  # a frozen ViT, as train.py freezes it: no gradients through it
-        for p in model.vit.parameters():
-            p.requires_grad_(False)
-    opt, _ = train.make_optimizer(model, type("Config", (), cfg), dev)  # the run's optimizer (AdamW or Muon)
+    C = type("Config", (), cfg)
+    train.freeze_vit(model, C)  # the step as it trains: a frozen ViT has no backward
+    opt, _ = train.make_optimizer(model, C, dev)  # the run's optimizer (AdamW or Muon)
     peak = machine.peak_flops(dev, dt)  # the peak of the dtype the matmuls run in: MFU is against what it can do
     t_all = 0.0
     parts = dict(data=0.0, forward=0.0, backward=0.0, optimizer=0.0)  # seconds, summed over the timed steps
@@ -717,13 +716,12 @@ def real(argv, steps=3, media="auto"):
     torch.manual_seed(cfg["seed"])
     with torch.device(dev):  # initialised where it runs: 0.7B parameters take seconds on a GPU, longer on a CPU
         model = Molmo2(mconf)
-    if cfg["lr_vit_mult"] == 0:  # a frozen ViT, as train.py freezes it: no gradients through it
-        for p in model.vit.parameters():
-            p.requires_grad_(False)
+    C = type("Config", (), cfg)
+    train.freeze_vit(model, C)  # a frozen ViT, as train.py freezes it: no gradients through it
     model.attn_impl = impl
     model.act_ckpt = model.vit.act_ckpt = cfg["act_ckpt"]
     model.loss_chunk = cfg["loss_chunk"]
-    opt, _ = train.make_optimizer(model, type("Config", (), cfg), dev)  # train.py's groups, each at its peak LR
+    opt, _ = train.make_optimizer(model, C, dev)  # train.py's groups, each at its peak LR
     B, T = cfg["batch_size"], cfg["seq_len"]
     b = synthetic_batch(mconf, B, T, cfg["max_images_per_row"], video, cfg["loss_weighting"], cfg["seed"])
     n_examples = b.pop("n_examples")

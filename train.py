@@ -418,6 +418,14 @@ def no_sync_of(wrapped):
     return no_sync
 
 
+def freeze_vit(model, C):
+    """lr_vit_mult = 0: a frozen ViT, no gradients through it at all, not just a zero LR (stage 2: its backward
+    would be a third of the step, ~150 frames a batch). bench.py times the step as it trains through this too."""
+    if C.lr_vit_mult == 0:
+        for p in model.vit.parameters():
+            p.requires_grad_(False)
+
+
 def make_optimizer(model, C, dev):
     """(optimizer, LR multiple per component): AdamW with one group per component at its multiple of lr (Molmo2:
     connector 10x, ViT 0.3x in pretraining), each group's `peak` the LR its schedule climbs to (lr_at). With
@@ -430,9 +438,10 @@ def make_optimizer(model, C, dev):
     if C.optimizer == "adamw":
         return torch.optim.AdamW(pgroups, **adamw), mults
     from muon import MuonAdamW, muon_matrices
-    hidden = {id(p) for p in muon_matrices(model)}
-    pgroups = [dict(g, params=[p for p in g["params"] if id(p) not in hidden]) for g in pgroups]
-    pgroups.append(dict(params=muon_matrices(model), name="llm", peak=C.lr, lr=C.lr, muon=True))
+    hidden = muon_matrices(model)
+    ids = {id(p) for p in hidden}
+    pgroups = [dict(g, params=[p for p in g["params"] if id(p) not in ids]) for g in pgroups]
+    pgroups.append(dict(params=hidden, name="llm", peak=C.lr, lr=C.lr, muon=True))
     return MuonAdamW(pgroups, **adamw), mults
 
 
@@ -507,7 +516,7 @@ def check_against_checkpoint(cfg, given, mc, saved_cfg, source, print=print, fix
     if saved_cfg is None:
         return
     was = saved_cfg.get("optimizer", "adamw")  # its state (Adam's moments, Muon's momentum) fits that optimizer only
-    if cfg.get("optimizer", "adamw") != was:
+    if cfg["optimizer"] != was:
         raise SystemExit(f"{source}: resume continues the optimizer that saved its state, optimizer={was!r}; the "
                          f"config sets {cfg['optimizer']!r}")
     for k, v in cfg.items():
@@ -954,9 +963,7 @@ class Trainer:
         self.step_choice = self.choose_step(data_src, ckpt.get("step_choice") if ckpt and resume else None)
         if C.vit_pretrain_steps and C.init_from == "scratch" and not C.init_vit:  # other runs have a ViT already
             pretrain_vit(model, C, dev, env.autocast, print)
-        if C.lr_vit_mult == 0:  # a frozen ViT: no gradients through it at all, not just a zero LR (stage 2: its
-            for p in model.vit.parameters():  # backward would be a third of the step, ~150 frames a batch)
-                p.requires_grad_(False)
+        freeze_vit(model, C)
         if D.cp > 1:
             from cp_attention import ContextParallel
             if C.cp_mode == "ulysses" and mconf.n_head % D.cp:
