@@ -59,7 +59,8 @@ class ExampleMaker:
                 ex = self.real[name][idx % len(self.real[name])]
             else:
                 ex = shapes.make_example(name, shapes.TRAIN_SEED_OFFSET + idx, self.mconf.image_size,
-                                         C.turns_per_image, C.absent_rate, video_frames=C.video_frames)
+                                         C.turns_per_image, C.absent_rate, video_frames=C.video_frames,
+                                         multi_rate=C.multi_rate)
             e = data.encode_example(ex, self.tok, self.mconf, C.task_weights, C.loss_weighting, C.root_flat_weights,
                                     C.max_frames, C.video_fps, C.seq_len, C.first_token_mults.get(ex["task"], 1.0))
         except (data.MediaError, FileNotFoundError) as err:

@@ -142,9 +142,11 @@ def caption(scene, size):
     return f"There {'is' if n == 1 else 'are'} {n} shape{'s' if n > 1 else ''}: " + ", ".join(parts) + "."
 
 
-def _query(rng, scene, absent_rate):
+def _query(rng, scene, absent_rate, multi_rate=0.0):
     """A referring label and the objects it picks. Mixes colour+shape, colour-only and shape-only queries,
-    and about absent_rate of them (1 in 5) is absent from the scene, so answers range over 0..6 objects."""
+    and about absent_rate of them (1 in 5) is absent from the scene, so answers range over 0..6 objects.
+    multi_rate: the share of the present targets drawn among the labels that pick two or more objects, where the
+    scene has one (0: none drawn so, and the random draws are those of a run without the key)."""
     # kind picks the label's form: colour + shape below 0.6 ("red circles"), colour only up to 0.8 ("red
     # shapes"), shape only above ("circles"); the same split for absent and present targets
     kind = rng.random()
@@ -157,6 +159,17 @@ def _query(rng, scene, absent_rate):
                 return f"{c} shapes", []
             if kind >= 0.8 and not scene.select(shape=s):
                 return plural(s), []
+    if multi_rate and rng.random() < multi_rate:  # a target of several objects: what pointing and counting miss
+        groups = {}
+        for o in scene.objects:
+            for label, objs in ((f"{o['color']} {plural(o['shape'])}", scene.select(o["color"], o["shape"])),
+                                (f"{o['color']} shapes", scene.select(color=o["color"])),
+                                (plural(o["shape"]), scene.select(shape=o["shape"]))):
+                if len(objs) >= 2:
+                    groups[label] = objs
+        if groups:
+            label = rng.choice(sorted(groups))
+            return label, groups[label]
     o = rng.choice(scene.objects)  # a present target: anchor the query on a real object
     if kind < 0.6:
         return f"{o['color']} {plural(o['shape'])}", scene.select(o["color"], o["shape"])
@@ -169,11 +182,13 @@ IMAGE_TASKS = ["caption", "qa", "point", "count", "text"]  # stage 1 (text has n
 
 
 def make_example(task, seed, size=64, n_turns=1, absent_rate=ABSENT_RATE, max_objects=MAX_OBJECTS,
-                 video_frames=VIDEO_FRAMES):
+                 video_frames=VIDEO_FRAMES, multi_rate=0.0):
     """Returns dict(task, image (PIL or None), turns [(user, assistant)], gt (ground truth of the first turn)), and
     for questions about an image, objects (the scene's objects: colour, shape, centre cx, cy, radius r, mask).
     absent_rate: the share of pointing/counting questions whose answer is "There are none." (training may ask
-    more of them, train.absent_rate; evaluation keeps the default). A smaller max_objects draws smaller image
+    more of them, train.absent_rate; evaluation keeps the default). multi_rate: the share of the other (present)
+    targets asked about two or more objects where the scene allows (_query; train.multi_rate; evaluation: 0, the
+    scenes' own share, ~1 in 5 of the questions). A smaller max_objects draws smaller image
     scenes (eval.py --max_objects: with one object pointing needs no choice, so it measures the coordinate
     read-out alone; the acceptance figures keep 1 to 6).
 
@@ -199,7 +214,7 @@ def make_example(task, seed, size=64, n_turns=1, absent_rate=ABSENT_RATE, max_ob
     turns, gts = [], []
     for _ in range(4 * n_turns):  # distinct questions only
         if task in ("point", "count"):
-            label, objs = _query(rng, scene, absent_rate)
+            label, objs = _query(rng, scene, absent_rate, multi_rate)
             pts = [(o["cx"], o["cy"]) for o in objs]  # pixel centres; the writer scales to 0-1000
             if task == "point":
                 q = POINT_PROMPT.format(label=label)
@@ -230,42 +245,43 @@ ATTRIBUTE_PAIRS = [(c, s) for c in COLORS for s in SHAPES]  # 20 (colour, shape)
 CENTRE_BINS = 32  # centre coordinates as classes: 32 bins across the image (2 px at 64 px, 31 in 0-1000 units)
 
 
-def dense_batch(start, n, size=64, patch=8, pool=(2, 2), offset=TRAIN_SEED_OFFSET):
-    """n scenes (seeds "vit:{offset + start + i}") -> targets for each pooled token (the connector's output for
-    one image, in pooling_index order: T tokens, each a window of pool[0] x pool[1] patches):
-      x      (n, 3, size, size)  images, normalised as the model's input
+def dense_batch(start, n, size=64, patch=8, pools=((2, 2),), offset=TRAIN_SEED_OFFSET):
+    """n scenes (seeds "vit:{offset + start + i}") -> (x, labels): x (n, 3, size, size), the images normalised as
+    the model's input, and for each pooling window size in `pools` the targets of every pooled token (the
+    connector's output for one image, in pooling_index order: T tokens, each a window of pool[0] x pool[1]
+    patches), one rendering serving all of them:
       centre (n, T) long         pair index (0..19) of the object whose centre lies in the window, 20 = none
       bins   (n, T, 2) long      that centre's (x, y) bin in 0..CENTRE_BINS-1, -100 (ignored) where none
       cover  (n, T, 20) float    1 where an object of that pair covers at least 3 pixels of the window
     Eval scenes use offset=0, training scenes the training offset, as everywhere in this world."""
     from data import pooling_index
     g = size // patch
-    # the same windows the connector pools (data.pooling_index): idx (T, pool_h * pool_w) patch numbers, -1 pads
-    idx, _, _ = pooling_index(g, g, *pool)
-    boxes = []  # pixel box (y0, y1, x0, x1) of each window: the span of its valid patches
-    for row in idx:
-        r, c = row[row >= 0] // g, row[row >= 0] % g
-        boxes.append((r.min() * patch, (r.max() + 1) * patch, c.min() * patch, (c.max() + 1) * patch))
-    T = len(boxes)
-    # defaults: no object's centre (class 20), no centre bin (-100, ignored by cross-entropy), nothing covering
-    xs = []
-    centre = torch.full((n, T), len(ATTRIBUTE_PAIRS), dtype=torch.long)
-    bins = torch.full((n, T, 2), -100, dtype=torch.long)
-    cover = torch.zeros(n, T, len(ATTRIBUTE_PAIRS))
-    # the "vit:" prefix keeps these scenes apart from every task's scenes of the same seed
-    for i in range(n):
-        scene = make_scene(random.Random(f"vit:{offset + start + i}"), size)
-        xs.append(preprocess_image(scene.image, size))
-        for o in sorted(scene.objects, key=lambda o: o["r"]):  # larger objects last: they win a shared window
-            k = ATTRIBUTE_PAIRS.index((o["color"], o["shape"]))
-            for t, (y0, y1, x0, x1) in enumerate(boxes):
-                if o["mask"][y0:y1, x0:x1].sum() >= 3:
-                    cover[i, t, k] = 1.0
-                if y0 <= o["cy"] < y1 and x0 <= o["cx"] < x1:
-                    centre[i, t] = k
-                    bins[i, t, 0] = min(CENTRE_BINS - 1, int(o["cx"] / size * CENTRE_BINS))
-                    bins[i, t, 1] = min(CENTRE_BINS - 1, int(o["cy"] / size * CENTRE_BINS))
-    return torch.stack(xs), centre, bins, cover
+    scenes = [make_scene(random.Random(f"vit:{offset + start + i}"), size) for i in range(n)]  # "vit:": apart
+    labels = []                                                                   # from every task's scenes
+    for pool in pools:
+        # the same windows the connector pools (data.pooling_index): idx (T, pool_h * pool_w) patch numbers, -1 pads
+        idx, _, _ = pooling_index(g, g, *pool)
+        boxes = []  # pixel box (y0, y1, x0, x1) of each window: the span of its valid patches
+        for row in idx:
+            r, c = row[row >= 0] // g, row[row >= 0] % g
+            boxes.append((r.min() * patch, (r.max() + 1) * patch, c.min() * patch, (c.max() + 1) * patch))
+        T = len(boxes)
+        # defaults: no object's centre (class 20), no centre bin (-100, ignored by cross-entropy), nothing covering
+        centre = torch.full((n, T), len(ATTRIBUTE_PAIRS), dtype=torch.long)
+        bins = torch.full((n, T, 2), -100, dtype=torch.long)
+        cover = torch.zeros(n, T, len(ATTRIBUTE_PAIRS))
+        for i, scene in enumerate(scenes):
+            for o in sorted(scene.objects, key=lambda o: o["r"]):  # larger objects last: they win a shared window
+                k = ATTRIBUTE_PAIRS.index((o["color"], o["shape"]))
+                for t, (y0, y1, x0, x1) in enumerate(boxes):
+                    if o["mask"][y0:y1, x0:x1].sum() >= 3:
+                        cover[i, t, k] = 1.0
+                    if y0 <= o["cy"] < y1 and x0 <= o["cx"] < x1:
+                        centre[i, t] = k
+                        bins[i, t, 0] = min(CENTRE_BINS - 1, int(o["cx"] / size * CENTRE_BINS))
+                        bins[i, t, 1] = min(CENTRE_BINS - 1, int(o["cy"] / size * CENTRE_BINS))
+        labels.append((centre, bins, cover))
+    return torch.stack([preprocess_image(s.image, size) for s in scenes]), labels
 
 
 def _qa(rng, scene):

@@ -103,6 +103,7 @@ first_token_mults = {}          # task -> x weight on its answers' first token (
 tokenizer = "shapes-bpe"        # 'shapes-bpe' (trained offline, here), a .tiktoken or tokenizer.json path, or a
                                 # cached tiktoken name
 absent_rate = 0.2               # shapes: share of training point/count questions about absent objects (eval: 0.2)
+multi_rate = 0.0                # shapes: share of the present targets asked about 2+ objects where a scene has them
 turns_per_image = 1             # questions per image in one sequence (>1: the image is encoded once for all)
 video_frames = (6, 11)          # shapes videos: frames per video, lo..hi at 2 fps (stage 3 shapes: longer)
 max_frames = 128                # video: Molmo2 samples 2 fps up to this many frames (128 in stage 2, 384 in stage 3)
@@ -572,8 +573,9 @@ def load_datasets(C, log):
 
 def pretrain_vit(model, C, dev, autocast, print=print):
     """Pretrain the ViT and the connector before stage 1: the shapes world's stand-in for the SigLIP2 checkpoint
-    Molmo2 starts from. Returns the per-step losses and the held-out figures: centre_acc (the share of windows
-    holding an object's centre whose pair is named right) and centre_err_px (that centre's mean error).
+    Molmo2 starts from. Returns the per-step losses and the held-out figures of the image windows: centre_acc (the
+    share of windows holding an object's centre whose pair is named right) and centre_err_px (that centre's mean
+    error); and video_centre_acc, video_centre_err_px, the same for a video frame's windows.
 
     Trained from scratch *through* the LLM, the ViT learns shapes far too slowly for a CPU budget: its only
     teacher is a decoder that is itself random and reads the image through a few attention weights. Here a
@@ -581,7 +583,10 @@ def pretrain_vit(model, C, dev, autocast, print=print):
     and predicts, per token: which (colour, shape) pair has its centre in the token's window (21-way, "none"
     included), that centre's x and y as 32 bins each, and which pairs cover the window (a sigmoid per pair,
     SigLIP-style). Dense labels give each image T x 23 targets instead of 20 image-level bits, and they ask for
-    exactly what pointing reads from a token: what is here, and where its centre is. The head is dropped afterwards."""
+    exactly what pointing reads from a token: what is here, and where its centre is. The head is dropped afterwards.
+    Both window sizes the LLM will see are taught, from the same ViT features: an image's 2x2 windows and a video
+    frame's 3x3 (pool_h/w, video_pool_h/w), the loss their mean. Stage 1 shows only images, so without the 3x3 half
+    the connector would first pool a frame in stage 2, untaught (docs/experiments.md)."""
     import shapes
     from data import pooling_index
     c = model.c
@@ -592,48 +597,55 @@ def pretrain_vit(model, C, dev, autocast, print=print):
     params = list(model.vit.parameters()) + list(model.connector.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=C.vit_pretrain_lr, betas=(C.beta1, C.beta2), eps=C.adam_eps, weight_decay=0.0,
                             **adamw_kernel(dev))
-    size, n, bs, pool = c.image_size, C.vit_pretrain_steps, C.vit_pretrain_batch, (c.pool_h, c.pool_w)
+    size, n, bs = c.image_size, C.vit_pretrain_steps, C.vit_pretrain_batch
+    pools = ((c.pool_h, c.pool_w), (c.video_pool_h, c.video_pool_w))  # an image's windows, a video frame's
     g = size // c.patch_size
-    idx = torch.tensor(pooling_index(g, g, *pool)[0], device=dev)  # (T, k) patch ids of one image, -1 = pad
+    idxs = [torch.tensor(pooling_index(g, g, *p)[0], device=dev) for p in pools]  # (T, k) patch ids, -1 = pad
 
-    def predict(x):  # (N, 3, H, W) -> logits: centre (N, T, 21), bins (N, T, 2, nb), cover (N, T, 20)
-        N = x.shape[0]
+    def predict(x):  # (N, 3, H, W) -> per window size, logits: centre (N, T, 21), bins (N, T, 2, nb), cover (N, T, 20)
+        N, outs = x.shape[0], []
         with autocast():
-            f = model.vit(x.to(dev))                                              # (N, P, Cin)
+            f = model.vit(x.to(dev)).flatten(0, 1)                                # (N * P, Cin), once for both
+        for idx in idxs:
             pidx = torch.where(idx >= 0, idx + g * g * torch.arange(N, device=dev)[:, None, None], -1)
-            tok = model.connector(f.flatten(0, 1), pidx.flatten(0, 1)).view(N, idx.shape[0], -1)
-        out = head(tok.float())                                                   # (N, T, 21 + 2 nb + 20)
-        pc, pb, pv = out.split([n_pairs + 1, 2 * nb, n_pairs], -1)
-        return pc, pb.unflatten(-1, (2, nb)), pv
+            with autocast():
+                tok = model.connector(f, pidx.flatten(0, 1)).view(N, idx.shape[0], -1)
+            pc, pb, pv = head(tok.float()).split([n_pairs + 1, 2 * nb, n_pairs], -1)  # (N, T, 21 + 2 nb + 20)
+            outs.append((pc, pb.unflatten(-1, (2, nb)), pv))
+        return outs
 
-    xv, cv, bv, _ = shapes.dense_batch(0, 256, size, c.patch_size, pool, offset=0)  # held-out (eval seed space)
-    cv, bv = cv.to(dev), bv.to(dev)
+    xv, lv = shapes.dense_batch(0, 256, size, c.patch_size, pools, offset=0)  # held-out (eval seed space)
 
-    def held_out():  # on the windows that hold a centre: share with the right pair, mean centre error in pixels
+    def held_out():  # per window size, on the windows that hold a centre: share with the right pair, mean error (px)
         with torch.no_grad():
-            pc, pb, _ = predict(xv)
-        has = cv < n_pairs
-        acc = (pc.argmax(-1) == cv)[has].float().mean().item()
-        err = ((pb.argmax(-1) - bv).abs().float() * size / nb)[has].mean().item()
-        return acc, err
+            out = predict(xv)
+        figs = []
+        for (pc, pb, _), (cv, bv, _) in zip(out, lv):
+            cv, bv = cv.to(dev), bv.to(dev)
+            has = cv < n_pairs
+            figs += [(pc.argmax(-1) == cv)[has].float().mean().item(),
+                     ((pb.argmax(-1) - bv).abs().float() * size / nb)[has].mean().item()]
+        return figs  # [image acc, image err, video acc, video err]
 
     F = torch.nn.functional
 
-    def show(acc, err):
-        return f"held-out centre pair {acc:.3f} (chance 0.05), centre error {err:.1f} px"
+    def show(acc, err, vacc, verr):
+        return (f"held-out centre pair {acc:.3f} (chance 0.05), centre error {err:.1f} px; "
+                f"video frame windows {vacc:.3f}, {verr:.1f} px")
 
     t0, losses = time.time(), []
     print(f"vision pretraining (stand-in for SigLIP2): {n} steps of {bs} shapes images; {show(*held_out())}")
     for s in range(n):
         for grp in opt.param_groups:
             grp["lr"] = lr_at(s, C.vit_pretrain_lr, max(1, n // 10), n, C.min_lr_frac)
-        # a fresh batch of bs training scenes with its dense labels: centre (N, T) class ids (n_pairs = none),
-        # bins (N, T, 2) x/y bin ids (-100 where no centre), cover (N, T, n_pairs) 0/1
-        x, centre, bins, cover = shapes.dense_batch(s * bs, bs, size, c.patch_size, pool)
-        pc, pb, pv = predict(x)
-        loss = (F.cross_entropy(pc.flatten(0, 1), centre.to(dev).flatten())
-                + F.cross_entropy(pb.flatten(0, 2), bins.to(dev).flatten())  # -100 (no centre) ignored
-                + F.binary_cross_entropy_with_logits(pv, cover.to(dev)) * n_pairs)  # summed over pairs
+        # a fresh batch of bs training scenes with its dense labels, per window size: centre (N, T) class ids
+        # (n_pairs = none), bins (N, T, 2) x/y bin ids (-100 where no centre), cover (N, T, n_pairs) 0/1
+        x, labels = shapes.dense_batch(s * bs, bs, size, c.patch_size, pools)
+        loss = 0.0
+        for (pc, pb, pv), (centre, bins, cover) in zip(predict(x), labels):
+            loss = loss + (F.cross_entropy(pc.flatten(0, 1), centre.to(dev).flatten())
+                           + F.cross_entropy(pb.flatten(0, 2), bins.to(dev).flatten())  # -100 (no centre) ignored
+                           + F.binary_cross_entropy_with_logits(pv, cover.to(dev)) * n_pairs) / len(pools)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, C.grad_clip)
@@ -644,10 +656,10 @@ def pretrain_vit(model, C, dev, autocast, print=print):
             el = time.time() - t0
             print(f"vision step {s + 1:4d}/{n} | loss {recent:.4f} | elapsed {fmt_time(el)} | "
                   f"ETA {fmt_time(el / (s + 1) * (n - s - 1))}", flush=True)
-    acc, err = held_out()
+    figs = held_out()
     print(f"vision pretraining done in {fmt_time(time.time() - t0)}: loss {losses[0]:.3f} -> {recent:.3f}, "
-          f"{show(acc, err)}")
-    return losses, dict(centre_acc=acc, centre_err_px=err)
+          f"{show(*figs)}")
+    return losses, dict(zip(("centre_acc", "centre_err_px", "video_centre_acc", "video_centre_err_px"), figs))
 
 
 def fit_budget(C, step, step_s, t_start, evals, run_eval, print=print):
@@ -655,8 +667,9 @@ def fit_budget(C, step, step_s, t_start, evals, run_eval, print=print):
     spent since t_start. The evals' cost is measured too: one periodic eval now, every answer generated to its
     token limit (full_length: a trained model's answers stop earlier, an untrained one's may stop at once, so this is
     the most an eval can cost; its figures are not kept), scaled to the final eval's prompts, twice with the blind
-    baseline. So the run ends a little early, never late. Every rank calls it (run_eval is collective) and gets the
-    same answer (rank 0's figures are broadcast). Returns (steps, eval_s, final_s): the re-fits reuse the costs."""
+    baseline: a price that errs early, until the first periodic eval's real cost replaces it
+    (StepBudget.measured_eval). Every rank calls it (run_eval is collective) and gets the same answer (rank 0's
+    figures are broadcast). Returns (steps, eval_s, final_s): the re-fits reuse the costs."""
     eval_s = final_s = 0.0
     if evals and C.eval_prompts:
         t = time.time()
@@ -684,7 +697,8 @@ class StepBudget:
          max_steps) and `fix` records it with the eval costs. The probe ends inside the warmup, whose LR does not
          depend on the count;
       4. from then on, at every log or eval point, Trainer.refit_budget checks the end the run heads for at its
-         recent step time (`observe`: the mean over the last REFIT_WINDOW steps, evals excluded): off the plan by
+         recent step time (`observe`: the mean over the last REFIT_WINDOW steps, evals excluded) and the cost of
+         its latest periodic eval (`measured_eval`, scaled to the final one): off the plan by
          more than REFIT_BAND of the budget (a step time that drifted), the count is fitted again to what is left
          of the budget (at least the next step, at most max_steps) and `fix` records it; the cosine is laid over
          the new count from there (the LR steps down, or up if the count grew, by the change of its position);
@@ -720,6 +734,16 @@ class StepBudget:
         if eval_s is not None:
             self.eval_s, self.final_s = eval_s, final_s
         return total
+
+    def measured_eval(self, seconds, eval_seconds, C):
+        """A periodic eval ran: its real cost (seconds with its checkpoint; eval_seconds the eval alone) replaces the
+        decision's worst case in the re-fits that follow, and the final eval's is scaled from it as fit_budget
+        scales. The worst case (every answer to its token limit) is right before any training, but a trained
+        model's answers stop early: on a Zen 3 it put stage 1's end at 87 s (measured: 31 s) and stage 2's at
+        253 s (133 s), a run ending 1-2 minutes early (docs/experiments.md)."""
+        if self.refits:
+            self.eval_s = seconds
+            self.final_s = eval_seconds * C.final_eval_prompts / C.eval_prompts * (2 if C.blind_baseline else 1)
 
     def observe(self, step, seconds):
         """A re-fit check at `step`, `seconds` of training so far (evals excluded): the mean step time since the
@@ -767,8 +791,9 @@ def check_config(C):
                        ("attn_tile", 0), ("data_workers", -1), ("prefetch", 1)):
         if getattr(C, key) < least:
             raise SystemExit(f"config key {key!r} must be >= {least}, got {getattr(C, key)!r}")
-    if not 0.0 <= C.absent_rate <= 1.0:
-        raise SystemExit(f"config key 'absent_rate' must be in [0, 1], got {C.absent_rate!r}")
+    for key in ("absent_rate", "multi_rate"):
+        if not 0.0 <= getattr(C, key) <= 1.0:
+            raise SystemExit(f"config key {key!r} must be in [0, 1], got {getattr(C, key)!r}")
     for task, m in C.first_token_mults.items():  # a misspelt task would silently weight nothing
         if task not in C.task_weights or not isinstance(m, (int, float)) or m <= 0:
             raise SystemExit(f"first_token_mults[{task!r}] = {m!r}: keys must be tasks of task_weights "
@@ -1225,7 +1250,9 @@ class Trainer:
                 t_eval = time.time()
                 self.checkpoint()  # saved before the eval, so an eval crash never loses the work (nanochat #446)
                 if self.evals:
+                    t_run = time.time()
                     m = self.run_eval(C.eval_prompts)[0]
+                    self.budget.measured_eval(time.time() - t_eval, time.time() - t_run, C)
                     self.history["evals"].append(dict(step=step, **m))
                     self.metrics.log(dict(kind="eval", step=step, prompts=C.eval_prompts, **m))
                     print(f"eval @ {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in m.items()), flush=True)

@@ -11,17 +11,19 @@ seq_len = 512              # per row; the longest shapes example (3 pointing tur
 batch_size = 8             # rows per step
 max_images_per_row = 8
 # Molmo2 starts from a pretrained SigLIP2 ViT. The shapes world has none, and a ViT taught only through a random
-# LLM learns shapes too slowly for this budget, so the run first pretrains the ViT and connector (2-3 minutes on
-# 2 cores: 1:32-1:54 on a Zen 5, 2:51-3:13 on a Zen 3, docs/experiments.md) to say, for every pooled token, which
+# LLM learns shapes too slowly for this budget, so the run first pretrains the ViT and connector (2-4 minutes on
+# 2 cores: 1:32-1:54 on a Zen 5 and 2:51-3:26 on a Zen 3 for image windows alone, 4:00 on that Zen 3 with a video
+# frame's windows too, docs/experiments.md) to say, for every pooled token of an image or a video frame, which
 # (colour, shape) is there and where its centre is (train.pretrain_vit)
 vit_pretrain_steps = 500
 vit_pretrain_batch = 64
 max_minutes = 20.0         # the demo's promise: done in 20 minutes on whatever CPU runs it. After 10 steps the run
 max_steps = 1500           # measures its step and eval times and fixes the step count that fits (train.fit_budget);
                            # max_steps is the upper bound (the targets need ~900+ steps; docs/experiments.md)
-# The target task weights (docs/molmo2.md, Loss weighting) except QA: its one-word answers got ~3% of the loss
-# weight at 1.0 and stalled; 6.0 gives QA ~16% of it (docs/experiments.md)
-task_weights = {"caption": 1.0, "qa": 6.0, "count": 1.5, "point": 2.0, "track": 2.0, "text": 1.0,
+# The target task weights (docs/molmo2.md, Loss weighting) except QA and counting: QA's one-word answers got ~3% of
+# the loss weight at 1.0 and stalled, 6.0 gives them ~16% of it; counting at 3.0 (not 1.5) took two- and
+# three-object counts from 0.52 / 0.25 to 0.63 / 0.25 per step, and pointing with it (docs/experiments.md)
+task_weights = {"caption": 1.0, "qa": 6.0, "count": 3.0, "point": 2.0, "track": 2.0, "text": 1.0,
                 "video_caption": 1.0, "video_qa": 1.0, "subtitle_qa": 1.0, "video_count": 1.5,
                 "video_point": 2.0, "multi_qa": 1.0, "multi_point": 2.0}
 warmup_steps = 50

@@ -203,6 +203,35 @@ def test_refit_band_both_ways_and_its_bounds(monkeypatch):
     assert refit(1.0) == 21 and len(said) == 4
 
 
+def test_a_periodic_eval_replaces_the_worst_case_eval_cost(monkeypatch):
+    """The decision prices the final eval at its worst case (every answer to its token limit); the first periodic
+    eval's real cost replaces it (StepBudget.measured_eval, scaled as fit_budget scales: 500 / 100 prompts, twice
+    with the blind baseline), and the re-fit gives the run the time it frees. Hand-worked: a 60 s budget plans for
+    57 s; at step 20, 30 s spent, 1 s a step, the worst-case final eval of 20 s left 27 steps (30 + 7 + 20 = 57).
+    A periodic eval of 1 s (1.5 s with its checkpoint) puts the final at 10 s: the run heads for 47 s, and 17 more
+    steps fit (30 + 17 + 10 = 57). Without a periodic eval the count stays."""
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(time=lambda: 30.0))
+    monkeypatch.setattr(train, "REFIT_WINDOW", 10)
+    C = types.SimpleNamespace(max_minutes=1.0, max_steps=100, eval_interval=1000, eval_prompts=100,
+                              final_eval_prompts=500, blind_baseline=True)
+
+    def refit(measured):
+        b = train.StepBudget(1.0, 100, None, 0)
+        b.fix(27, 4.0, 20.0)
+        if measured:
+            b.measured_eval(1.5, 1.0, C)
+            assert (b.eval_s, b.final_s) == (1.5, 10.0)
+        b.observe(10, 0.0)
+        run = types.SimpleNamespace(C=C, budget=b, total=27, t_start=0.0, budget_steps=27,
+                                    env=types.SimpleNamespace(D=types.SimpleNamespace(world=1), dev=None,
+                                                              print=lambda s, **kw: None))
+        return train.Trainer.refit_budget(run, 20, 10.0)
+    assert refit(False) == 27 and refit(True) == 37
+    resumed = train.StepBudget(1.0, 100, 27, 0)  # a resumed run's count is fixed: it does not re-fit, nor re-price
+    resumed.measured_eval(1.5, 1.0, C)
+    assert (resumed.eval_s, resumed.final_s) == (0.0, 0.0)
+
+
 def test_device_names_are_checked_in_one_line():
     """The device key / flag: 'auto' picks what torch sees; a name torch does not know, or CUDA where this torch has
     none, is a one-line error naming the key (train.py, eval.py and bench.py all resolve it here)."""

@@ -108,6 +108,26 @@ def test_absent_rate_sets_the_share_of_none_answers():
     assert none_share(1.0)[0] > 0.8
 
 
+def test_multi_rate_sets_the_share_of_several_object_answers():
+    """multi_rate=0 is the stream without the key (the same draws); at 1 every present target whose scene allows it
+    picks two or more objects, and each picked object fits the label; the absent share does not move."""
+    def exs(**kw):
+        return [shapes.make_example("count", s, **kw) for s in range(300)]
+    assert [e["turns"] for e in exs(multi_rate=0.0)] == [e["turns"] for e in exs()]
+
+    def shares(es):
+        n = [e["gt"]["count"] for e in es]
+        return sum(c >= 2 for c in n) / len(n), sum(c == 0 for c in n) / len(n)
+    (multi0, none0), (multi1, none1) = shares(exs()), shares(exs(multi_rate=1.0))
+    assert multi0 < 0.3 and multi1 > 0.6, (multi0, multi1)  # the scenes' own share, then most of the present ones
+    assert abs(none1 - none0) < 0.02  # the absent draws come first and are the same
+    for e in exs(multi_rate=1.0):
+        words = e["gt"]["label"].split()
+        for o in e["objects"]:
+            fits = all(w in (o["color"], shapes.plural(o["shape"]), "shapes") for w in words)
+            assert fits == any(o["cx"] == x and o["cy"] == y for x, y in e["gt"]["points"]), e["gt"]["label"]
+
+
 def test_max_objects_caps_the_scene_and_the_default_is_the_floor():
     # eval.py --max_objects: 1 object = the coordinate read-out alone; the default keeps 1..6 (the same draws)
     one = [shapes.make_example("point", s, max_objects=1) for s in range(60)]
