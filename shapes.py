@@ -256,8 +256,9 @@ def dense_batch(start, n, size=64, patch=8, pools=((2, 2),), offset=TRAIN_SEED_O
     Eval scenes use offset=0, training scenes the training offset, as everywhere in this world."""
     from data import pooling_index
     g = size // patch
-    scenes = [make_scene(random.Random(f"vit:{offset + start + i}"), size) for i in range(n)]  # "vit:": apart
-    labels = []                                                                   # from every task's scenes
+    # the "vit:" prefix keeps these scenes apart from every task's scenes of the same seed
+    scenes = [make_scene(random.Random(f"vit:{offset + start + i}"), size) for i in range(n)]
+    labels = []  # (centre, bins, cover) per window size
     for pool in pools:
         # the same windows the connector pools (data.pooling_index): idx (T, pool_h * pool_w) patch numbers, -1 pads
         idx, _, _ = pooling_index(g, g, *pool)
