@@ -46,7 +46,7 @@ import torch.distributed as dist
 from checkpoint import (CheckpointError, load_checkpoint, non_finite, remove_stale_tmp, rng_state,
                         save_checkpoint, set_rng_state)
 from loader import TrainingStream
-from machine import DTYPES, fastest, peak_flops, resolve_device, resolve_dtype
+from machine import DTYPES, fastest, keep_freed_memory, peak_flops, resolve_device, resolve_dtype
 from metrics import MetricsLog, plot_curve, read_metrics, wandb_required
 
 # ---------------------------------------------------------------------------------------------------------
@@ -841,6 +841,8 @@ def setup_run(C):
     say = builtins.print if D.rank == 0 else (lambda *a, **k: None)
     if C.threads:
         torch.set_num_threads(C.threads)
+    if dev.type == "cpu":
+        keep_freed_memory()  # the step's activations reuse freed pages instead of faulting in fresh ones
     torch.manual_seed(C.seed)
     random.seed(C.seed)
     np.random.seed(C.seed)
