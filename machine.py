@@ -53,6 +53,20 @@ def keep_freed_memory():
                                                     (M_TOP_PAD, 64 << 20)))
 
 
+def usable_cpus():
+    """The CPUs this process may run on (its affinity mask where the OS has one, e.g. under taskset or a container's
+    cpuset), else all the OS reports."""
+    import os
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def eval_threads(threads, local_ranks):
+    """Threads for rank 0's eval under torchrun, while the node's other local_ranks - 1 ranks wait: their threads too
+    (each rank has `threads`), but no more than the usable CPUs. More OpenMP threads than cores wait on each other at
+    every parallel region: 4 ranks on 2 cores made a 1-prompt eval take 7 s (docs/experiments.md)."""
+    return max(threads, min(usable_cpus(), threads * local_ranks))
+
+
 def resolve_device(name, what="device"):
     """Config key / flag `device`: 'auto' = cuda when torch sees a GPU, else cpu; or a torch device name ('cpu',
     'cuda', 'cuda:1'). A name torch does not know, or a GPU this torch cannot reach, is a one-line SystemExit naming

@@ -46,7 +46,7 @@ import torch.distributed as dist
 from checkpoint import (CheckpointError, load_checkpoint, non_finite, remove_stale_tmp, rng_state,
                         save_checkpoint, set_rng_state)
 from loader import TrainingStream
-from machine import DTYPES, fastest, keep_freed_memory, peak_flops, resolve_device, resolve_dtype
+from machine import DTYPES, eval_threads, fastest, keep_freed_memory, peak_flops, resolve_device, resolve_dtype
 from metrics import MetricsLog, plot_curve, read_metrics, wandb_required
 
 # ---------------------------------------------------------------------------------------------------------
@@ -699,7 +699,8 @@ class StepBudget:
       4. from then on, at every log or eval point, Trainer.refit_budget checks the end the run heads for at its
          recent step time (`observe`: the mean over the last REFIT_WINDOW steps, evals excluded) and the cost of
          its latest periodic eval (`measured_eval`, scaled to the final one): off the plan by
-         more than REFIT_BAND of the budget (a step time that drifted), the count is fitted again to what is left
+         more than REFIT_BAND of the budget (a step time that drifted), or off it at all at the first check after a
+         periodic eval re-priced the evals (`repriced`), the count is fitted again to what is left
          of the budget (at least the next step, at most max_steps) and `fix` records it; the cosine is laid over
          the new count from there (the LR steps down, or up if the count grew, by the change of its position);
       5. the count is saved in every checkpoint (budget_steps), so a resumed run keeps it and neither probes nor
@@ -713,6 +714,7 @@ class StepBudget:
         self.t_probe = None
         self.refits = False           # True once this run fixed the count: it re-fits from then on
         self.eval_s = self.final_s = 0.0  # a periodic eval's cost and the end's, measured at the decision
+        self.repriced = False         # True from a periodic eval's new price until the re-fit check that acts on it
         self.marks = []               # [(step, training seconds)] at the re-fit checks of the last REFIT_WINDOW steps
 
     def due(self, step):
@@ -744,6 +746,7 @@ class StepBudget:
         if self.refits:
             self.eval_s = seconds
             self.final_s = eval_seconds * C.final_eval_prompts / C.eval_prompts * (2 if C.blind_baseline else 1)
+            self.repriced = True
 
     def observe(self, step, seconds):
         """A re-fit check at `step`, `seconds` of training so far (evals excluded): the mean step time since the
@@ -1141,7 +1144,7 @@ class Trainer:
         if D.rank == 0:
             cp, threads = ev.cp, torch.get_num_threads()
             ev.cp = None  # one process: whole sequences
-            torch.set_num_threads(threads * int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+            torch.set_num_threads(eval_threads(threads, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
             try:
                 ac = env.autocast if env.dtype != torch.float32 else None
                 if C.eval_data:  # read once, at the first eval, kept for the next ones
@@ -1273,15 +1276,18 @@ class Trainer:
 
     def refit_budget(self, step, seconds):
         """max_minutes, after the decision (StepBudget, 4.): the end this run heads for, at the step time of the last
-        REFIT_WINDOW steps; off the plan (BUDGET_MARGIN of the budget) by more than REFIT_BAND of the budget, the
-        count is fitted again to what is left of it (at least step + 1). Rank 0's count on every rank (a collective
+        REFIT_WINDOW steps; off the plan (BUDGET_MARGIN of the budget) by more than REFIT_BAND of the budget (by any
+        amount at the first check after a new eval price), the count is fitted again to what is left of it (at least step + 1). Rank 0's count on every rank (a collective
         at every check, so the ranks never disagree on whether to call it). Returns the count."""
         C, b = self.C, self.budget
         step_s, total = b.observe(step, seconds), self.total
         if step_s is not None:
             budget, spent = 60 * C.max_minutes, time.time() - self.t_start
             end = run_cost(total, spent, step, step_s, b.eval_s, b.final_s, C.eval_interval)
-            if abs(end - BUDGET_MARGIN * budget) > REFIT_BAND * budget:
+            # a new eval price is a measured change, not step-time noise: the check after it re-fits at any offset
+            # (stage 2's first eval moved its end by 53 s, inside the band, and the run ended 1.5 minutes early)
+            band, b.repriced = (0.0 if b.repriced else REFIT_BAND), False
+            if abs(end - BUDGET_MARGIN * budget) > band * budget:
                 total = max(step + 1, steps_in_budget(BUDGET_MARGIN * budget, spent, step, step_s, b.eval_s,
                                                       b.final_s, C.eval_interval, C.max_steps))
         total = int(broadcast_scalar(total, self.env.D, self.env.dev))

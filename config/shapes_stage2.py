@@ -28,6 +28,7 @@ lr_vit_mult = 0.0          # the ViT frozen, for the CPU budget (Molmo2's SFT tr
                            # its backward over ~150 frames and images a step is a third of the step time
 eval_tasks = ("point", "video_point", "track", "video_count", "video_qa")
 eval_interval = 250
-eval_prompts = 50
+eval_prompts = 100          # one full generation batch (eval.evaluate_shapes answers 100 at a time), as the final
+                           # eval's batches are: its cost scales to the end's price (50 priced it 240 s; 156 taken)
 final_eval_prompts = 300   # the acceptance figure needs at least 300 prompts per task
 log_interval = 10

@@ -12,6 +12,7 @@ import torch.nn.attention.flex_attention as FA
 import torch.nn.functional as F
 
 import cp_attention as cp
+from conftest import start_ranks
 
 # FlexAttention runs eagerly here on purpose (a CPU): its warning that it is not compiled is expected
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -449,8 +450,7 @@ def test_ring_and_ulysses_attention_equal_full_attention(world, tmp_path):
     # Ulysses' all-to-all places head groups and round-trips exactly (W = 3: 4 heads do not split, a clear error);
     # FlexAttention (impl='flex', fp32, 1e-5) in both schemes, under Molmo2's masks (_flex_checks).
     # A deadlock fails in 240 s (W = 4 takes about 35 s on two idle cores, and 90 s or more when other jobs share them).
-    ctx = torch.multiprocessing.start_processes(_ring_worker, args=(world, str(tmp_path / "init")), nprocs=world,
-                                                join=False, start_method="spawn")
+    ctx = start_ranks(_ring_worker, (world, str(tmp_path / "init")), world)
     deadline = time.time() + 240
     while not ctx.join(timeout=1):
         if time.time() > deadline:

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 import train
-from conftest import TINY
+from conftest import TINY, start_ranks
 
 TIMEOUT = 120
 
@@ -31,10 +31,10 @@ def _as_rank(rank, world, port):
     torch.set_num_threads(1)
 
 
-def _spawn(fn, world, *args, start_method="spawn"):
-    """fn(rank, world, port, *args) in `world` processes; a deadlock fails the test after TIMEOUT seconds."""
-    ctx = torch.multiprocessing.start_processes(fn, args=(world, _free_port(), *args), nprocs=world, join=False,
-                                                start_method=start_method)
+def _spawn(fn, world, *args):
+    """fn(rank, world, port, *args) in `world` processes (conftest.start_ranks); a deadlock fails the test after
+    TIMEOUT seconds."""
+    ctx = start_ranks(fn, (world, _free_port(), *args), world)
     deadline = time.time() + TIMEOUT
     while not ctx.join(timeout=1):
         if time.time() > deadline:
@@ -160,23 +160,22 @@ def _main_worker(rank, world, port, argv, out):
     _as_rank(rank, world, port)
     try:
         res = train.main(argv)
-    except SystemExit as e:  # a config error: hand its message to the test
-        if rank == 0:
-            open(out + ".err", "w").write(str(e))
+    except SystemExit as e:  # a config error: hand its message to the test (every rank: the first to exit has
+        open(f"{out}.err{rank}", "w").write(str(e))  # written its own before the others are stopped)
         raise
     if rank == 0:
         torch.save(res["losses"], out)
 
 
 def _run2(argv, tmp_path):
-    """train.main(argv) on 2 ranks -> rank 0's losses; a SystemExit in rank 0 is raised here with its message."""
+    """train.main(argv) on 2 ranks -> rank 0's losses; a SystemExit in a rank is raised here with its message."""
     out = tmp_path / f"losses{time.time_ns()}.pt"
     try:
         _spawn(_main_worker, 2, argv, str(out))
     except Exception:
-        err = f"{out}.err"
-        if os.path.exists(err):
-            raise SystemExit(open(err).read()) from None
+        for err in (f"{out}.err0", f"{out}.err1"):
+            if os.path.exists(err):
+                raise SystemExit(open(err).read()) from None
         raise
     return torch.load(out)
 

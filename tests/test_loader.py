@@ -112,7 +112,7 @@ def test_a_cp_group_gets_its_first_rank_batch(tmp_path):
     """Two gloo processes: cp rank 0's batch (int64, bool, float, uint8 and empty tensors, a plain number) arrives
     whole on cp rank 1, which builds none (each video decoded once per dp group)."""
     out = tmp_path / "b.pt"
-    _spawn(_broadcast_worker, 2, str(out), start_method="fork")  # fork: no re-import, fast
+    _spawn(_broadcast_worker, 2, str(out))
     r = torch.load(out)
     want, got = r["want"], r["got"]
     assert got.keys() == want.keys() and got["n_examples"] == 5

@@ -1,4 +1,5 @@
 """machine.py (the precision chosen by measurement) and train.py's wall-clock budget (max_minutes)."""
+import os
 import types
 
 import pytest
@@ -58,7 +59,6 @@ print(took, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 def test_keep_freed_memory_stops_the_next_step_faulting_its_pages_in():
-    import os
     import platform
     import subprocess
     import sys
@@ -242,24 +242,33 @@ def test_a_periodic_eval_replaces_the_worst_case_eval_cost(monkeypatch):
     with the blind baseline), and the re-fit gives the run the time it frees. Hand-worked: a 60 s budget plans for
     57 s; at step 20, 30 s spent, 1 s a step, the worst-case final eval of 20 s left 27 steps (30 + 7 + 20 = 57).
     A periodic eval of 1 s (1.5 s with its checkpoint) puts the final at 10 s: the run heads for 47 s, and 17 more
-    steps fit (30 + 17 + 10 = 57). Without a periodic eval the count stays."""
+    steps fit (30 + 17 + 10 = 57). Without a periodic eval the count stays. A new price re-fits even when it moves the
+    end by less than REFIT_BAND."""
     monkeypatch.setattr(train, "time", types.SimpleNamespace(time=lambda: 30.0))
     monkeypatch.setattr(train, "REFIT_WINDOW", 10)
     C = types.SimpleNamespace(max_minutes=1.0, max_steps=100, eval_interval=1000, eval_prompts=100,
                               final_eval_prompts=500, blind_baseline=True)
 
-    def refit(measured):
+    def refit(eval_seconds=None, repriced=None):
+        """The count a re-fit check at step 20 gives, after a periodic eval of eval_seconds (None: none yet)."""
         b = train.StepBudget(1.0, 100, None, 0)
         b.fix(27, 4.0, 20.0)
-        if measured:
-            b.measured_eval(1.5, 1.0, C)
-            assert (b.eval_s, b.final_s) == (1.5, 10.0)
+        if eval_seconds is not None:
+            b.measured_eval(1.5, eval_seconds, C)
+            assert (b.eval_s, b.final_s) == (1.5, eval_seconds * 10)
+        if repriced is not None:
+            b.repriced = repriced
         b.observe(10, 0.0)
         run = types.SimpleNamespace(C=C, budget=b, total=27, t_start=0.0, budget_steps=27,
                                     env=types.SimpleNamespace(D=types.SimpleNamespace(world=1), dev=None,
                                                               print=lambda s, **kw: None))
-        return train.Trainer.refit_budget(run, 20, 10.0)
-    assert refit(False) == 27 and refit(True) == 37
+        total = train.Trainer.refit_budget(run, 20, 10.0)
+        assert not b.repriced  # the check acted on the price: later checks keep the band
+        return total
+    assert refit() == 27 and refit(1.0) == 37
+    # a new price that moves the end by less than the band (final 18 s, not 20: heading for 55 s against 57) re-fits
+    # too (30 + 9 + 18 = 57); the same offset with no new price (step time alone) stays inside the band
+    assert refit(1.8) == 29 and refit(1.8, repriced=False) == 27
     resumed = train.StepBudget(1.0, 100, 27, 0)  # a resumed run's count is fixed: it does not re-fit, nor re-price
     resumed.measured_eval(1.5, 1.0, C)
     assert (resumed.eval_s, resumed.final_s) == (0.0, 0.0)
@@ -275,3 +284,14 @@ def test_device_names_are_checked_in_one_line():
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match=r"^device='cuda:1': this torch sees no CUDA device"):
             machine.resolve_device("cuda:1")
+
+
+def test_eval_threads_take_the_waiting_ranks_threads_up_to_the_usable_cpus(monkeypatch):
+    """Rank 0's eval under torchrun borrows the threads of the node's waiting ranks, never more than the CPUs it may
+    run on (4 one-thread ranks on 2 cores: 2 threads, not 4), and never fewer than its own."""
+    assert 1 <= machine.usable_cpus() <= os.cpu_count()
+    monkeypatch.setattr(machine, "usable_cpus", lambda: 2)
+    assert [machine.eval_threads(1, n) for n in (1, 2, 4)] == [1, 2, 2]
+    assert machine.eval_threads(4, 8) == 4  # a rank set to 4 threads keeps them
+    monkeypatch.setattr(machine, "usable_cpus", lambda: 16)
+    assert [machine.eval_threads(2, n) for n in (1, 4, 8, 16)] == [2, 8, 16, 16]
