@@ -9,6 +9,7 @@ decided by measuring both here, once, at start; MFU's CPU peak is the same measu
 AVX2-only one: a way to see the other kind of machine without having it.)
 """
 import functools
+import os
 import time
 
 import torch
@@ -56,7 +57,6 @@ def keep_freed_memory():
 def usable_cpus():
     """The CPUs this process may run on (its affinity mask where the OS has one, e.g. under taskset or a container's
     cpuset), else all the OS reports."""
-    import os
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 

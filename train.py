@@ -742,7 +742,9 @@ class StepBudget:
         decision's worst case in the re-fits that follow, and the final eval's is scaled from it as fit_budget
         scales. The worst case (every answer to its token limit) is right before any training, but a trained
         model's answers stop early: on a Zen 3 it put stage 1's end at 87 s (measured: 31 s) and stage 2's at
-        253 s (133 s), a run ending 1-2 minutes early (docs/experiments.md)."""
+        253 s (133 s), a run ending 1-2 minutes early (docs/experiments.md). The scaling is by prompts, which holds
+        when the periodic eval fills its generation batches (the shapes eval answers 100 prompts a batch):
+        a half batch costs more than half a full one (stage 2 at 50 prompts priced its end at 240 s; it took 156)."""
         if self.refits:
             self.eval_s = seconds
             self.final_s = eval_seconds * C.final_eval_prompts / C.eval_prompts * (2 if C.blind_baseline else 1)
@@ -1277,8 +1279,9 @@ class Trainer:
     def refit_budget(self, step, seconds):
         """max_minutes, after the decision (StepBudget, 4.): the end this run heads for, at the step time of the last
         REFIT_WINDOW steps; off the plan (BUDGET_MARGIN of the budget) by more than REFIT_BAND of the budget (by any
-        amount at the first check after a new eval price), the count is fitted again to what is left of it (at least step + 1). Rank 0's count on every rank (a collective
-        at every check, so the ranks never disagree on whether to call it). Returns the count."""
+        amount at the first check after a new eval price), the count is fitted again to what is left of it (at least
+        step + 1). Rank 0's count on every rank (a collective at every check, so the ranks never disagree on whether
+        to call it). Returns the count."""
         C, b = self.C, self.budget
         step_s, total = b.observe(step, seconds), self.total
         if step_s is not None:
