@@ -97,6 +97,12 @@ def attend(q, k, v, mask):
     Under context parallelism mask is a cp_attention.CPAttention: attention across the cp group (ring / Ulysses)."""
     if isinstance(mask, CPAttention):
         return mask(q, k, v)
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
+        # Under bf16 autocast on a CPU the attention alone runs in fp32: torch's CPU attention kernels are slower in
+        # bf16 than in fp32 (on a Zen 4 the bf16 backward took 24% of the shapes step's CPU time, fp32's 7%), and a
+        # decoder step's fwd + bwd ran 5-11% faster so (docs/experiments.md). The output goes back to bf16.
+        with torch.autocast("cpu", enabled=False):
+            return attend(q.float(), k.float(), v.float(), mask).to(torch.bfloat16)
     gqa = k.shape[1] != q.shape[1]
     if isinstance(mask, TiledMask):  # the dense mask, a tile of query rows at a time against its keys only
         return torch.cat([F.scaled_dot_product_attention(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1],

@@ -232,6 +232,28 @@ def test_attend_matches_reference():
         assert torch.allclose(attend(q, k, v, msk), ref, atol=1e-5)
 
 
+
+def test_bf16_attention_on_a_cpu_is_the_fp32_attention_of_the_bf16_inputs():
+    """Under bf16 autocast on a CPU, attend computes in fp32 (the CPU kernels are faster so) and returns bf16: its
+    output is the fp32 reference's of the same bf16 inputs, rounded once, for the dense mask and the tiled one; the
+    gradients reach q, k and v in bf16."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 40, 16, generator=g).bfloat16().requires_grad_()
+    k, v = (torch.randn(2, 2, 40, 16, generator=g).bfloat16().requires_grad_() for _ in range(2))
+    doc = torch.tensor([[1] * 25 + [2] * 15, [1] * 40])
+    vis = torch.zeros(2, 40, dtype=torch.bool)
+    vis[:, 3:9] = True
+    dense = attention_mask_4d(doc, vis, True)
+    ref = attend(q.detach().float(), k.detach().float(), v.detach().float(), dense).bfloat16()
+    for msk in (dense, TiledMask(dense, doc, vis, True, 16)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = attend(q, k, v, msk)
+        assert y.dtype == torch.bfloat16 and torch.equal(y, ref)
+        y.float().sum().backward()
+        assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 and torch.isfinite(t.grad).all()
+                   for t in (q, k, v))
+        q.grad = k.grad = v.grad = None
+
 def _patched_hidden(m, batch, pos=None, delta=None):
     """m.hidden(batch) with `delta` added to the input embedding at (row 0, column pos)."""
     orig = m.embed_inputs
