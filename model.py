@@ -100,7 +100,8 @@ def attend(q, k, v, mask):
     if q.dtype == torch.bfloat16 and q.device.type == "cpu":
         # Under bf16 autocast on a CPU the attention alone runs in fp32: torch's CPU attention kernels are slower in
         # bf16 than in fp32 (on a Zen 4 the bf16 backward took 24% of the shapes step's CPU time, fp32's 7%), and a
-        # decoder step's fwd + bwd ran 5-11% faster so (docs/experiments.md). The output goes back to bf16.
+        # decoder step's fwd + bwd ran 6% (best) to 10% (median) faster so (docs/experiments.md). The output goes back
+        # to bf16.
         with torch.autocast("cpu", enabled=False):
             return attend(q.float(), k.float(), v.float(), mask).to(torch.bfloat16)
     gqa = k.shape[1] != q.shape[1]
