@@ -763,6 +763,20 @@ def fmt_time(s):
     return f"{int(s // 3600)}:{int(s % 3600 // 60):02d}:{int(s % 60):02d}"
 
 
+def throughput_drift(marks, n=100):
+    """marks: [(step, tokens, training seconds)], the run's totals at its start and at each log line -> a line
+    comparing the tok/s of the first n steps with that of the last n (None for a run under 2n steps). A step that
+    slows as the run goes on (memory growth, a leak, denormals, a busier host) shows here as a fall."""
+    if marks[-1][0] - marks[0][0] < 2 * n:
+        return None
+    first = next(m for m in marks if m[0] >= marks[0][0] + n)
+    last = next(m for m in reversed(marks) if m[0] <= marks[-1][0] - n)
+    a = first[1] / first[2]
+    z = (marks[-1][1] - last[1]) / (marks[-1][2] - last[2])
+    return (f"tok/s of the first {first[0] - marks[0][0]} steps {a:,.0f}, of the last {marks[-1][0] - last[0]} "
+            f"{z:,.0f} ({100 * (z / a - 1):+.0f}%)")
+
+
 
 # ---------------------------------------------------------------------------------------------------------
 # The run, top to bottom: main() reads as its steps; each step is a function or a method of Trainer below.
@@ -1207,6 +1221,7 @@ class Trainer:
         # running totals; a log line reports the change since the previous one, the last line the whole run
         self.tot = tot = dict(tokens=0, cells=0, examples=0, flops=0, seconds=0.0, data_wait=0.0)
         mark, eval_seconds = dict(tot), 0.0
+        self.tp_marks = [(self.step, 0, 0.0)]  # (step, tokens, seconds) at each log line: finish's first / last 100
         self.bad_in_a_row = self.bad_total = 0
         # the step count the schedule is laid over, and under max_minutes when it is decided (StepBudget)
         self.budget = StepBudget(C.max_minutes, C.max_steps, self.budget_steps, self.step)
@@ -1245,6 +1260,7 @@ class Trainer:
                       + (f" | skipped {sum(self.media.skipped.values())} broken" if self.media.skipped else "")
                       + (f" | {self.bad_total} non-finite steps skipped" if self.bad_total else ""), flush=True)
                 mark = dict(tot)
+                self.tp_marks.append((step, tot["tokens"], tot["seconds"]))
                 n = step - (step - 1) // C.log_interval * C.log_interval  # the steps since the previous log step
                 self.metrics.log(dict(kind="train", step=step, total=self.total, loss=loss,
                                       loss_avg=sum(self.history["loss"][-n:]) / len(self.history["loss"][-n:]),
@@ -1314,6 +1330,9 @@ class Trainer:
                   f"non-pad {100 * tot['tokens'] / tot['cells']:.1f}% of the rows, "
                   f"{tot['examples'] / max(1, step - self.start_step) / C.grad_accum:.1f} examples per micro-batch, "
                   f"data wait {100 * tot['data_wait'] / tot['seconds']:.0f}% of the step time")
+            drift = throughput_drift(self.tp_marks)
+            if drift:
+                print(drift)
         if self.media.skipped:
             print(f"examples skipped for media that cannot be decoded (this rank): {self.media.summary()}")
         # The last state is always saved (a run stopped by stop_at resumes from exactly here), then the final eval

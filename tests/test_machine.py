@@ -177,6 +177,17 @@ def test_step_probe_on_a_bf16_cpu_is_what_the_run_trains_with(rates, tmp_path, c
     assert c == a
 
 
+def test_throughput_drift_compares_the_first_and_last_100_steps():
+    # 1,000 tokens a step; 1 s a step to step 150, then 2 s: the first 100 steps run 1,000 tok/s, the last 100 500
+    secs = lambda s: s if s <= 150 else 150 + 2 * (s - 150)
+    marks = [(s, 1000 * s, float(secs(s))) for s in range(0, 301, 10)]
+    assert train.throughput_drift(marks) == "tok/s of the first 100 steps 1,000, of the last 100 500 (-50%)"
+    # a resumed run counts from its own first step; under 200 steps there is nothing to compare
+    resumed = [(500, 0, 0.0)] + [(500 + s, 1000 * s, float(s)) for s in range(10, 201, 10)]
+    assert train.throughput_drift(resumed) == "tok/s of the first 100 steps 1,000, of the last 100 1,000 (+0%)"
+    assert train.throughput_drift(marks[:20]) is None
+
+
 def test_budget_refits_when_the_step_time_drifts_and_resume_keeps_the_count(tmp_path, monkeypatch, capsys):
     """On a fake clock (1 s a step, then 2 s from step 11), a 30-second budget fixes 28 steps at step 10 (10 s spent,
     18 more fit 28.5 s, 95% of the budget); at 2 s a step that would end at 46 s (20 + 13 x 2), so the first re-fit
