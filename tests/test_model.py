@@ -232,7 +232,6 @@ def test_attend_matches_reference():
         assert torch.allclose(attend(q, k, v, msk), ref, atol=1e-5)
 
 
-
 def test_bf16_attention_on_a_cpu_is_the_fp32_attention_of_the_bf16_inputs():
     """Under bf16 autocast on a CPU, attend computes in fp32 (the CPU kernels are faster so) and returns bf16: its
     output is the fp32 reference's of the same bf16 inputs, rounded once, for the dense mask and the tiled one; the
@@ -253,6 +252,7 @@ def test_bf16_attention_on_a_cpu_is_the_fp32_attention_of_the_bf16_inputs():
         assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 and torch.isfinite(t.grad).all()
                    for t in (q, k, v))
         q.grad = k.grad = v.grad = None
+
 
 def _patched_hidden(m, batch, pos=None, delta=None):
     """m.hidden(batch) with `delta` added to the input embedding at (row 0, column pos)."""
